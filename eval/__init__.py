@@ -1,0 +1,1 @@
+"""Evaluation harness (reasoning-effort sweeps); installed as gptoss_jax.eval."""

@@ -1,0 +1,122 @@
+import json
+
+import pytest
+import transformers
+
+from gptoss_jax.config import ConfigError, GptOssConfig
+from hf_models import hf_config
+
+# original/config.json of gpt-oss-20b, as released.
+ORIGINAL_20B = {
+    "num_hidden_layers": 24, "num_experts": 32, "experts_per_token": 4, "vocab_size": 201088,
+    "hidden_size": 2880, "intermediate_size": 2880, "swiglu_limit": 7.0, "head_dim": 64,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "sliding_window": 128, "initial_context_length": 4096,
+    "rope_theta": 150000, "rope_scaling_factor": 32.0, "rope_ntk_alpha": 1, "rope_ntk_beta": 32,
+}
+
+# config.json of openai/gpt-oss-120b on the hub (transformers 4.55 spelling: rope_scaling + rope_theta).
+HF_120B = {
+    "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+    "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+    "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 18, "max_position_embeddings": 131072,
+    "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 36,
+    "num_key_value_heads": 8, "num_local_experts": 128, "output_router_logits": False, "pad_token_id": 199999,
+    "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                       "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"},
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                     "rope_type": "yarn", "truncate": False},
+    "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+    "tie_word_embeddings": False, "transformers_version": "4.55.0.dev0", "use_cache": True, "vocab_size": 201088,
+}
+
+
+def test_presets_hold_the_published_architecture():
+    small, large = GptOssConfig.gpt_oss_20b(), GptOssConfig.gpt_oss_120b()
+    assert (small.num_hidden_layers, small.num_experts) == (24, 32)
+    assert (large.num_hidden_layers, large.num_experts) == (36, 128)
+    for config in (small, large):
+        assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (
+            2880, 64, 8, 64)
+        assert (config.vocab_size, config.sliding_window, config.experts_per_token) == (201088, 128, 4)
+        assert (config.rope_theta, config.rope_scaling_factor, config.initial_context_length) == (150000, 32, 4096)
+        assert (config.swiglu_alpha, config.swiglu_limit, config.rms_norm_eps) == (1.702, 7.0, 1e-5)
+    assert GptOssConfig.tiny().vocab_size == 201088
+
+
+def test_original_config_reads_as_the_20b_preset(tmp_path):
+    (tmp_path / "original").mkdir()
+    (tmp_path / "original" / "config.json").write_text(json.dumps(ORIGINAL_20B))
+    assert GptOssConfig.from_pretrained(tmp_path) == GptOssConfig.gpt_oss_20b()
+    assert GptOssConfig.from_pretrained(tmp_path / "original" / "config.json") == GptOssConfig.gpt_oss_20b()
+
+
+def test_released_hf_config_reads_as_the_120b_preset(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(HF_120B))
+    assert GptOssConfig.from_pretrained(tmp_path) == GptOssConfig.gpt_oss_120b()
+
+
+def test_config_written_by_transformers_round_trips(tmp_path):
+    hf_config(num_hidden_layers=5, sliding_window=7).save_pretrained(tmp_path)
+    config = GptOssConfig.from_pretrained(tmp_path)
+    assert (config.num_hidden_layers, config.sliding_window, config.num_experts) == (5, 7, 6)
+    # ours -> HF dict -> transformers -> config.json -> ours
+    transformers.GptOssConfig(**config.to_hf_dict()).save_pretrained(tmp_path / "again")
+    assert GptOssConfig.from_pretrained(tmp_path / "again") == config
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (dict(num_attention_heads=6, num_key_value_heads=4), "num_attention_heads"),
+        (dict(head_dim=15), "head_dim"),
+        (dict(experts_per_token=9, num_experts=8), "experts_per_token"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(sliding_window=2.5), "sliding_window"),
+        (dict(rope_truncate=1), "rope_truncate"),
+    ],
+)
+def test_invalid_values_name_the_field(change, key):
+    with pytest.raises(ConfigError, match=rf"GptOssConfig\.{key}\b"):
+        GptOssConfig.tiny().replace(**change)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(num_key_value_heads=7), "num_attention_heads"),
+        (lambda d: d["rope_scaling"].update(rope_type="longrope"), "rope_scaling.rope_type"),
+        (lambda d: d["rope_scaling"].update(mscale=0.7), "unknown key rope_scaling.mscale"),
+        (lambda d: d.update(moe_shared_experts=2), "unknown key moe_shared_experts"),
+        (lambda d: d.update(tie_word_embeddings=True), "tie_word_embeddings"),
+        (lambda d: d.update(layer_types=["full_attention"] * 36), "layer_types"),
+        (lambda d: d.update(num_experts_per_tok=2), "experts_per_token"),
+        (lambda d: d.pop("hidden_size"), "hidden_size"),
+    ],
+)
+def test_bad_hf_config_files_name_file_and_key(tmp_path, edit, message):
+    data = json.loads(json.dumps(HF_120B))
+    edit(data)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=message) as error:
+        GptOssConfig.from_pretrained(tmp_path)
+    assert str(tmp_path / "config.json") in str(error.value)
+
+
+def test_bad_original_config_names_the_key(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**ORIGINAL_20B, "rope_type": "yarn"}))
+    with pytest.raises(ConfigError, match="unknown key rope_type"):
+        GptOssConfig.from_pretrained(tmp_path)
+    without_window = {key: value for key, value in ORIGINAL_20B.items() if key != "sliding_window"}
+    (tmp_path / "config.json").write_text(json.dumps(without_window))
+    with pytest.raises(ConfigError, match="sliding_window"):
+        GptOssConfig.from_pretrained(tmp_path)
+
+
+def test_missing_and_unreadable_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="config.json: not found"):
+        GptOssConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        GptOssConfig.from_pretrained(tmp_path)

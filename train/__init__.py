@@ -1,0 +1,1 @@
+"""Fine-tuning (LoRA and full) from config files; installed as gptoss_jax.train."""
