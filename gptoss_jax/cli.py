@@ -21,16 +21,48 @@ def main(argv: list[str] | None = None) -> int:
     )
     source = inspect.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    source.add_argument("--checkpoint", metavar="DIR", help="an HF-format checkpoint directory")
+    source.add_argument("--checkpoint", metavar="PATH_OR_HUB_ID", help="a checkpoint directory or hub repo id")
     inspect.add_argument("--prompt", default="The capital of France is")
     inspect.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+
+    convert = commands.add_parser(
+        "convert",
+        help="rewrite a checkpoint in the HF layout (from original/, or between unquantized and MXFP4 experts)",
+        description="Reads SRC (HF, HF-MXFP4 or original layout; a directory or hub repo id) and writes DST in "
+        "the HF layout that transformers loads, one tensor at a time.",
+    )
+    convert.add_argument("source", metavar="SRC")
+    convert.add_argument("destination", metavar="DST")
+    convert.add_argument("--mxfp4", action=argparse.BooleanOptionalAction, default=True,
+                         help="store the experts in MXFP4, as released (default), or dense")
+    convert.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                         help="dtype of experts written dense from MXFP4 (other tensors keep theirs)")
+    convert.add_argument("--max-shard-size", default="5GB", help="largest shard file, e.g. 5GB or 500MB")
+    convert.add_argument("--revision", help="hub revision of SRC")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return _inspect(args)
+        return _inspect(args) if args.command == "inspect" else _convert(args)
     except (ValueError, OSError) as error:  # ConfigError and CheckpointError are ValueErrors
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from gptoss_jax.checkpoint import convert
+
+    convert(args.source, args.destination, mxfp4=args.mxfp4, dtype=args.dtype, revision=args.revision,
+            max_shard_size=_bytes(args.max_shard_size), progress=True)
+    return 0
+
+
+def _bytes(size: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    for unit, factor in units.items():
+        if size.upper().endswith(unit) and size[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(size[: -len(unit)]) * factor)
+    raise ValueError(f"--max-shard-size {size!r}: expected a size like 5GB, 500MB or 2GiB")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -39,10 +71,11 @@ def _inspect(args: argparse.Namespace) -> int:
     from flax import nnx
 
     from gptoss_jax import GptOss, GptOssConfig, load_model, parameter_counts
+    from gptoss_jax.checkpoint import open_checkpoint
     from gptoss_jax.tokenizer import get_encoding
 
     if args.checkpoint:
-        config = GptOssConfig.from_pretrained(args.checkpoint)
+        config = open_checkpoint(args.checkpoint).config
     else:
         config = getattr(GptOssConfig, PRESETS[args.preset])()
     total, active = parameter_counts(config)

@@ -5,6 +5,9 @@ Every parameter is declared once, with its shape, dtype and logical axis names (
 initialiser, `jax.eval_shape`, sharding and checkpoint loading all derive from those declarations. Logical
 axes: layers, vocab, embed, q_heads, kv_heads, head_dim, experts, mlp.
 
+The experts' two weight stacks may be held in MXFP4 (`mxfp4_experts=True`, as the released checkpoints store
+them): they stay packed in device memory and are dequantized where they are used.
+
 Dtype policy (as the reference implementation): parameters and activations in the model dtype (bf16 by
 default); normalisation, softmax, routing and the SwiGLU epilogue in float32; matmuls accumulate in float32.
 
@@ -23,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.mxfp4 import Mxfp4Weight
 
 _normal = nnx.initializers.normal(0.02)
 _zeros = nnx.initializers.zeros
@@ -165,17 +169,21 @@ def clamped_swiglu(h: jax.Array, alpha: float, limit: float) -> jax.Array:
 
 
 class MoE(nnx.Module):
-    def __init__(self, config: GptOssConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, *, dtype, mxfp4_experts: bool = False, rngs: nnx.Rngs):
         d, e, f = config.hidden_size, config.num_experts, config.intermediate_size
         self.router_w = _param(rngs, (d, e), ("embed", "experts"), dtype)
         self.router_b = _param(rngs, (e,), ("experts",), dtype)
         # Columns of the first projection interleave gate and linear units (see `clamped_swiglu`).
-        self.w_gate_up = _param(rngs, (e, d, 2 * f), ("experts", "embed", "mlp"), dtype)
+        self.w_gate_up = _expert_param(rngs, (e, d, 2 * f), ("experts", "embed", "mlp"), dtype, mxfp4_experts)
         self.b_gate_up = _param(rngs, (e, 2 * f), ("experts", "mlp"), dtype, _zeros)
-        self.w_down = _param(rngs, (e, f, d), ("experts", "mlp", "embed"), dtype)
+        self.w_down = _expert_param(rngs, (e, f, d), ("experts", "mlp", "embed"), dtype, mxfp4_experts)
         self.b_down = _param(rngs, (e, d), ("experts", "embed"), dtype, _zeros)
         self.experts_per_token = config.experts_per_token
         self.swiglu = dict(alpha=config.swiglu_alpha, limit=config.swiglu_limit)
+
+    def expert_weights(self, dtype) -> tuple[jax.Array, jax.Array]:
+        """The gate-up [E, D, 2F] and down [E, F, D] weights, dense: MXFP4 ones are dequantized at every use."""
+        return tuple(_dense(param.get_value(), dtype) for param in (self.w_gate_up, self.w_down))
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [N, D] -> (weights [N, k] float32 summing to 1, expert ids [N, k] int32), in float32."""
@@ -193,16 +201,17 @@ class MoE(nnx.Module):
     def grouped_experts(self, tokens: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
         """Sorts the (token, expert) pairs by expert and runs each expert's rows as one group of a ragged matmul."""
         num_tokens, k = experts.shape
-        num_experts = self.w_gate_up.shape[0]
+        w_gate_up, w_down = self.expert_weights(tokens.dtype)
+        num_experts = w_gate_up.shape[0]
         flat_experts = experts.reshape(-1)
         order = jnp.argsort(flat_experts, stable=True)
         sorted_experts = flat_experts[order]
         group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
         rows = tokens[order // k]
-        h = jax.lax.ragged_dot(rows, self.w_gate_up[...], group_sizes, preferred_element_type=jnp.float32)
+        h = jax.lax.ragged_dot(rows, w_gate_up, group_sizes, preferred_element_type=jnp.float32)
         h = clamped_swiglu(h + self.b_gate_up[...][sorted_experts], **self.swiglu)
         out = jax.lax.ragged_dot(
-            h.astype(tokens.dtype), self.w_down[...], group_sizes, preferred_element_type=jnp.float32
+            h.astype(tokens.dtype), w_down, group_sizes, preferred_element_type=jnp.float32
         )
         out = (out + self.b_down[...][sorted_experts]) * weights.reshape(-1)[order][:, None]
         unsorted = jnp.zeros_like(out).at[order].set(out)
@@ -211,49 +220,63 @@ class MoE(nnx.Module):
     def loop_over_experts(self, tokens: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
         """Slow reference for `grouped_experts`: every expert runs densely on every token, weighted by routing."""
         out = jnp.zeros(tokens.shape, jnp.float32)
-        for e in range(self.w_gate_up.shape[0]):
+        w_gate_up, w_down = self.expert_weights(jnp.float32)
+        for e in range(w_gate_up.shape[0]):
             token_weight = jnp.where(experts == e, weights, 0.0).sum(axis=-1, keepdims=True)
-            h = tokens.astype(jnp.float32) @ self.w_gate_up[e].astype(jnp.float32) + self.b_gate_up[e]
-            h = clamped_swiglu(h, **self.swiglu) @ self.w_down[e].astype(jnp.float32) + self.b_down[e]
+            h = tokens.astype(jnp.float32) @ w_gate_up[e] + self.b_gate_up[e]
+            h = clamped_swiglu(h, **self.swiglu) @ w_down[e] + self.b_down[e]
             out += token_weight * h
         return out.astype(tokens.dtype)
+
+
+def _expert_param(rngs: nnx.Rngs, shape, axes, dtype, mxfp4: bool) -> nnx.Param:
+    value = _normal(rngs.params(), shape, dtype)
+    return nnx.Param(Mxfp4Weight.quantize(value) if mxfp4 else value, axes=axes)
+
+
+def _dense(weight: jax.Array | Mxfp4Weight, dtype) -> jax.Array:
+    return weight.dequantize(dtype) if isinstance(weight, Mxfp4Weight) else weight.astype(dtype)
 
 
 # ---- transformer block and model ---------------------------------------------------------------------------
 
 
 class Block(nnx.Module):
-    def __init__(self, config: GptOssConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, *, dtype, mxfp4_experts: bool, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(config, rngs=rngs)
         self.attn = Attention(config, dtype=dtype, rngs=rngs)
         self.mlp_norm = RMSNorm(config, rngs=rngs)
-        self.mlp = MoE(config, dtype=dtype, rngs=rngs)
+        self.mlp = MoE(config, dtype=dtype, mxfp4_experts=mxfp4_experts, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
-def _stacked_blocks(count: int, config: GptOssConfig, dtype, rngs: nnx.Rngs) -> Block:
+def _stacked_blocks(count: int, config: GptOssConfig, dtype, mxfp4_experts: bool, rngs: nnx.Rngs) -> Block:
     """`count` blocks whose parameters carry a leading `layers` axis."""
 
     @nnx.split_rngs(splits=count)
     @nnx.vmap(axis_size=count, transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"})
     def make(rngs: nnx.Rngs) -> Block:
-        return Block(config, dtype=dtype, rngs=rngs)
+        return Block(config, dtype=dtype, mxfp4_experts=mxfp4_experts, rngs=rngs)
 
     return make(rngs)
 
 
 class GptOss(nnx.Module):
-    """gpt-oss causal LM: `model(tokens [B, T] int32) -> logits [B, T, vocab]` in the model dtype."""
+    """gpt-oss causal LM: `model(tokens [B, T] int32) -> logits [B, T, vocab]` in the model dtype.
 
-    def __init__(self, config: GptOssConfig, *, dtype="bfloat16", rngs: nnx.Rngs):
+    `mxfp4_experts`: hold the expert weights as `Mxfp4Weight` (4.25 bits per value) instead of `dtype`.
+    """
+
+    def __init__(self, config: GptOssConfig, *, dtype="bfloat16", mxfp4_experts: bool = False, rngs: nnx.Rngs):
         dtype = jnp.dtype(dtype)
         self.config = config
+        self.dtype = dtype
         self.embedding = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype)
-        self.banded_blocks = _stacked_blocks(config.num_banded_layers, config, dtype, rngs)
-        self.full_blocks = _stacked_blocks(config.num_full_layers, config, dtype, rngs)
+        self.banded_blocks = _stacked_blocks(config.num_banded_layers, config, dtype, mxfp4_experts, rngs)
+        self.full_blocks = _stacked_blocks(config.num_full_layers, config, dtype, mxfp4_experts, rngs)
         self.norm = RMSNorm(config, rngs=rngs)
         self.unembedding = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype)
 

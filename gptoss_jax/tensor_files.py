@@ -103,7 +103,17 @@ def _read_header(file: Path) -> tuple[int, dict]:
         raise CheckpointError(f"{file}: not found") from None
     except (struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError) as error:
         raise CheckpointError(f"{file}: not a safetensors file ({error!r})") from None
+    data_bytes = file.stat().st_size - 8 - length
     for name, entry in header.items():
-        if name != "__metadata__" and entry.get("dtype") not in _DTYPES:
-            raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {entry.get('dtype')!r}")
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise CheckpointError(f"{file}: not a safetensors file (header entry {name!r}: {entry!r})")
+        if entry["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {entry['dtype']!r}")
+        if entry["data_offsets"][1] > data_bytes:
+            raise CheckpointError(
+                f"{file}: tensor '{name}' ends at data byte {entry['data_offsets'][1]} but the file holds only "
+                f"{max(data_bytes, 0)} (truncated?)"
+            )
     return 8 + length, header

@@ -13,6 +13,7 @@ from transformers.models.gpt_oss import modeling_gpt_oss as hf
 
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.model import MoE, apply_rope, attention_mask, attention_with_sinks, rope_cos_sin, rope_frequencies
+
 from helpers import relative_error
 from hf_models import hf_config
 
@@ -99,7 +100,7 @@ def _loop_attention(q, k, v, sinks, window, segments):
                 logits = np.array([q[b, t, n] @ k[b, s, n // group] / math.sqrt(dim) for s in visible] + [sinks[n]])
                 probs = np.exp(logits - logits.max())
                 probs /= probs.sum()
-                out[b, t, n] = sum(p * v[b, s, n // group] for p, s in zip(probs[:-1], visible))
+                out[b, t, n] = sum(p * v[b, s, n // group] for p, s in zip(probs[:-1], visible, strict=True))
     return out
 
 

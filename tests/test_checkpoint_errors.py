@@ -8,8 +8,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import gptoss_jax
-from gptoss_jax import CheckpointError, ConfigError
+from gptoss_jax import CheckpointError
+
 from hf_models import random_hf_model
+from layouts import model_with_mxfp4_experts, write_hf_mxfp4
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +29,9 @@ def _copy_with(tmp_path, checkpoint, edit):
     return tmp_path
 
 
-def test_missing_config(tmp_path):
-    with pytest.raises(ConfigError, match=r"config\.json: not found"):
+def test_directory_without_a_config_is_an_unknown_layout(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"unknown layout: expected an HF checkpoint \(config\.json"):
         gptoss_jax.load_model(tmp_path)
 
 
@@ -87,9 +90,57 @@ def test_loaded_weights_do_not_alias_the_file(tmp_path, checkpoint):
     np.testing.assert_array_equal(model.embedding[...], before)
 
 
-def test_quantized_checkpoint_is_refused_clearly(tmp_path, checkpoint):
+
+def test_wrong_dtype_is_named(tmp_path, checkpoint):
+    def to_int(tensors):
+        tensors["model.layers.1.self_attn.o_proj.weight"] = tensors["model.layers.1.self_attn.o_proj.weight"].int()
+
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.self_attn\.o_proj\.weight' has dtype int32, "
+                                              r"expected a floating-point dtype"):
+        gptoss_jax.load_model(_copy_with(tmp_path, checkpoint, to_int))
+
+
+def test_mxfp4_scales_that_are_not_bytes(tmp_path):
+    model, packed = model_with_mxfp4_experts(seed=2, num_hidden_layers=1)
+    packed[0] = (packed[0][0], (packed[0][1][0], packed[0][1][1].float()))  # down_proj scales as float32
+    write_hf_mxfp4(model, packed, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.mlp\.experts\.down_proj_scales' has dtype "
+                                              r"float32, expected uint8 \(MXFP4 blocks or scales\)"):
+        gptoss_jax.load_model(tmp_path / "ckpt")
+
+
+def test_config_that_contradicts_the_weights(tmp_path, checkpoint):
     directory = _copy_with(tmp_path, checkpoint, lambda t: None)
     config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "mxfp4"}}))
-    with pytest.raises(CheckpointError, match="MXFP4"):
+    (directory / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
+    with pytest.raises(CheckpointError) as error:
         gptoss_jax.load_model(directory)
+    assert "'model.layers.0.self_attn.k_proj.bias' has shape (24,), expected (36,)" in str(error.value)
+    assert str(directory / "config.json") in str(error.value)
+
+
+def test_file_truncated_inside_its_data(tmp_path, checkpoint):
+    directory = _copy_with(tmp_path, checkpoint, lambda t: None)
+    file = directory / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor '.*' ends at data byte \d+ but the file "
+                                              r"holds only \d+ \(truncated\?\)"):
+        gptoss_jax.load_model(directory)
+
+
+def test_unknown_quantization_method(tmp_path, checkpoint):
+    directory = _copy_with(tmp_path, checkpoint, lambda t: None)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq"}}))
+    with pytest.raises(CheckpointError, match="only 'mxfp4' can be read"):
+        gptoss_jax.load_model(directory)
+
+
+def test_not_a_path_nor_a_repo_id():
+    with pytest.raises(CheckpointError, match="no such directory, nor a hub repo id"):
+        gptoss_jax.load_model("/no/such/checkpoint")
+
+
+def test_bad_mxfp4_mode():
+    with pytest.raises(ValueError, match="expected 'packed' or 'dequantize'"):
+        gptoss_jax.load_model("/no/such/checkpoint", mxfp4="bf16")

@@ -4,6 +4,7 @@ import pytest
 import transformers
 
 from gptoss_jax.config import ConfigError, GptOssConfig
+
 from hf_models import hf_config
 
 # original/config.json of gpt-oss-20b, as released.

@@ -7,6 +7,7 @@ import torch
 from flax import nnx
 
 import gptoss_jax
+
 from helpers import relative_error
 from hf_models import random_hf_model
 
