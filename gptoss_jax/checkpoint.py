@@ -18,7 +18,6 @@ import functools
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import safetensors.numpy
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gptoss_jax import hub
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.model import GptOss
 from gptoss_jax.mxfp4 import BLOCK_SIZE, Mxfp4Weight
@@ -189,7 +189,7 @@ def open_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | None 
     """Finds the checkpoint at a local path, or downloads (or finds in the HF cache) a hub repo's files."""
     path = Path(path_or_repo_id).expanduser()
     if not path.exists():
-        if not _REPO_ID.fullmatch(str(path_or_repo_id)):
+        if not hub.is_repo_id(str(path_or_repo_id)):
             raise CheckpointError(f"{path_or_repo_id}: no such directory, nor a hub repo id like 'openai/gpt-oss-20b'")
         path = _download(str(path_or_repo_id), revision)
     if (path / "config.json").is_file():
@@ -213,25 +213,14 @@ def open_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | None 
     return Checkpoint(path, HF_MXFP4, config)
 
 
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
 def _download(repo_id: str, revision: str | None) -> Path:
-    """The HF-layout files (config + safetensors) if the repo has them, else its `original/` folder. Follows
-    huggingface_hub's cache and HF_HUB_OFFLINE."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
-
+    """The HF-layout files (config + safetensors) if the repo has them, else its `original/` folder."""
     try:
-        directory = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HF_FILES))
+        directory = hub.snapshot(repo_id, revision=revision, allow_patterns=_HF_FILES)
         if not any(directory.glob("model*.safetensors")):
-            directory = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["original/*"]))
-    except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError) as error:
-        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-        raise CheckpointError(
-            f"{repo_id}: cannot get the checkpoint from the Hugging Face hub or its local cache{offline}: "
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        ) from None
+            directory = hub.snapshot(repo_id, revision=revision, allow_patterns=["original/*"])
+    except OSError as error:
+        raise CheckpointError(str(error)) from None
     log.info("%s (revision %s) -> %s", repo_id, revision or "main", directory)
     return directory
 

@@ -219,5 +219,5 @@ except gptoss_jax.CheckpointError as error:
         HF_HUB_CACHE=str(tmp_path / "empty"),
     )
     message = result.stdout.strip()
-    assert message.startswith("openai/gpt-oss-20b: cannot get the checkpoint from the Hugging Face hub or its local "
+    assert message.startswith("openai/gpt-oss-20b: cannot get the model from the Hugging Face hub or its local "
                               "cache (HF_HUB_OFFLINE is set)"), result.stdout + result.stderr[-2000:]

@@ -1,0 +1,240 @@
+"""Training data: conversation records -> harmony tokens + loss masks -> fixed-length packed rows.
+
+Records come from JSONL files, from a directory of JSONL / JSON / Parquet files (an HF dataset repo as
+downloaded), or from an HF dataset id (through the hub cache; `HF_HUB_OFFLINE` honoured). Parquet needs
+`pyarrow` (the `data` extra). Columns other than the record's are ignored, so HF datasets with extra columns
+(e.g. HuggingFaceH4/Multilingual-Thinking) load as they are.
+
+A row packs several examples back to back: `inputs` predict `targets` (the next token), `weights` mark the
+targets that count in the loss, `segment_ids` number the examples in the row (0 = padding) so attention stays
+inside each example, and `positions` restart at 0 for each example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gptoss_jax import harmony, hub
+
+log = logging.getLogger(__name__)
+
+OVERLONG = ("truncate", "drop")
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class DataError(ValueError):
+    """A dataset row or file that cannot be used; the message starts with `file:line:`."""
+
+
+@dataclasses.dataclass
+class DataStats:
+    records: int = 0  # rows read
+    invalid: int = 0  # rows skipped as invalid (skip_invalid=True)
+    truncated: int = 0  # examples longer than a row, cut to fit
+    dropped: int = 0  # examples longer than a row, left out (overlong="drop", or nothing trainable left)
+    examples: int = 0  # examples packed
+    rows: int = 0  # rows this host got
+    rows_left_over: int = 0  # rows left out so every host gets the same number
+    tokens: int = 0  # non-padding tokens in this host's rows
+
+    def report(self) -> str:
+        return (f"{self.records} records ({self.invalid} invalid, skipped), {self.examples} examples packed into "
+                f"{self.rows} rows; {self.truncated} truncated, {self.dropped} dropped as too long; "
+                f"{self.rows_left_over} rows left over to balance hosts")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    tokens: np.ndarray  # int32 [n]
+    mask: np.ndarray  # bool [n]: tokens the loss trains
+    where: str  # file:line of its record
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedRows:
+    """Arrays [rows, seq_len]."""
+
+    inputs: np.ndarray  # int32
+    targets: np.ndarray  # int32
+    weights: np.ndarray  # float32, 1 where the target is trained
+    segment_ids: np.ndarray  # int32, 1.. per example, 0 for padding
+    positions: np.ndarray  # int32
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+# ---- reading ---------------------------------------------------------------------------------------------------
+
+
+def read_records(source: str | os.PathLike, *, split: str = "train", revision: str | None = None
+                 ) -> Iterator[tuple[str, Any]]:
+    """(where, record) for every row of a JSONL file, a dataset directory or an HF dataset id. A row that is not
+    JSON is yielded as a `DataError` for the caller to raise or skip."""
+    for file in _data_files(source, split, revision):
+        if file.suffix == ".parquet":
+            yield from _parquet_rows(file)
+        elif file.suffix == ".json" and not _is_json_lines(file):
+            rows = json.loads(file.read_text())
+            for number, row in enumerate(rows if isinstance(rows, list) else [rows], start=1):
+                yield f"{file}:{number}", row
+        else:
+            with open(file, encoding="utf-8") as lines:
+                for number, line in enumerate(lines, start=1):
+                    if line.strip():
+                        try:
+                            yield f"{file}:{number}", json.loads(line)
+                        except json.JSONDecodeError as error:
+                            yield f"{file}:{number}", DataError(f"{file}:{number}: not JSON ({error.msg})")
+
+
+def _data_files(source: str | os.PathLike, split: str, revision: str | None) -> list[Path]:
+    path = Path(source).expanduser()
+    if not path.exists():
+        if not hub.is_repo_id(str(source)):
+            raise DataError(f"{source}: no such file or directory, nor an HF dataset id like 'owner/name'")
+        try:
+            path = hub.snapshot(str(source), repo_type="dataset", revision=revision,
+                                allow_patterns=[f"*{suffix}" for suffix in _DATA_SUFFIXES])
+        except OSError as error:
+            raise DataError(str(error)) from None
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in _DATA_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    in_split = [p for p in files if split in p.relative_to(path).as_posix()]
+    if not (in_split or files):
+        raise DataError(f"{path}: no {', '.join(_DATA_SUFFIXES)} files")
+    return in_split or files
+
+
+def _is_json_lines(file: Path) -> bool:
+    with open(file, encoding="utf-8") as stream:
+        return stream.read(1).lstrip() != "["
+
+
+def _parquet_rows(file: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{file}: reading Parquet needs pyarrow (pip install 'gptoss-jax[data]')") from None
+    number = 0
+    for batch in pq.ParquetFile(file).iter_batches():
+        for row in batch.to_pylist():
+            number += 1
+            yield f"{file}:row {number}", row
+
+
+# ---- rendering and packing -------------------------------------------------------------------------------------
+
+
+def encode_examples(rows, *, train_on: str = "assistant", skip_invalid: bool = False,
+                    stats: DataStats | None = None) -> list[Example]:
+    """Renders each (where, record) with its loss mask. A bad row raises `DataError("file:line: reason")`, or
+    with `skip_invalid` is counted in `stats.invalid` and left out."""
+    stats = stats if stats is not None else DataStats()
+    examples = []
+    for where, record in rows:
+        stats.records += 1
+        try:
+            if isinstance(record, DataError):
+                raise record
+            tokens, mask = harmony.encode_for_training(_plain(record), train_on=train_on)
+        except (harmony.RecordError, DataError) as error:
+            if not skip_invalid:
+                message = str(error) if str(error).startswith(where) else f"{where}: {error}"
+                raise DataError(message) from None
+            stats.invalid += 1
+            continue
+        examples.append(Example(np.asarray(tokens, np.int32), np.asarray(mask, bool), where))
+    if stats.invalid:
+        log.warning("skipped %d invalid records of %d", stats.invalid, stats.records)
+    return examples
+
+
+def _plain(record: Any) -> Any:
+    """Drops the null fields that columnar formats (Parquet) give every message, so absent means absent."""
+    if isinstance(record, Mapping) and isinstance(record.get("messages"), list):
+        messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, Mapping) else m
+                    for m in record["messages"]]
+        return {**record, "messages": messages}
+    return record
+
+
+def pack(examples: list[Example], seq_len: int, *, overlong: str = "truncate", seed: int = 0,
+         shuffle: bool = True, process_index: int = 0, process_count: int = 1,
+         stats: DataStats | None = None) -> PackedRows:
+    """Shuffles the examples (by `seed`), packs them in order into rows of `seq_len` (an example goes to the
+    next row when it does not fit), and gives this host every `process_count`-th row, the same number of rows
+    on every host.
+
+    An example longer than a row is cut to `seq_len` (overlong="truncate") or left out ("drop"); one left with
+    nothing to train is dropped too. Both are counted in `stats`.
+    """
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong={overlong!r}: expected one of {OVERLONG}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+    stats = stats if stats is not None else DataStats()
+    order = np.random.default_rng(seed).permutation(len(examples)) if shuffle else np.arange(len(examples))
+    rows: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
+    used = seq_len  # room used in the row being filled (full: start a new one)
+    for index in order:
+        example = examples[index]
+        inputs, targets, weights = example.tokens[:-1], example.tokens[1:], example.mask[1:]
+        if len(inputs) > seq_len:
+            if overlong == "drop" or not weights[:seq_len].any():
+                stats.dropped += 1
+                continue
+            stats.truncated += 1
+            inputs, targets, weights = inputs[:seq_len], targets[:seq_len], weights[:seq_len]
+        if used + len(inputs) > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append((inputs, targets, weights))
+        used += len(inputs)
+    per_host = len(rows) // process_count
+    mine = rows[process_index::process_count][:per_host]
+    stats.rows_left_over = len(rows) - per_host * process_count
+    stats.examples = sum(len(row) for row in mine)
+    stats.rows = len(mine)
+    packed = _to_arrays(mine, seq_len)
+    stats.tokens = int((packed.segment_ids > 0).sum())
+    return packed
+
+
+def _to_arrays(rows, seq_len: int) -> PackedRows:
+    shape = (len(rows), seq_len)
+    inputs, targets = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    weights = np.zeros(shape, np.float32)
+    segment_ids, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    for r, row in enumerate(rows):
+        start = 0
+        for segment, (example_inputs, example_targets, example_weights) in enumerate(row, start=1):
+            span = slice(start, start + len(example_inputs))
+            inputs[r, span], targets[r, span], weights[r, span] = example_inputs, example_targets, example_weights
+            segment_ids[r, span] = segment
+            positions[r, span] = np.arange(len(example_inputs))
+            start = span.stop
+    return PackedRows(inputs, targets, weights, segment_ids, positions)
+
+
+def load_rows(source: str | os.PathLike, seq_len: int, *, train_on: str = "assistant", overlong: str = "truncate",
+              skip_invalid: bool = False, seed: int = 0, process_index: int = 0, process_count: int = 1,
+              split: str = "train") -> tuple[PackedRows, DataStats]:
+    """read_records -> encode_examples -> pack, with the statistics of all three (logged)."""
+    stats = DataStats()
+    examples = encode_examples(read_records(source, split=split), train_on=train_on, skip_invalid=skip_invalid,
+                               stats=stats)
+    rows = pack(examples, seq_len, overlong=overlong, seed=seed, process_index=process_index,
+                process_count=process_count, stats=stats)
+    log.info("%s: %s", source, stats.report())
+    return rows, stats
