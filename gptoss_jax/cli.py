@@ -40,13 +40,75 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--max-shard-size", default="5GB", help="largest shard file, e.g. 5GB or 500MB")
     convert.add_argument("--revision", help="hub revision of SRC")
 
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name, help_text in (("train", "fine-tune (LoRA or full) from a config file"),
+                            ("plan", "compile the train step on abstract inputs and report per-device memory")):
+        command = commands.add_parser(name, help=help_text, description=f"{help_text}. Override any setting "
+                                      "with --config.KEY=VALUE (e.g. --config.train.steps=100).")
+        command.add_argument("--config", required=True, metavar="FILE", help="a configs/train/*.py file")
+        if name == "plan":
+            command.add_argument("--device-memory", default="80GiB", help="memory of one device, e.g. 80GiB")
+
+    args, extra = parser.parse_known_args(argv)
+    overrides = _overrides(extra) if args.command in ("train", "plan") else extra
+    if args.command not in ("train", "plan") and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("gptoss_jax").setLevel(logging.INFO)
     try:
-        return _inspect(args) if args.command == "inspect" else _convert(args)
+        if args.command == "inspect":
+            return _inspect(args)
+        if args.command == "convert":
+            return _convert(args)
+        return _train(args, overrides) if args.command == "train" else _plan(args, overrides)
     except (ValueError, OSError) as error:  # ConfigError and CheckpointError are ValueErrors
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def _overrides(extra: list[str]) -> list[str]:
+    """--config.a.b=v and --config.a.b v, as a.b=v."""
+    overrides, pending = [], None
+    for arg in extra:
+        if pending is not None:
+            overrides.append(f"{pending}={arg}")
+            pending = None
+        elif arg.startswith("--config.") and "=" in arg:
+            overrides.append(arg)
+        elif arg.startswith("--config."):
+            pending = arg
+        else:
+            raise ValueError(f"unrecognized argument {arg!r}: settings are given as --config.KEY=VALUE")
+    if pending is not None:
+        raise ValueError(f"{pending}: missing a value")
+    return overrides
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from gptoss_jax.train.config import load_config
+    from gptoss_jax.train.trainer import TrainingStopped, train
+
+    config = load_config(args.config, overrides)
+    try:
+        result = train(config)
+    except TrainingStopped as stopped:
+        print(f"error: {stopped}", file=sys.stderr)
+        return 1
+    first, last = result.losses[:1], result.losses[-10:]
+    if first:
+        print(f"trained {result.steps} steps: loss {first[0]:.3f} -> {sum(last) / len(last):.3f} (mean of the "
+              f"last {len(last)})" + "".join(f"; held-out loss at step {s}: {v:.3f}"
+                                               for s, v in list(result.eval_losses.items())[-1:]))
+    for kind, path in result.exports.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    from gptoss_jax.train.config import load_config
+    from gptoss_jax.train.plan import plan
+
+    print(plan(load_config(args.config, overrides), device_memory=_bytes(args.device_memory)).report())
+    return 0
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ DEFAULT_RULES = {
     "head_dim": None,
     "experts": "expert",
     "mlp": "tensor",
+    "lora_rank": None,
 }
 
 

@@ -163,7 +163,7 @@ def test_router_matches_transformers():
     moe, router, _ = _moe_pair()
     x = np.random.default_rng(4).normal(size=(20, 48)).astype(np.float32)
     _, scores, indices = router(torch.tensor(x))
-    weights, experts = moe.route(jnp.asarray(x))
+    weights, experts, _ = moe.route(jnp.asarray(x))
     np.testing.assert_array_equal(experts, indices.numpy())
     assert relative_error(weights, scores.detach().numpy()) <= TOLERANCE
     np.testing.assert_allclose(np.sum(weights, axis=-1), 1, rtol=1e-6)
@@ -177,7 +177,7 @@ def test_grouped_experts_match_loop_and_transformers(num_tokens):
     _, scores, indices = router(torch.tensor(x))
     expected = experts(torch.tensor(x), indices, scores).detach().numpy()
 
-    weights, chosen = moe.route(jnp.asarray(x))
+    weights, chosen, _ = moe.route(jnp.asarray(x))
     grouped = moe.grouped_experts(jnp.asarray(x), weights, chosen)
     looped = moe.loop_over_experts(jnp.asarray(x), weights, chosen)
     assert relative_error(grouped, expected) <= TOLERANCE
@@ -190,14 +190,14 @@ def test_swiglu_clamps_reach_the_output():
     x = np.random.default_rng(5).normal(size=(16, 48)).astype(np.float32) * 5
     _, scores, indices = router(torch.tensor(x))
     expected = experts(torch.tensor(x), indices, scores).detach().numpy()
-    weights, chosen = moe.route(jnp.asarray(x))
+    weights, chosen, _ = moe.route(jnp.asarray(x))
     assert relative_error(moe.grouped_experts(jnp.asarray(x), weights, chosen), expected) <= TOLERANCE
 
 
 def test_bfloat16_experts_follow_float32_reference():
     moe, _, _ = _moe_pair(seed=11)
     x = jnp.asarray(np.random.default_rng(6).normal(size=(32, 48)), jnp.float32)
-    weights, chosen = moe.route(x)
+    weights, chosen, _ = moe.route(x)
     reference = moe.grouped_experts(x, weights, chosen)
     bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), nnx.state(moe))
     nnx.update(moe, bf16)

@@ -1,0 +1,120 @@
+"""LoRA train-step time, ours vs transformers + PEFT, on the CPU, in one process.
+
+Same small random gpt-oss (float32), same tokens, same adapters (rank 8 on q/k/v/o and on every expert's
+gate_up and down projections), AdamW. A step is forward + backward + optimizer update. We also time a large
+float32 matmul in the same run and report the step's achieved FLOP rate (XLA's count of our compiled step)
+as a fraction of that ceiling.
+
+    python benchmarks/lora_step.py
+"""
+
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+
+from gptoss_jax.model import LoRAParam  # noqa: E402
+from gptoss_jax.train import trainer  # noqa: E402
+from gptoss_jax.train.config import load_config  # noqa: E402
+
+from hf_models import random_hf_model  # noqa: E402
+
+SIZES = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=256, head_dim=64, num_attention_heads=8,
+             num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=4, vocab_size=4096, sliding_window=128)
+BATCH, LENGTH, STEPS = 2, 512, 8
+
+
+def timed(function, steps):
+    function()  # compile / warm up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_rate() -> float:
+    a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    seconds = timed(lambda: f(a).block_until_ready(), 10)
+    return 2 * 2048**3 / seconds
+
+
+def ours(directory: Path, tokens: np.ndarray):
+    config = load_config(ROOT / "configs" / "train" / "tiny_demo.py", [
+        f"--config.model.checkpoint={directory}", "--config.lora.enabled=true", "--config.model.mxfp4=packed",
+        "--config.lora.targets=q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj", "--config.optimizer.warmup_steps=1",
+        f"--config.data.batch_size={BATCH}", f"--config.data.seq_len={LENGTH}", "--config.data.eval="])
+    mesh = trainer.make_mesh(config)
+    model = trainer.build_model(config, mesh)
+    graphdef, params, frozen = nnx.split(model, LoRAParam, ...)
+    dtypes = jax.tree.map(lambda a: a.dtype, params)
+    transform, schedule = trainer.make_optimizer(config, params)
+    state = {"master": params, "opt": transform.init(params)}
+    steps = trainer.make_steps(config, graphdef, dtypes, transform, schedule)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones(tokens[:, 1:].shape, np.float32),
+             "segment_ids": np.ones(tokens[:, 1:].shape, np.int32),
+             "positions": np.broadcast_to(np.arange(LENGTH), (BATCH, LENGTH)).astype(np.int32)}
+
+    def step():
+        state["master"], state["opt"], metrics = steps.train(state["master"], state["opt"], frozen, batch,
+                                                               jnp.int32(0))
+        metrics["loss"].block_until_ready()
+
+    seconds = timed(step, STEPS)
+    compiled = steps.train.lower(state["master"], state["opt"], frozen, batch, jnp.int32(0)).compile()
+    flops = compiled.cost_analysis()["flops"]
+    return seconds, flops
+
+
+def theirs(model, tokens: np.ndarray):
+    peft_model = get_peft_model(model, LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-3)
+    inputs = torch.tensor(tokens, dtype=torch.long)  # transformers shifts the labels itself
+
+    def step():
+        loss = peft_model(inputs, labels=inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    peft_model.train()
+    return timed(step, STEPS)
+
+
+def main():
+    torch.set_num_threads(os.cpu_count())
+    model = random_hf_model(seed=0, **SIZES)
+    tokens = np.random.default_rng(0).integers(0, SIZES["vocab_size"], (BATCH, LENGTH + 1)).astype(np.int32)
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        our_seconds, flops = ours(Path(directory), tokens)
+    their_seconds = theirs(model, tokens)
+    rate = matmul_rate()
+    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}, "
+          f"torch {torch.__version__}; model {SIZES}; batch {BATCH} x {LENGTH} tokens; float32")
+    print(f"transformers + PEFT LoRA step: {their_seconds * 1e3:8.1f} ms")
+    print(f"gptoss-jax LoRA step:          {our_seconds * 1e3:8.1f} ms   speed-up {their_seconds / our_seconds:.2f}x")
+    print(f"float32 matmul ceiling (2048^3, same run): {rate / 1e9:.1f} GFLOP/s")
+    print(f"our step: {flops / 1e9:.2f} GFLOP (XLA count) -> {flops / our_seconds / 1e9:.1f} GFLOP/s = "
+          f"{flops / our_seconds / rate:.0%} of the matmul ceiling")
+
+
+if __name__ == "__main__":
+    main()

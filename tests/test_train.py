@@ -1,0 +1,225 @@
+"""Fine-tuning: LoRA on a packed MXFP4 base and full fine-tuning on tiny models, checkpoints and resumption,
+the NaN guard and SIGTERM, PEFT and HF exports checked against transformers + PEFT, configs and plan."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from peft import PeftModel
+from safetensors.numpy import load_file
+
+import gptoss_jax
+from gptoss_jax.model import LoRAParam
+from gptoss_jax.train.config import ConfigError, load_config
+from gptoss_jax.train.trainer import TrainingStopped, train
+
+from helpers import relative_error
+from layouts import model_with_mxfp4_experts, write_hf_mxfp4
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "train" / "tiny_demo.py"
+SMALL = dict(num_hidden_layers=2, vocab_size=201088, num_local_experts=4, num_experts_per_tok=2)
+
+
+@pytest.fixture(scope="module")
+def mxfp4_base(tmp_path_factory):
+    """A tiny HF-MXFP4 checkpoint with the real vocabulary (harmony tokens), and its dense twin."""
+    root = tmp_path_factory.mktemp("base")
+    model, packed = model_with_mxfp4_experts(seed=11, **SMALL)
+    write_hf_mxfp4(model, packed, root / "mxfp4")
+    model.save_pretrained(root / "dense")
+    return root
+
+
+def _config(output: Path, base: Path | None, **overrides):
+    settings = {"data.seq_len": 160, "data.batch_size": 2, "data.synthetic.num_train": 60, "data.synthetic.num_eval": 8,
+                "train.steps": 6, "train.log_every": 1, "train.eval_every": 3, "train.eval_batches": 1,
+                "train.checkpoint_every": 2, "optimizer.warmup_steps": 1, "train.output_dir": str(output)}
+    if base is not None:
+        settings["model.checkpoint"] = str(base)
+    settings.update(overrides)
+    return load_config(DEMO, [f"--config.{key}={value}" for key, value in settings.items()])
+
+
+LORA = {"lora.enabled": True, "model.mxfp4": "packed", "lora.targets": "*", "optimizer.learning_rate": 2e-2,
+        "optimizer.weight_decay": 0.0, "export.mxfp4": True}
+
+
+@pytest.fixture(scope="module")
+def lora_run(mxfp4_base, tmp_path_factory):
+    output = tmp_path_factory.mktemp("lora")
+    return train(_config(output, mxfp4_base / "mxfp4", **LORA), progress=False), output
+
+
+def test_lora_trains_the_adapters_and_leaves_the_packed_base_untouched(lora_run, mxfp4_base):
+    result, output = lora_run
+    assert result.steps == 6 and result.compiles == 1
+    assert np.mean(result.losses[-2:]) < result.losses[0]
+    base = gptoss_jax.load_model(mxfp4_base / "mxfp4", dtype="float32")
+    trained_base = nnx.state(result.model, nnx.Not(LoRAParam))
+    for (path, trained), (_, original) in zip(nnx.to_flat_state(trained_base), nnx.to_flat_state(nnx.state(base)),
+                                              strict=True):
+        for a, b in zip(jax.tree.leaves(trained.get_value()), jax.tree.leaves(original.get_value()), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+    experts = result.model.banded_blocks.mlp.w_gate_up.get_value()
+    assert experts.blocks.dtype == np.uint8  # still packed
+    assert float(np.abs(result.model.banded_blocks.mlp.adapters["w_gate_up"].b[...]).max()) > 0
+    assert float(np.abs(result.model.full_blocks.attn.adapters["wq"].b[...]).max()) > 0
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "loss" in line] == [1, 2, 3, 4, 5, 6]
+    assert [line["step"] for line in lines if "eval_loss" in line] == [3, 6]
+
+
+def test_tensorboard_reads_the_event_file(lora_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, output = lora_run
+    events = EventAccumulator(str(output / "tensorboard"))
+    events.Reload()
+    losses = events.Scalars("loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4, 5, 6]
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    metrics = [line for line in lines if "loss" in line]
+    np.testing.assert_allclose([e.value for e in losses], [m["loss"] for m in metrics], rtol=1e-6)
+    assert [e.step for e in events.Scalars("eval_loss")] == [3, 6]
+
+
+def test_peft_adapter_on_transformers_gives_our_logits(lora_run, mxfp4_base):
+    result, output = lora_run
+    assert (output / "adapter" / "adapter_config.json").is_file()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        mxfp4_base / "mxfp4", dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True))
+    peft_model = PeftModel.from_pretrained(hf, output / "adapter").eval()
+    tokens = np.random.default_rng(0).integers(0, 201088, (2, 9))
+    with torch.no_grad():
+        expected = peft_model(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(result.model(tokens.astype(np.int32)))
+    assert relative_error(ours, expected) <= 1e-5
+
+
+def test_merged_mxfp4_export_loads_in_transformers(lora_run):
+    _, output = lora_run
+    merged = output / "merged"
+    assert json.loads((merged / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        merged, dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
+    tokens = np.random.default_rng(1).integers(0, 201088, (1, 7))
+    with torch.no_grad():
+        expected = hf(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(gptoss_jax.load_model(merged, dtype="float32")(tokens.astype(np.int32)))
+    assert relative_error(ours, expected) <= 1e-5
+
+
+def test_full_fine_tuning_trains_every_parameter(mxfp4_base, tmp_path):
+    config = _config(tmp_path / "full", mxfp4_base / "dense", **{"optimizer.learning_rate": 3e-3,
+                                                                 "export.merged": False})
+    result = train(config, progress=False)
+    assert result.compiles == 1 and np.mean(result.losses[-2:]) < result.losses[0]
+    base = gptoss_jax.load_model(mxfp4_base / "dense", dtype="float32")
+    changed = [not np.array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
+               for (_, a), (_, b) in zip(nnx.to_flat_state(nnx.state(result.model)),
+                                         nnx.to_flat_state(nnx.state(base)), strict=True)]
+    assert all(changed)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mxfp4_base, tmp_path):
+    config = _config(tmp_path / "nan", mxfp4_base / "mxfp4", **{**LORA, "optimizer.learning_rate": 1e30,
+                                                                "optimizer.clip_norm": 1e30,
+                                                                "train.checkpoint_every": 1, "train.steps": 8})
+    with pytest.raises(TrainingStopped, match=r"step \d+: loss .* the last good checkpoint is step \d+ in"):
+        train(config, progress=False)
+    assert any((tmp_path / "nan" / "checkpoints").iterdir())
+
+
+def _train_in_subprocess(output: Path, base: Path, extra=()):
+    overrides = {"model.checkpoint": base, "data.seq_len": 160, "data.batch_size": 2, "data.synthetic.num_train": 60,
+                 "data.eval": "", "train.steps": 8, "train.checkpoint_every": 2, "optimizer.warmup_steps": 1,
+                 "train.output_dir": output, **LORA}
+    args = [f"--config.{key}={value}" for key, value in overrides.items()] + list(extra)
+    command = [sys.executable, "-m", "gptoss_jax.cli", "train", "--config", str(DEMO), *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(process, output: Path, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        checkpoints = output / "checkpoints"
+        if checkpoints.is_dir() and any(p.name.isdigit() and int(p.name) >= 2 for p in checkpoints.iterdir()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint appeared: {process.communicate()[0][-3000:] if process.poll() else ''}")
+
+
+def test_killed_run_resumes_to_bit_identical_parameters(mxfp4_base, tmp_path):
+    straight = _train_in_subprocess(tmp_path / "straight", mxfp4_base / "mxfp4")
+    interrupted = _train_in_subprocess(tmp_path / "killed", mxfp4_base / "mxfp4")
+    _wait_for_checkpoint(interrupted, tmp_path / "killed")
+    interrupted.send_signal(signal.SIGKILL)
+    interrupted.wait()
+    assert not (tmp_path / "killed" / "adapter").exists()  # it did not finish
+    resumed = _train_in_subprocess(tmp_path / "killed", mxfp4_base / "mxfp4")
+    for process in (straight, resumed):
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output[-3000:]
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_sigterm_checkpoints_and_exits(mxfp4_base, tmp_path):
+    process = _train_in_subprocess(tmp_path / "term", mxfp4_base / "mxfp4", ["--config.train.steps=400",
+                                                                            "--config.train.checkpoint_every=1000"])
+    deadline = time.time() + 300
+    while not (tmp_path / "term" / "metrics.jsonl").is_file() or not (tmp_path / "term" / "metrics.jsonl").read_text():
+        assert time.time() < deadline and process.poll() is None, process.communicate()[0][-3000:]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    steps = [int(p.name) for p in (tmp_path / "term" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and 1 <= steps[0] < 400
+    assert "SIGTERM: saved step" in output
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.py")), ids=lambda p: p.name)
+def test_every_config_file_loads(path):
+    config = load_config(path)
+    assert config.train.steps > 0
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'stepz' under train; valid keys: \[.*'steps'"):
+        load_config(DEMO, ["--config.train.stepz=3"])
+    with pytest.raises(ConfigError, match=r"config.model.remat: expected one of \('none', 'full', 'dots'\)"):
+        load_config(DEMO, ["--config.model.remat=some"])
+    with pytest.raises(ConfigError, match=r"config.train.steps: invalid literal"):
+        load_config(DEMO, ["--config.train.steps=many"])
+    with pytest.raises(ConfigError, match=r"config.lora.targets: 'qq_proj' matches none of"):
+        load_config(DEMO, ["--config.lora.enabled=true", "--config.model.mxfp4=packed",
+                           "--config.lora.targets=qq_proj"])
+    with pytest.raises(ConfigError, match="full fine-tuning trains the experts"):
+        load_config(DEMO, ["--config.model.mxfp4=packed"])
+
+
+def test_plan_reports_per_device_memory():
+    from gptoss_jax.train.plan import plan
+
+    config = load_config(DEMO, ["--config.data.seq_len=128", "--config.data.batch_size=1"])
+    report = plan(config, device_memory=2**30)
+    total, _ = gptoss_jax.parameter_counts(gptoss_jax.GptOssConfig.tiny())
+    assert report.devices == 1 and report.frozen_bytes == 0 and report.trainable_bytes == 4 * total
+    # Adam: two float32 moments per trained parameter, plus two step counters
+    assert 0 <= report.optimizer_bytes - 2 * report.trainable_bytes <= 64
+    assert report.batch_bytes == 5 * 128 * 4 and report.temporary_bytes > 0
+    assert ("fits" if report.total_bytes <= 2**30 else "does NOT fit") + " in 1.0 GiB" in report.report()

@@ -1,0 +1,206 @@
+"""Training run configs: python files with `get_config()` returning an ml_collections ConfigDict, overridden
+from the command line with `--config.a.b=value`. Unknown keys and out-of-range values are errors that name
+the key."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from pathlib import Path
+
+import ml_collections
+
+_CHOICES = {
+    "model.preset": ("tiny", "gpt_oss_20b", "gpt_oss_120b"),
+    "model.mxfp4": ("packed", "dequantize"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "data.train_on": ("assistant", "final", "all_assistant_turns"),
+    "data.overlong": ("truncate", "drop"),
+}
+_POSITIVE = ("data.seq_len", "data.batch_size", "optimizer.grad_accum", "train.steps", "train.log_every",
+             "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "optimizer.learning_rate")
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every setting, with what it means; the values are the embedded tiny demo's (configs/train/tiny_demo.py).
+    Config files start from these and change what their run needs."""
+    ConfigDict = ml_collections.ConfigDict
+    c = ConfigDict()
+
+    c.model = ConfigDict()
+    c.model.checkpoint = ""  # base checkpoint (directory or hub id); empty: the preset below, random weights
+    c.model.preset = "tiny"  # tiny | gpt_oss_20b | gpt_oss_120b — used when there is no checkpoint
+    c.model.mxfp4 = "dequantize"  # MXFP4 experts: "packed" (frozen base, LoRA) or "dequantize" (trainable)
+    c.model.param_dtype = "float32"  # dtype of the trainable (master) parameters
+    c.model.compute_dtype = "float32"  # dtype of the forward pass (float32 is the fast one on a CPU)
+    c.model.remat = "none"  # recompute in the backward pass: none | full (per layer) | dots
+
+    c.lora = ConfigDict()
+    c.lora.enabled = False  # False: full fine-tuning (every parameter trains)
+    c.lora.rank = 8  # adapter rank
+    c.lora.alpha = 16.0  # updates scaled by alpha / rank
+    c.lora.dropout = 0.0  # dropout on adapter inputs (attention targets only)
+    c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # patterns over q/k/v/o_proj, router, *_proj
+
+    c.data = ConfigDict()
+    c.data.train = "synthetic"  # JSONL file, dataset directory, HF dataset id, or "synthetic" (generated)
+    c.data.eval = "synthetic"  # held-out data (same kinds); empty: no evaluation
+    c.data.synthetic = ConfigDict()
+    c.data.synthetic.num_train = 3000  # records generated for training
+    c.data.synthetic.num_eval = 120  # records generated for evaluation
+    c.data.synthetic.seed = 0  # generator seed (the eval set uses seed + 1)
+    c.data.seq_len = 256  # tokens per packed row
+    c.data.batch_size = 2  # rows per micro-batch
+    c.data.train_on = "assistant"  # assistant | final | all_assistant_turns
+    c.data.overlong = "truncate"  # examples longer than a row: truncate | drop
+    c.data.skip_invalid = False  # skip (and count) invalid records instead of stopping
+    c.data.seed = 0  # shuffle seed (epoch e uses seed + e)
+
+    c.optimizer = ConfigDict()
+    c.optimizer.learning_rate = 3e-3  # peak learning rate
+    c.optimizer.warmup_steps = 10  # linear warmup from 0
+    c.optimizer.min_lr_ratio = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
+    c.optimizer.weight_decay = 0.01  # AdamW decay, on matrices only
+    c.optimizer.b1 = 0.9  # Adam beta1
+    c.optimizer.b2 = 0.95  # Adam beta2
+    c.optimizer.eps = 1e-8  # Adam epsilon
+    c.optimizer.clip_norm = 1.0  # global gradient-norm clipping
+    c.optimizer.grad_accum = 1  # micro-batches per step
+
+    c.loss = ConfigDict()
+    c.loss.z_loss_weight = 0.0  # router z-loss weight
+    c.loss.aux_loss_weight = 0.0  # router load-balancing loss weight
+
+    c.train = ConfigDict()
+    c.train.steps = 160  # optimizer steps
+    c.train.seed = 0  # parameter init, adapter init and dropout seed
+    c.train.log_every = 10  # steps between metric lines (JSONL + TensorBoard)
+    c.train.eval_every = 40  # steps between held-out evaluations
+    c.train.eval_batches = 4  # batches per evaluation
+    c.train.checkpoint_every = 40  # steps between orbax checkpoints
+    c.train.keep_checkpoints = 2  # checkpoints kept
+    c.train.async_checkpoints = True  # write checkpoints in the background
+    c.train.output_dir = "runs/tiny_demo"  # checkpoints, metrics, TensorBoard events, exports
+
+    c.mesh = ConfigDict()
+    c.mesh.data = 1  # data-parallel devices
+    c.mesh.fsdp = -1  # parameter-sharded (FSDP) devices; -1: all the devices left
+    c.mesh.expert = 1  # expert-parallel devices
+    c.mesh.tensor = 1  # tensor-parallel devices
+
+    c.export = ConfigDict()
+    c.export.adapter = True  # LoRA only: write a PEFT adapter directory (output_dir/adapter)
+    c.export.merged = True  # write an HF checkpoint with adapters merged (output_dir/merged)
+    c.export.mxfp4 = False  # store the merged experts in MXFP4
+    return c
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot run; the message names it."""
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """Runs the file's `get_config()`, applies `--config.a.b=value` overrides, and validates the result."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    spec = importlib.util.spec_from_file_location(f"_gptoss_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # the file is user code: report any failure with its name
+        raise ConfigError(f"{path}: {type(error).__name__}: {error}") from error
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config()")
+    config = module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+    config.lock()
+    apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """`--config.a.b=value` (or `a.b=value`): the value is parsed as the type the field already has."""
+    for override in overrides:
+        key, separator, text = override.removeprefix("--").removeprefix("config.").partition("=")
+        if not separator:
+            raise ConfigError(f"{override}: expected --config.KEY=VALUE")
+        parent, name = _parent(config, key)
+        current = parent[name]
+        try:
+            parent[name] = _parse(text, current)
+        except (ValueError, SyntaxError) as error:
+            raise ConfigError(f"config.{key}: {error}") from None
+
+
+def _parent(config: ml_collections.ConfigDict, key: str):
+    node, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = ".".join(parts[:depth]) or "(top level)"
+            valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ConfigError(f"config.{key}: unknown key {part!r} under {where}; valid keys: {valid}")
+        if depth == len(parts) - 1:
+            return node, part
+        node = node[part]
+
+
+def _parse(text: str, current):
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, tuple | list):
+        value = ast.literal_eval(text) if text.strip().startswith(("(", "[")) else text.split(",")
+        return type(current)(item.strip() if isinstance(item, str) else item for item in value)
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ValueError("is a group of settings; override its fields")
+    return text
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every setting the trainer reads, naming the first bad one."""
+    for key, choices in _CHOICES.items():
+        if _get(config, key) not in choices:
+            raise ConfigError(f"config.{key}: expected one of {choices}, got {_get(config, key)!r}")
+    for key in _POSITIVE:
+        if not _get(config, key) > 0:
+            raise ConfigError(f"config.{key}: must be positive, got {_get(config, key)!r}")
+    if not 0 <= config.optimizer.min_lr_ratio <= 1:
+        raise ConfigError(f"config.optimizer.min_lr_ratio: must be in [0, 1], got {config.optimizer.min_lr_ratio}")
+    if config.optimizer.warmup_steps < 0 or config.optimizer.warmup_steps > config.train.steps:
+        raise ConfigError(f"config.optimizer.warmup_steps: must be in [0, train.steps], got "
+                          f"{config.optimizer.warmup_steps}")
+    if not config.lora.enabled and config.model.mxfp4 == "packed":
+        raise ConfigError("config.model.mxfp4: full fine-tuning trains the experts, which cannot stay packed; "
+                          "use 'dequantize' (export can re-quantize them)")
+    if config.lora.enabled:
+        from gptoss_jax.lora import LoraConfig
+
+        try:
+            LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                       targets=tuple(config.lora.targets)).names()
+        except ValueError as error:
+            raise ConfigError(f"config.{error}") from None
+    for axis in ("data", "fsdp", "expert", "tensor"):
+        size = config.mesh[axis]
+        if size == 0 or size < -1:
+            raise ConfigError(f"config.mesh.{axis}: a device count, or -1 for the rest; got {size}")
+    if sum(config.mesh[axis] == -1 for axis in ("data", "fsdp", "expert", "tensor")) > 1:
+        raise ConfigError("config.mesh: at most one axis may be -1")
+
+
+def _get(config: ml_collections.ConfigDict, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node

@@ -1,0 +1,130 @@
+"""`gptoss-jax plan`: how much memory a training config needs per device, before any is allocated.
+
+The train step is compiled for abstract inputs of the config's shapes and shardings (nothing of the model's size
+exists); XLA's buffer assignment then gives the per-device bytes of its arguments (parameters, optimizer state,
+batch) and of its temporaries (activations and everything else live during the step). The figures come from
+the compiler of the machine that runs `plan`; on a CPU they stand in for a GPU's, whose fusion and buffer reuse
+differ, so leave some headroom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from gptoss_jax import GptOss, GptOssConfig, hub, lora
+from gptoss_jax.checkpoint import open_checkpoint
+from gptoss_jax.model import LoRAParam
+from gptoss_jax.sharding import MESH_AXES, param_shardings
+from gptoss_jax.train import trainer
+
+
+@dataclasses.dataclass
+class Plan:
+    devices: int
+    frozen_bytes: int  # per device: parameters that do not train (the base, for LoRA)
+    trainable_bytes: int  # per device: trained parameters (master copy)
+    optimizer_bytes: int  # per device: optimizer state
+    batch_bytes: int  # per device
+    temporary_bytes: int  # per device: activations and other buffers live during the step
+    device_memory: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.frozen_bytes + self.trainable_bytes + self.optimizer_bytes + self.batch_bytes + self.temporary_bytes
+
+    def report(self) -> str:
+        gib = 2**30
+        rows = [("frozen parameters", self.frozen_bytes), ("trainable parameters", self.trainable_bytes),
+                ("optimizer state", self.optimizer_bytes), ("batch", self.batch_bytes),
+                ("activations and temporaries", self.temporary_bytes), ("total", self.total_bytes)]
+        lines = [f"per device, {self.devices} device(s):"]
+        lines += [f"  {name:30s} {size / gib:9.2f} GiB" for name, size in rows]
+        verdict = "fits" if self.total_bytes <= self.device_memory else "does NOT fit"
+        lines.append(f"  {verdict} in {self.device_memory / gib:.1f} GiB")
+        return "\n".join(lines)
+
+
+def _devices_needed(config: ml_collections.ConfigDict) -> int:
+    sizes = [config.mesh[axis] for axis in MESH_AXES]
+    return math.prod(s for s in sizes if s != -1)
+
+
+def plan(config: ml_collections.ConfigDict, *, device_memory: int) -> Plan:
+    needed = _devices_needed(config)
+    if jax.device_count() < needed and jax.devices()[0].platform == "cpu":
+        raise ValueError(f"config.mesh needs {needed} devices; run plan with "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} on a CPU")
+    mesh = trainer.make_mesh(config)
+    if config.model.checkpoint:
+        checkpoint = open_checkpoint(_config_only(config.model.checkpoint))
+        architecture, packed = checkpoint.config, checkpoint.experts_quantized and config.model.mxfp4 == "packed"
+    else:
+        architecture = getattr(GptOssConfig, config.model.preset)()
+        packed = config.lora.enabled and config.model.mxfp4 == "packed"
+
+    def build():
+        model = GptOss(architecture, dtype=config.model.compute_dtype, mxfp4_experts=packed, rngs=nnx.Rngs(0))
+        if config.lora.enabled:
+            lora.add_lora(model, trainer.lora_config(config), rngs=nnx.Rngs(1))
+        return model
+
+    model = nnx.eval_shape(build)
+    shardings = param_shardings(model, mesh)
+    trainable = LoRAParam if config.lora.enabled else nnx.Param
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    param_shards, frozen_shards = _split_like(shardings, params, frozen)
+    dtypes = jax.tree.map(lambda a: a.dtype, params)
+    master = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(config.model.param_dtype), sharding=s),
+                          params, param_shards)
+    frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), frozen, frozen_shards)
+    transform, schedule = trainer.make_optimizer(config, master)
+    init = jax.jit(transform.init).lower(master).compile()
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             jax.eval_shape(transform.init, master), init.output_shardings)
+    rows = config.data.batch_size * config.optimizer.grad_accum
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    batch = {name: jax.ShapeDtypeStruct((rows, config.data.seq_len), dtype, sharding=batch_sharding)
+             for name, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32),
+                                 ("segment_ids", jnp.int32), ("positions", jnp.int32))}
+    steps = trainer.make_steps(config, graphdef, dtypes, transform, schedule)
+    compiled = steps.train.lower(master, opt_state, frozen, batch, jnp.int32(0)).compile()
+    memory = compiled.memory_analysis()
+    return Plan(
+        devices=mesh.size,
+        frozen_bytes=_per_device(frozen),
+        trainable_bytes=_per_device(master),
+        optimizer_bytes=_per_device(opt_state),
+        batch_bytes=_per_device(batch),
+        temporary_bytes=int(memory.temp_size_in_bytes),
+        device_memory=device_memory,
+    )
+
+
+def _config_only(checkpoint: str) -> str | Path:
+    """A hub checkpoint's config files alone (a plan needs no weights)."""
+    if Path(checkpoint).exists() or not hub.is_repo_id(checkpoint):
+        return checkpoint
+    return hub.snapshot(checkpoint, allow_patterns=["config.json", "original/config.json"])
+
+
+def _split_like(shardings: nnx.State, *parts: nnx.State) -> list[nnx.State]:
+    """`shardings` cut into the same parts (by path) as the parameter states."""
+    flat = dict(nnx.to_flat_state(shardings))
+    return [nnx.from_flat_state([(path, flat[path]) for path, _ in nnx.to_flat_state(part)]) for part in parts]
+
+
+def _per_device(tree) -> int:
+    """Bytes of one device's shard of every leaf."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += int(np.prod(shard)) * jnp.dtype(leaf.dtype).itemsize
+    return total

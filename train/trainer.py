@@ -1,0 +1,379 @@
+"""The fine-tuning loop: one jitted train step (compiled once) and the hooks around it — data, logging,
+evaluation, orbax checkpoints, the NaN guard, SIGTERM, export.
+
+LoRA trains the `LoRAParam`s and leaves the base (which may be MXFP4-packed) frozen; full fine-tuning trains every
+parameter. Trainable parameters are kept in `model.param_dtype` (float32 master weights) and cast to the model's
+dtypes (`model.compute_dtype`; norms and sinks stay float32) for each forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gptoss_jax import GptOss, GptOssConfig, load_model, lora, save_pretrained
+from gptoss_jax.model import LoRAParam
+from gptoss_jax.sharding import MESH_AXES, param_shardings
+from gptoss_jax.train import data as data_lib
+from gptoss_jax.train import synthetic
+from gptoss_jax.train.tensorboard import SummaryWriter
+
+log = logging.getLogger(__name__)
+
+LOSS_CHUNK = 1024  # tokens whose logits exist at once in the loss
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (non-finite loss); the message says why and where the last good state is."""
+
+
+# ---- model, data and optimizer from a config -------------------------------------------------------------------
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The (data, fsdp, expert, tensor) mesh over all devices; -1 takes the devices left."""
+    sizes = [config.mesh[axis] for axis in MESH_AXES]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = jax.device_count() // known
+    if math.prod(sizes) != jax.device_count():
+        raise ValueError(f"config.mesh: {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} "
+                         f"devices, there are {jax.device_count()}")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> GptOss:
+    """The base model (a checkpoint, or a preset with random weights) with adapters when LoRA is on, placed on
+    the mesh."""
+    dtype = config.model.compute_dtype
+    if config.model.checkpoint:
+        model = load_model(config.model.checkpoint, dtype=dtype, mxfp4=config.model.mxfp4, mesh=mesh)
+    else:
+        preset = getattr(GptOssConfig, config.model.preset)()
+        packed = config.lora.enabled and config.model.mxfp4 == "packed"
+        model = GptOss(preset, dtype=dtype, mxfp4_experts=packed, rngs=nnx.Rngs(config.train.seed))
+    if config.lora.enabled:
+        lora.add_lora(model, lora_config(config), rngs=nnx.Rngs(config.train.seed + 1))
+    nnx.update(model, jax.device_put(nnx.state(model), param_shardings(model, mesh)))
+    return model
+
+
+def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:
+    return lora.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                           targets=tuple(config.lora.targets))
+
+
+def load_examples(config: ml_collections.ConfigDict, source: str, *, split: str, stats: data_lib.DataStats):
+    """Rendered examples of a JSONL path, dataset directory or hub id; "synthetic" writes the arithmetic set
+    (train and eval halves) under output_dir first."""
+    if source == "synthetic":
+        spec = config.data.synthetic
+        count = spec.num_train if split == "train" else spec.num_eval
+        records = synthetic.arithmetic_records(count, seed=spec.seed + (split != "train"))
+        source = synthetic.write_jsonl(records, Path(config.train.output_dir) / f"synthetic_{split}.jsonl")
+    rows = data_lib.read_records(source, split=split)
+    return data_lib.encode_examples(rows, train_on=config.data.train_on, skip_invalid=config.data.skip_invalid,
+                                    stats=stats)
+
+
+class Batches:
+    """The rows of step `s`: epoch `e` is the examples packed after a shuffle by `seed + e`, and steps take
+    consecutive rows, so a resumed run sees exactly the rows it would have."""
+
+    def __init__(self, examples, config: ml_collections.ConfigDict, read_stats: data_lib.DataStats):
+        self.examples, self.config, self.read_stats = examples, config, read_stats
+        self.rows_per_step = config.data.batch_size * config.optimizer.grad_accum
+        self._epoch, self._rows = None, None
+        self.stats = read_stats
+        if self.steps_per_epoch(0) == 0:
+            raise ValueError(f"config.data: one step takes {self.rows_per_step} rows of {config.data.seq_len} "
+                             f"tokens; the training data fills only {len(self._epoch_rows(0))}")
+
+    def _epoch_rows(self, epoch: int) -> data_lib.PackedRows:
+        if epoch != self._epoch:
+            self.stats = dataclasses.replace(self.read_stats)
+            self._rows = data_lib.pack(self.examples, self.config.data.seq_len, overlong=self.config.data.overlong,
+                                       seed=self.config.data.seed + epoch, process_index=jax.process_index(),
+                                       process_count=jax.process_count(), stats=self.stats)
+            self._epoch = epoch
+        return self._rows
+
+    def steps_per_epoch(self, epoch: int) -> int:
+        return len(self._epoch_rows(epoch)) // self.rows_per_step
+
+    def batch(self, step: int) -> data_lib.PackedRows:
+        per_epoch = self.steps_per_epoch(0)  # packing sizes vary a little by shuffle; epoch 0's count is the rule
+        epoch, index = divmod(step, per_epoch)
+        rows = self._epoch_rows(epoch)
+        take = slice(index * self.rows_per_step, (index + 1) * self.rows_per_step)
+        return data_lib.PackedRows(*(getattr(rows, f.name)[take] for f in dataclasses.fields(rows)))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: nnx.State):
+    """(AdamW with global-norm clipping, its schedule: warmup then cosine decay to `min_lr_ratio`); weight decay on
+    matrices only (not biases, norm scales, sinks)."""
+    opt = config.optimizer
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
+        decay_steps=config.train.steps, end_value=opt.learning_rate * opt.min_lr_ratio)
+    decayed = jax.tree.map(lambda v: v.replace(value=sum(a != "layers" for a in v.axes) >= 2), params,
+                           is_leaf=lambda x: isinstance(x, nnx.Variable))
+    transform = optax.chain(
+        optax.clip_by_global_norm(opt.clip_norm),
+        optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decayed),
+    )
+    return transform, schedule
+
+
+# ---- the loss and the step -------------------------------------------------------------------------------------
+
+
+def token_losses(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """Sum over tokens of weight * cross-entropy, computing the logits LOSS_CHUNK tokens at a time (the full
+    [tokens, vocab] logits of a long batch would not fit), in float32."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets, weights = targets.reshape(-1), weights.reshape(-1)
+    chunk = min(LOSS_CHUNK, len(targets))
+    pad = -len(targets) % chunk
+    chunks = (
+        jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, hidden.shape[-1]),
+        jnp.pad(targets, (0, pad)).reshape(-1, chunk),
+        jnp.pad(weights, (0, pad)).reshape(-1, chunk),
+    )
+
+    @jax.checkpoint
+    def chunk_loss(chunk):
+        h, t, w = chunk
+        logits = jnp.einsum("nd,vd->nv", h, unembedding, preferred_element_type=jnp.float32)
+        target_logits = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        return jnp.sum(w * (jax.nn.logsumexp(logits, axis=-1) - target_logits))
+
+    return jnp.sum(jax.lax.map(chunk_loss, chunks))
+
+
+@dataclasses.dataclass
+class Step:
+    """The compiled train and eval steps of one run, and how many times the train step was traced."""
+
+    train: callable
+    evaluate: callable
+    traces: list
+
+
+def make_steps(config: ml_collections.ConfigDict, graphdef, dtypes, transform, schedule) -> Step:
+    remat, accum = config.model.remat, config.optimizer.grad_accum
+    use_dropout = config.lora.enabled and config.lora.dropout > 0
+    weights = (config.loss.z_loss_weight, config.loss.aux_loss_weight)
+    base_key = jax.random.key(config.train.seed)
+    traces = []
+
+    def forward(master, frozen, batch, key):
+        params = jax.tree.map(lambda p, d: p.astype(d), master, dtypes)
+        model = nnx.merge(graphdef, params, frozen)
+        hidden, router = model.hidden_states(batch["inputs"], positions=batch["positions"],
+                                             segment_ids=batch["segment_ids"],
+                                             dropout_key=key if use_dropout else None, remat=remat)
+        summed = token_losses(hidden, model.unembedding[...], batch["targets"], batch["weights"])
+        return summed, router
+
+    def train_step(master, opt_state, frozen, batch, step):
+        traces.append(step)  # runs only while tracing: counts compilations
+        count = jnp.maximum(batch["weights"].sum(), 1.0)
+        micro = jax.tree.map(lambda a: a.reshape(accum, -1, *a.shape[1:]), batch)
+        key = jax.random.fold_in(base_key, step)
+
+        def objective(master, frozen, piece, key):
+            summed, router = forward(master, frozen, piece, key)
+            return summed / count + (weights[0] * router[0] + weights[1] * router[1]) / accum, (summed, router)
+
+        def accumulate(carry, piece_and_index):
+            grads, summed, router = carry
+            piece, index = piece_and_index
+            (_, (piece_sum, piece_router)), piece_grads = jax.value_and_grad(objective, has_aux=True)(
+                master, frozen, piece, jax.random.fold_in(key, index))
+            grads = jax.tree.map(jnp.add, grads, piece_grads)
+            return (grads, summed + piece_sum, router + piece_router / accum), None
+
+        zeros = jax.tree.map(jnp.zeros_like, master)
+        (grads, summed, router), _ = jax.lax.scan(accumulate, (zeros, 0.0, jnp.zeros(2)), (micro, jnp.arange(accum)))
+        updates, opt_state = transform.update(grads, opt_state, master)
+        master = optax.apply_updates(master, updates)
+        metrics = {"loss": summed / count, "router_z_loss": router[0], "load_balance": router[1],
+                   "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(step),
+                   "tokens": (batch["segment_ids"] > 0).sum(), "trained_tokens": count}
+        return master, opt_state, metrics
+
+    def eval_step(master, frozen, batch):
+        summed, _ = forward(master, frozen, batch, None)
+        return summed, batch["weights"].sum()
+
+    return Step(jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_step), traces)
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    steps: int  # steps completed
+    losses: list  # training loss of each step this process ran
+    eval_losses: dict  # step -> held-out loss
+    model: GptOss  # the trained model (adapters attached, for LoRA)
+    compiles: int  # times the train step was traced
+    exports: dict  # what was written: "adapter", "merged"
+
+
+def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result:
+    output = Path(config.train.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    mesh = make_mesh(config)
+    model = build_model(config, mesh)
+    trainable = LoRAParam if config.lora.enabled else nnx.Param
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    dtypes = jax.tree.map(lambda a: a.dtype, params)
+    master = jax.tree.map(lambda a: a.astype(config.model.param_dtype), params)
+    transform, schedule = make_optimizer(config, master)
+    # Counters and other scalars replicated on the mesh, as the step returns them (else a second compile).
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_state = jax.tree.map(lambda a: a if isinstance(a.sharding, NamedSharding) else jax.device_put(a, replicated),
+                             transform.init(master))
+    steps = make_steps(config, graphdef, dtypes, transform, schedule)
+
+    train_stats = data_lib.DataStats()
+    batches = Batches(load_examples(config, config.data.train, split="train", stats=train_stats), config,
+                      train_stats)
+    eval_rows = None
+    if config.data.eval:
+        eval_stats = data_lib.DataStats()
+        eval_examples = load_examples(config, config.data.eval, split="test", stats=eval_stats)
+        eval_rows = data_lib.pack(eval_examples, config.data.seq_len, overlong=config.data.overlong, shuffle=False,
+                                  process_index=jax.process_index(), process_count=jax.process_count())
+    log.info("training data: %s", batches.stats.report())
+
+    manager = ocp.CheckpointManager(
+        (output / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
+                                             enable_async_checkpointing=config.train.async_checkpoints))
+    start = 0
+    if manager.latest_step() is not None:
+        start = manager.latest_step()
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                {"params": master, "opt_state": opt_state})
+        restored = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+        master, opt_state = restored["params"], restored["opt_state"]
+        log.info("resumed from %s at step %d", output / "checkpoints", start)
+
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: stop.update(signal=number))
+    metrics_file = open(output / "metrics.jsonl", "a")
+    writer = SummaryWriter(output / "tensorboard")
+    losses, eval_losses = [], {}
+    bar = _progress(progress, config.train.steps, start)
+    try:
+        step, started, tokens_since = start, time.perf_counter(), 0.0
+        while step < config.train.steps:
+            batch = jax.device_put(_arrays(batches.batch(step)), batch_sharding)
+            master, opt_state, metrics = steps.train(master, opt_state, frozen, batch, jnp.int32(step))
+            metrics = {name: float(value) for name, value in metrics.items()}
+            if not math.isfinite(metrics["loss"]) or not math.isfinite(metrics["grad_norm"]):
+                manager.wait_until_finished()
+                last = manager.latest_step()
+                raise TrainingStopped(
+                    f"step {step + 1}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']} — stopped before "
+                    f"applying it; the last good checkpoint is "
+                    + (f"step {last} in {output / 'checkpoints'}" if last is not None else "none (no step saved)"))
+            step += 1
+            losses.append(metrics["loss"])
+            tokens_since += metrics["tokens"]
+            if step % config.train.log_every == 0 or step == config.train.steps:
+                elapsed = time.perf_counter() - started
+                metrics["tokens_per_s"] = tokens_since / max(elapsed, 1e-9)
+                started, tokens_since = time.perf_counter(), 0.0
+                _log(metrics_file, writer, step, metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['learning_rate']:.2e}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}")
+            bar.update(1)
+            if eval_rows is not None and (step % config.train.eval_every == 0 or step == config.train.steps):
+                eval_losses[step] = evaluate(steps, master, frozen, eval_rows, config, batch_sharding)
+                _log(metrics_file, writer, step, {"eval_loss": eval_losses[step]})
+            if step % config.train.checkpoint_every == 0 or step == config.train.steps or stop["signal"]:
+                manager.save(step, args=ocp.args.StandardSave({"params": master, "opt_state": opt_state}))
+            if stop["signal"]:
+                log.warning("SIGTERM: saved step %d to %s; exiting", step, output / "checkpoints")
+                break
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        bar.close()
+        writer.close()
+        metrics_file.close()
+        signal.signal(signal.SIGTERM, previous)
+
+    params = jax.tree.map(lambda p, d: p.astype(d), master, dtypes)
+    trained = nnx.merge(graphdef, params, frozen)
+    finished_now = start < step == config.train.steps
+    exports = export(trained, config) if finished_now else {}
+    return Result(step, losses, eval_losses, trained, len(steps.traces), exports)
+
+
+def evaluate(steps: Step, master, frozen, rows: data_lib.PackedRows, config, sharding) -> float:
+    """Mean token loss over the first `eval_batches` batches of the held-out rows."""
+    size = config.data.batch_size
+    summed = count = 0.0
+    for start in range(0, min(len(rows), size * config.train.eval_batches), size):
+        piece = data_lib.PackedRows(*(getattr(rows, f.name)[start:start + size] for f in dataclasses.fields(rows)))
+        if len(piece) < size:
+            break
+        batch_sum, batch_count = steps.evaluate(master, frozen, jax.device_put(_arrays(piece), sharding))
+        summed, count = summed + float(batch_sum), count + float(batch_count)
+    return summed / max(count, 1.0)
+
+
+def export(model: GptOss, config: ml_collections.ConfigDict) -> dict:
+    """The adapter (PEFT format) and/or the merged HF checkpoint, as the config asks."""
+    output, written = Path(config.train.output_dir), {}
+    if config.lora.enabled and config.export.adapter:
+        written["adapter"] = lora.save_peft_adapter(model, output / "adapter",
+                                                    base_model_name_or_path=config.model.checkpoint or None)
+    if config.export.merged:
+        merged = lora.merge_lora(model) if config.lora.enabled else model
+        target = output / "merged"
+        if target.exists():
+            raise FileExistsError(f"{target}: already exists; remove it or choose another train.output_dir")
+        written["merged"] = save_pretrained(merged, target, mxfp4=config.export.mxfp4)
+    for kind, path in written.items():
+        log.info("exported %s to %s", kind, path)
+    return written
+
+
+def _arrays(rows: data_lib.PackedRows) -> dict[str, np.ndarray]:
+    return {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows)}
+
+
+def _log(metrics_file, writer: SummaryWriter, step: int, values: dict) -> None:
+    metrics_file.write(json.dumps({"step": step, **values}) + "\n")
+    metrics_file.flush()
+    writer.scalars(step, values)
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step")
+
