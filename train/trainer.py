@@ -295,8 +295,8 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
                 manager.wait_until_finished()
                 last = manager.latest_step()
                 raise TrainingStopped(
-                    f"step {step + 1}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']} — stopped before "
-                    f"applying it; the last good checkpoint is "
+                    f"step {step + 1}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']} — stopped without "
+                    f"saving this state; the last good checkpoint is "
                     + (f"step {last} in {output / 'checkpoints'}" if last is not None else "none (no step saved)"))
             step += 1
             losses.append(metrics["loss"])
