@@ -2,6 +2,7 @@
 
 from gptoss_jax.checkpoint import convert, load_model, save_pretrained
 from gptoss_jax.config import ConfigError, GptOssConfig
+from gptoss_jax.generation import generate
 from gptoss_jax.model import GptOss, parameter_counts
 from gptoss_jax.mxfp4 import Mxfp4Weight
 from gptoss_jax.tensor_files import CheckpointError
@@ -13,6 +14,7 @@ __all__ = [
     "GptOssConfig",
     "Mxfp4Weight",
     "convert",
+    "generate",
     "load_model",
     "parameter_counts",
     "save_pretrained",

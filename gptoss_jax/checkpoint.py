@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax import hub
+from gptoss_jax import sharding as sharding_lib
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.model import GptOss
 from gptoss_jax.mxfp4 import BLOCK_SIZE, Mxfp4Weight
@@ -275,7 +276,10 @@ def load_model(
     )
     log.info("loaded %s checkpoint %s (%d tensors); experts: %s", checkpoint.layout, checkpoint.directory,
              len(reader.used), experts)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if mesh is not None:
+        model.use_mesh(mesh, rules)
+    return model
 
 
 class _Reader:
@@ -325,7 +329,7 @@ def _stacked(reader: _Reader, entries: list[Entry], abstract, sharding):
     """Assembles a block parameter [layers, ...] layer by layer on the device(s)."""
     layer_abstract = _one_layer(abstract)
     leaf_shardings = sharding if sharding is not None else jax.tree.map(lambda _: None, abstract)
-    stacked = jax.tree.map(lambda a, s: jnp.zeros(a.shape, a.dtype, device=s), abstract, leaf_shardings)
+    stacked = jax.tree.map(lambda a, s: sharding_lib.zeros(a.shape, a.dtype, s), abstract, leaf_shardings)
     for index, entry in enumerate(entries):
         layer = reader.param(entry, layer_abstract)
         stacked = jax.tree.map(functools.partial(_write_layer, index=index), stacked, layer, leaf_shardings)
@@ -333,7 +337,7 @@ def _stacked(reader: _Reader, entries: list[Entry], abstract, sharding):
 
 
 def _write_layer(stacked: jax.Array, layer, sharding: NamedSharding | None, *, index: int) -> jax.Array:
-    return _layer_writer(sharding)(stacked, jax.device_put(layer, _without_layers(sharding)), index)
+    return _layer_writer(sharding)(stacked, sharding_lib.put(layer, _without_layers(sharding)), index)
 
 
 def _one_layer(abstract):
@@ -356,9 +360,7 @@ def _layer_writer(sharding):
 def _placed(value, abstract, sharding):
     """A whole parameter on its device(s), in its dtype; copied off the memory map, never a view of the file."""
     leaf_shardings = sharding if sharding is not None else jax.tree.map(lambda _: None, abstract)
-    return jax.tree.map(
-        lambda v, a, s: jax.device_put(np.array(v, dtype=a.dtype), s), value, abstract, leaf_shardings
-    )
+    return jax.tree.map(lambda v, a, s: sharding_lib.put(v, s, a.dtype), value, abstract, leaf_shardings)
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------

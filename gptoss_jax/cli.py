@@ -40,6 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--max-shard-size", default="5GB", help="largest shard file, e.g. 5GB or 500MB")
     convert.add_argument("--revision", help="hub revision of SRC")
 
+    from gptoss_jax import chat
+
+    generate = commands.add_parser("generate", help="answer one prompt (harmony format), printing tokens/s",
+                                   description="Renders the prompt as a harmony conversation at the given reasoning "
+                                   "effort, generates, and prints the final answer (and the analysis if asked).")
+    generate.add_argument("--prompt", required=True)
+    chat.add_arguments(generate)
+    conversation = commands.add_parser("chat", help="interactive multi-turn harmony chat (/exit or EOF to leave)")
+    chat.add_arguments(conversation)
+
     for name, help_text in (("train", "fine-tune (LoRA or full) from a config file"),
                             ("plan", "compile the train step on abstract inputs and report per-device memory")):
         command = commands.add_parser(name, help=help_text, description=f"{help_text}. Override any setting "
@@ -59,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args)
         if args.command == "convert":
             return _convert(args)
+        if args.command in ("generate", "chat"):
+            return chat.run_generate(args) if args.command == "generate" else chat.run_chat(args)
         return _train(args, overrides) if args.command == "train" else _plan(args, overrides)
     except (ValueError, OSError) as error:  # ConfigError and CheckpointError are ValueErrors
         print(f"error: {error}", file=sys.stderr)

@@ -184,6 +184,16 @@ def test_grouped_experts_match_loop_and_transformers(num_tokens):
     assert relative_error(looped, expected) <= TOLERANCE
 
 
+@pytest.mark.parametrize("num_tokens", [1, 9])  # few pairs gather their experts; many form ragged groups
+def test_packed_experts_equal_their_dequantized_weights(num_tokens):
+    config = GptOssConfig.tiny().replace(num_experts=8, experts_per_token=4)
+    packed = MoE(config, dtype="float32", mxfp4_experts=True, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(num_tokens).normal(size=(num_tokens, 64)), jnp.float32)
+    weights, chosen, _ = packed.route(x)
+    grouped, looped = packed.grouped_experts(x, weights, chosen), packed.loop_over_experts(x, weights, chosen)
+    assert relative_error(grouped, looped) <= TOLERANCE
+
+
 def test_swiglu_clamps_reach_the_output():
     """Inputs far beyond the ±7 limit: the clamped SwiGLU must still agree with transformers."""
     moe, router, experts = _moe_pair(seed=9, std=3.0)
@@ -204,3 +214,25 @@ def test_bfloat16_experts_follow_float32_reference():
     out = moe.grouped_experts(x.astype(jnp.bfloat16), weights, chosen)
     assert out.dtype == jnp.bfloat16
     assert relative_error(out, reference) <= 2e-2
+
+
+@pytest.mark.parametrize("sizes", [(0, 5, 64, 0, 70), (3, 0, 0, 1, 1), (130, 2, 0, 64, 3)])
+def test_ragged_matmul_equals_ragged_dot_with_gradients(sizes):
+    """Empty groups, groups over and under a tile, and rows past the last group (which give zeros)."""
+    from gptoss_jax.model import ragged_matmul
+
+    group_sizes = jnp.array(sizes[:-1], jnp.int32)
+    count = int(group_sizes.sum()) + sizes[-1]
+    rng = np.random.default_rng(sum(sizes))
+    rows = jnp.asarray(rng.normal(size=(count, 24)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(len(group_sizes), 24, 16)), jnp.float32)
+    expected = jax.lax.ragged_dot(rows, weights, group_sizes)
+    assert relative_error(ragged_matmul(rows, weights, group_sizes, tile=64), expected) <= TOLERANCE
+
+    def loss(function):
+        return lambda r, w: jnp.sum(jnp.sin(function(r, w, group_sizes)))
+
+    ours = jax.grad(loss(lambda r, w, g: ragged_matmul(r, w, g, tile=64)), argnums=(0, 1))(rows, weights)
+    reference = jax.grad(loss(jax.lax.ragged_dot), argnums=(0, 1))(rows, weights)
+    for a, b in zip(ours, reference, strict=True):
+        assert relative_error(a, b) <= TOLERANCE

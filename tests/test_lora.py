@@ -57,12 +57,13 @@ def test_merged_model_equals_the_adapted_one_on_a_packed_base(tmp_path):
     assert attention_only.banded_blocks.mlp.w_gate_up.get_value().blocks.dtype == np.uint8  # experts stay packed
 
 
-def test_grouped_expert_adapters_equal_merged_weights(tmp_path):
+@pytest.mark.parametrize("num_tokens", [1, 13])  # gathered experts (decoding) and ragged groups
+def test_grouped_expert_adapters_equal_merged_weights(tmp_path, num_tokens):
     random_hf_model(seed=4, num_hidden_layers=1).save_pretrained(tmp_path / "base")
     model = _adapted(gptoss_jax.load_model(tmp_path / "base", dtype="float32"), ("gate_up_proj", "down_proj"))
     graphdef, stacked = nnx.split(model.banded_blocks.mlp)
     moe = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], stacked))  # the first layer
-    x = np.random.default_rng(2).normal(size=(13, 48)).astype(np.float32)
+    x = np.random.default_rng(2).normal(size=(num_tokens, 48)).astype(np.float32)
     weights, experts, _ = moe.route(x)
     grouped, looped = moe.grouped_experts(x, weights, experts), moe.loop_over_experts(x, weights, experts)
     assert relative_error(grouped, looped) <= TOLERANCE

@@ -77,6 +77,7 @@ def plan(config: ml_collections.ConfigDict, *, device_memory: int) -> Plan:
         return model
 
     model = nnx.eval_shape(build)
+    model.use_mesh(mesh)
     shardings = param_shardings(model, mesh)
     trainable = LoRAParam if config.lora.enabled else nnx.Param
     graphdef, params, frozen = nnx.split(model, trainable, ...)

@@ -19,15 +19,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gptoss_jax import GptOss, GptOssConfig, load_model, lora, save_pretrained
+from gptoss_jax import GptOss, GptOssConfig, load_model, lora, save_pretrained, sharding
 from gptoss_jax.model import LoRAParam
-from gptoss_jax.sharding import MESH_AXES, param_shardings
 from gptoss_jax.train import data as data_lib
 from gptoss_jax.train import synthetic
 from gptoss_jax.train.tensorboard import SummaryWriter
@@ -45,15 +43,11 @@ class TrainingStopped(RuntimeError):
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """The (data, fsdp, expert, tensor) mesh over all devices; -1 takes the devices left."""
-    sizes = [config.mesh[axis] for axis in MESH_AXES]
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        sizes[sizes.index(-1)] = jax.device_count() // known
-    if math.prod(sizes) != jax.device_count():
-        raise ValueError(f"config.mesh: {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} "
-                         f"devices, there are {jax.device_count()}")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    """The (data, fsdp, expert, tensor) mesh of `config.mesh` over all devices; -1 takes the devices left."""
+    try:
+        return sharding.make_mesh({axis: config.mesh[axis] for axis in sharding.MESH_AXES})
+    except ValueError as error:
+        raise ValueError(f"config.{error}") from None
 
 
 def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> GptOss:
@@ -68,8 +62,7 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> G
         model = GptOss(preset, dtype=dtype, mxfp4_experts=packed, rngs=nnx.Rngs(config.train.seed))
     if config.lora.enabled:
         lora.add_lora(model, lora_config(config), rngs=nnx.Rngs(config.train.seed + 1))
-    nnx.update(model, jax.device_put(nnx.state(model), param_shardings(model, mesh)))
-    return model
+    return sharding.shard_model(model, mesh)
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:
@@ -288,7 +281,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
     try:
         step, started, tokens_since = start, time.perf_counter(), 0.0
         while step < config.train.steps:
-            batch = jax.device_put(_arrays(batches.batch(step)), batch_sharding)
+            batch = _global_batch(batches.batch(step), batch_sharding)
             master, opt_state, metrics = steps.train(master, opt_state, frozen, batch, jnp.int32(step))
             metrics = {name: float(value) for name, value in metrics.items()}
             if not math.isfinite(metrics["loss"]) or not math.isfinite(metrics["grad_norm"]):
@@ -340,7 +333,7 @@ def evaluate(steps: Step, master, frozen, rows: data_lib.PackedRows, config, sha
         piece = data_lib.PackedRows(*(getattr(rows, f.name)[start:start + size] for f in dataclasses.fields(rows)))
         if len(piece) < size:
             break
-        batch_sum, batch_count = steps.evaluate(master, frozen, jax.device_put(_arrays(piece), sharding))
+        batch_sum, batch_count = steps.evaluate(master, frozen, _global_batch(piece, sharding))
         summed, count = summed + float(batch_sum), count + float(batch_count)
     return summed / max(count, 1.0)
 
@@ -362,8 +355,10 @@ def export(model: GptOss, config: ml_collections.ConfigDict) -> dict:
     return written
 
 
-def _arrays(rows: data_lib.PackedRows) -> dict[str, np.ndarray]:
-    return {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows)}
+def _global_batch(rows: data_lib.PackedRows, sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This host's rows as its part of the global batch (every host packs its own share of the data)."""
+    return {f.name: jax.make_array_from_process_local_data(sharding, getattr(rows, f.name))
+            for f in dataclasses.fields(rows)}
 
 
 def _log(metrics_file, writer: SummaryWriter, step: int, values: dict) -> None:

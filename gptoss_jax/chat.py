@@ -1,0 +1,151 @@
+"""Generation from the command line: one prompt (`gptoss-jax generate`) or an interactive conversation
+(`gptoss-jax chat`), on one device, a mesh, or several hosts under `jax.distributed`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from gptoss_jax import harmony
+from gptoss_jax.checkpoint import load_model
+from gptoss_jax.generation import Generator
+from gptoss_jax.sharding import make_mesh
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="PATH_OR_HUB_ID")
+    parser.add_argument("--reasoning-effort", default="medium", choices=harmony.EFFORTS)
+    parser.add_argument("--show-analysis", action="store_true", help="print the chain of thought too")
+    parser.add_argument("--max-new-tokens", type=int, default=2048)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 for greedy (gpt-oss is sampled at 1)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--mesh", default="", help="device mesh, e.g. expert=4,tensor=2 (default: one device)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join a multi-host run: jax.distributed.initialize() detects SLURM and other clusters")
+    parser.add_argument("--coordinator", metavar="HOST:PORT", help="explicit coordinator (with the two below)")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+
+
+def start(args: argparse.Namespace) -> Generator:
+    """Joins the distributed run if asked, loads the model on the mesh, compiles nothing yet."""
+    if args.coordinator:
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
+    if args.mesh:
+        mesh = make_mesh(args.mesh)
+    else:  # one device, or with several hosts every device sharing the parameters (FSDP)
+        mesh = make_mesh({"fsdp": -1}) if jax.process_count() > 1 else None
+    return Generator(load_model(args.checkpoint, dtype=args.dtype, mesh=mesh))
+
+
+@dataclasses.dataclass
+class Turn:
+    analysis: str
+    final: str
+    tokens: int
+    seconds: float
+    error: str | None  # what did not parse in the model's output, if anything
+
+
+def respond(generator: Generator, record: dict, args: argparse.Namespace,
+            on_text: Callable[[str | None, str], None] = lambda channel, text: None) -> Turn:
+    """Generates the assistant's turn for a conversation record, streaming text by channel to `on_text`."""
+    prompt = harmony.encode_chat(record)
+    parser = harmony.StreamParser(role="assistant")
+
+    def stream(_row: int, token: int) -> None:
+        parser.feed(token)
+        if parser.delta:
+            on_text(parser.current.channel if parser.current else None, parser.delta)
+
+    started = time.perf_counter()
+    tokens = generator.generate([prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed, stream=stream)[0]
+    seconds = time.perf_counter() - started
+    result = parser.result()
+    messages = result.messages + ([result.partial] if result.partial else [])
+    text = {channel: "".join(m.text for m in messages if m.channel == channel) for channel in ("analysis", "final")}
+    return Turn(text["analysis"], text["final"], len(tokens), seconds, result.error)
+
+
+def _printer(show_analysis: bool) -> Callable[[str | None, str], None]:
+    state = {"channel": None}
+
+    def on_text(channel: str | None, text: str) -> None:
+        if jax.process_index() != 0 or (channel == "analysis" and not show_analysis) or channel not in (
+                "analysis", "final"):
+            return
+        if channel != state["channel"]:
+            print(f"\n[{channel}] " if show_analysis else "", end="")
+            state["channel"] = channel
+        print(text, end="", flush=True)
+
+    return on_text
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    generator = start(args)
+    record = {"messages": [{"role": "user", "content": args.prompt}], "reasoning_effort": args.reasoning_effort}
+    turn = respond(generator, record, args, _printer(args.show_analysis))
+    if jax.process_index() == 0:
+        print()
+        _report(turn)
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """Reads user turns until EOF or /exit; earlier turns' analysis is dropped as harmony requires."""
+    generator = start(args)
+    messages = []
+    while True:
+        line = _read_line("you> ")
+        if line is None or line.strip() == "/exit":
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        record = {"messages": messages, "reasoning_effort": args.reasoning_effort}
+        if jax.process_index() == 0:
+            print("assistant> ", end="", flush=True)
+        turn = respond(generator, record, args, _printer(args.show_analysis))
+        messages.append({"role": "assistant", "thinking": turn.analysis, "content": turn.final})
+        if jax.process_index() == 0:
+            print()
+            _report(turn)
+
+
+def _read_line(prompt: str) -> str | None:
+    """A line from process 0's stdin, shared with every process (None at end of input)."""
+    line = None
+    if jax.process_index() == 0:
+        try:
+            line = input(prompt)
+        except EOFError:
+            line = None
+    if jax.process_count() == 1:
+        return line
+    from jax.experimental import multihost_utils
+
+    encoded = np.frombuffer(b"\x00" if line is None else b"\x01" + line.encode(), np.uint8)
+    length = int(multihost_utils.broadcast_one_to_all(np.int32(len(encoded))))
+    padded = np.zeros(length, np.uint8)
+    padded[: len(encoded)] = encoded[:length]
+    data = bytes(np.asarray(multihost_utils.broadcast_one_to_all(padded)))
+    return None if data[0] == 0 else data[1:].decode()
+
+
+def _report(turn: Turn) -> None:
+    rate = turn.tokens / turn.seconds if turn.seconds else 0.0
+    problem = f"; output did not parse: {turn.error}" if turn.error else ""
+    print(f"[{turn.tokens} tokens in {turn.seconds:.1f}s, {rate:.1f} tokens/s{problem}]", file=sys.stderr)

@@ -1,0 +1,149 @@
+"""Batched generation with a KV cache: prefill the left-padded prompts once, then one jitted decode step per
+token (the cache donated), sampling greedy / temperature / top-k / top-p, stopping on harmony stop tokens."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gptoss_jax import sharding
+from gptoss_jax import tokenizer as tok
+from gptoss_jax.model import GptOss, KVCache
+
+# A completion ends when the assistant returns its final answer or calls a tool; `<|end|>` only ends one message.
+DEFAULT_STOP_TOKENS = (tok.RETURN, tok.CALL)
+
+
+def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: float, top_k: int) -> jax.Array:
+    """Next tokens [B] from logits [B, V]: argmax when temperature is 0, else a draw from the softmax of
+    logits / temperature restricted to the `top_k` likeliest tokens (0: all) and to the smallest set whose
+    probability reaches `top_p`."""
+    logits = logits.astype(jnp.float32)
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)
+        # the smallest prefix reaching top_p: keep tokens whose preceding mass is below it
+        cutoff_rank = jnp.sum(cumulative - jax.nn.softmax(ordered, axis=-1) < top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(ordered, cutoff_rank - 1, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+class Generator:
+    """Compiled prefill and decode steps for one model; reuse it across calls to avoid recompiling."""
+
+    def __init__(self, model: GptOss):
+        self.model = model
+        self.graphdef, self.state = nnx.split(model)
+
+        @jax.jit
+        def prefill(state, tokens, cache):
+            return nnx.merge(self.graphdef, state).prefill(tokens, cache)
+
+        @functools.partial(jax.jit, donate_argnums=2)
+        def decode(state, tokens, cache):
+            return nnx.merge(self.graphdef, state).decode(tokens, cache)
+
+        self._prefill, self._decode = prefill, decode
+        self._sample = jax.jit(sample, static_argnames=("temperature", "top_p", "top_k"))
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        stop_tokens: Sequence[int] | None = None,
+        stream: Callable[[int, int], None] | None = None,
+        cache_length: int | None = None,
+    ) -> list[list[int]]:
+        """New tokens of each prompt, up to `max_new_tokens` or through the first stop token (included).
+
+        stop_tokens: None for harmony's (`<|return|>`, `<|call|>`); [] to never stop early.
+        stream(row, token) is called with every token as soon as it is sampled.
+        cache_length: the cache capacity (default: longest prompt + max_new_tokens).
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt, and no empty prompt")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 0:
+            raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}, "
+                             f"max_new_tokens={max_new_tokens}")
+        stops = set(DEFAULT_STOP_TOKENS if stop_tokens is None else stop_tokens)
+        longest = max(len(p) for p in prompts)
+        capacity = cache_length or longest + max_new_tokens
+        limit = self.model.config.max_position_embeddings
+        if longest + max_new_tokens > capacity or capacity > limit:
+            raise ValueError(f"a prompt of {longest} tokens plus {max_new_tokens} new ones needs "
+                             f"{longest + max_new_tokens} positions; the cache holds {capacity} and the model "
+                             f"{limit}")
+        vocab = self.model.config.vocab_size
+        tokens = np.zeros((len(prompts), longest), np.int32)
+        for row, prompt in enumerate(prompts):
+            if min(prompt) < 0 or max(prompt) >= vocab:
+                raise ValueError(f"prompt {row}: token ids must be in [0, {vocab})")
+            tokens[row, longest - len(prompt):] = prompt
+        start = jnp.asarray([longest - len(p) for p in prompts], jnp.int32)
+        cache = self._place_cache(self.model.init_cache(start, capacity))
+        logits, cache = self._prefill(self.state, self._replicated(tokens), cache)
+        key = jax.random.key(seed)
+        outputs = [[] for _ in prompts]
+        done = np.zeros(len(prompts), bool)
+        for step in range(max_new_tokens):
+            chosen = _on_host(self._sample(logits, jax.random.fold_in(key, step), temperature=temperature,
+                                           top_p=top_p, top_k=top_k))
+            for row, token in enumerate(chosen.tolist()):
+                if not done[row]:
+                    outputs[row].append(token)
+                    done[row] = token in stops
+                    if stream is not None:
+                        stream(row, token)
+            if done.all() or step == max_new_tokens - 1:
+                break
+            logits, cache = self._decode(self.state, self._replicated(chosen), cache)
+        return outputs
+
+    def _replicated(self, array: np.ndarray):
+        """Host values as every device's copy (the same value on every host, as jax.distributed requires)."""
+        mesh = self.model.mesh
+        return array if mesh is None else sharding.put(np.asarray(array), NamedSharding(mesh, PartitionSpec()))
+
+    def _place_cache(self, cache: KVCache) -> KVCache:
+        """The cache beside the parameters: rows over data x fsdp, key/value heads over tensor, where they split."""
+        mesh = self.model.mesh
+        if mesh is None:
+            return cache
+        rows = sharding.batch_spec(cache.start.shape[0], mesh)
+        heads = "tensor" if cache.full_k.shape[3] % mesh.shape["tensor"] == 0 else None
+        layers = NamedSharding(mesh, PartitionSpec(None, *(rows or (None,)), None, heads, None))
+        return KVCache(*(sharding.zeros(a.shape, a.dtype, layers) for a in (cache.banded_k, cache.banded_v,
+                                                                             cache.full_k, cache.full_v)),
+                       sharding.put(np.asarray(cache.start), NamedSharding(mesh, rows)),
+                       sharding.put(np.asarray(cache.length), NamedSharding(mesh, PartitionSpec())))
+
+
+def _on_host(array: jax.Array) -> np.ndarray:
+    """A replicated array's value; with several processes, this process's copy."""
+    return np.asarray(array if array.is_fully_addressable else array.addressable_data(0))
+
+
+def generate(model: GptOss, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
+             stream: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """New tokens for a batch of prompts (token ids); see `Generator.generate`."""
+    return Generator(model).generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                     seed=seed, stop_tokens=stop_tokens, stream=stream)

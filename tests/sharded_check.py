@@ -1,0 +1,56 @@
+"""Run by tests/test_sharding.py in a fresh interpreter with 8 CPU devices (or as one of two jax.distributed
+processes): loads a checkpoint on several meshes and writes the logits and greedy tokens of each to a file."""
+
+import json
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+import gptoss_jax
+from gptoss_jax.generation import Generator
+from gptoss_jax.lora import LoraConfig, add_lora
+from gptoss_jax.sharding import make_mesh, shard_model
+
+
+def main(checkpoint: str, meshes: list[str], output: str) -> None:
+    tokens = np.random.default_rng(0).integers(0, 300, (4, 11)).astype(np.int32)
+    prompts = [tokens[0, :9].tolist(), tokens[1, :3].tolist()]
+    results = {}
+    for spec in meshes:
+        mesh = make_mesh(spec) if spec else None
+        model = gptoss_jax.load_model(checkpoint, dtype="float32", mesh=mesh)
+        placed = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())) \
+            if mesh is not None else tokens
+        logits = nnx.jit(lambda m, t: m(t))(model, placed)
+        generated = Generator(model).generate(prompts, 12, stop_tokens=[])
+        # adapters on every target (random b), expert-parallel LoRA included
+        adapted = gptoss_jax.load_model(checkpoint, dtype="float32")
+        add_lora(adapted, LoraConfig(rank=2, targets=("*",)), rngs=nnx.Rngs(1))
+        adapters = nnx.state(adapted, gptoss_jax.model.LoRAParam)
+        nnx.update(adapted, jax.tree.map(lambda a: a + 0.05, adapters))
+        if mesh is not None:
+            shard_model(adapted, mesh)
+        adapted_logits = nnx.jit(lambda m, t: m(t))(adapted, placed)
+        results[spec] = {"logits": _host(logits).tolist(), "adapted": _host(adapted_logits).tolist(),
+                         "generated": generated}
+    if jax.process_index() == 0:
+        with open(output, "w") as file:
+            json.dump(results, file)
+
+
+def _host(array):
+    if not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(array)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 4:  # process id, count, coordinator port
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(f"127.0.0.1:{sys.argv[6]}", num_processes=int(sys.argv[5]),
+                                   process_id=int(sys.argv[4]))
+    main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])

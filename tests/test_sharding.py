@@ -1,0 +1,95 @@
+"""Sharded inference: meshes of 8 CPU devices (and two jax.distributed processes) give one device's results."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptoss_jax.sharding import LogicalRules, make_mesh
+
+from helpers import relative_error
+from layouts import model_with_mxfp4_experts, write_hf_mxfp4
+
+HERE = Path(__file__).parent
+MESHES = ["", "expert=4,tensor=2", "fsdp=8", "data=2,expert=4", "tensor=2,fsdp=4", "expert=2,tensor=2,fsdp=2"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An MXFP4 tiny model whose 8 experts and 4/2 heads split over the meshes above."""
+    directory = tmp_path_factory.mktemp("sharded")
+    model, packed = model_with_mxfp4_experts(seed=5, num_local_experts=8, num_experts_per_tok=2,
+                                             intermediate_size=64)
+    return write_hf_mxfp4(model, packed, directory / "ckpt")
+
+
+def _run(args, env_extra):
+    env = {**os.environ, **env_extra}
+    return subprocess.run([sys.executable, str(HERE / "sharded_check.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _compare(results):
+    reference = results[""]
+    for spec, result in results.items():
+        assert relative_error(result["logits"], reference["logits"]) <= 1e-5, spec
+        assert relative_error(result["adapted"], reference["adapted"]) <= 1e-5, spec
+        assert result["generated"] == reference["generated"], spec
+    assert relative_error(reference["adapted"], reference["logits"]) > 1e-3  # the adapters matter
+
+
+def test_meshes_of_eight_devices_match_one_device(checkpoint, tmp_path):
+    output = tmp_path / "results.json"
+    result = _run([str(checkpoint), json.dumps(MESHES), str(output)],
+                  {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    _compare(json.loads(output.read_text()))
+
+
+def test_two_processes_reproduce_one(checkpoint, tmp_path):
+    """Two jax.distributed processes on 127.0.0.1 (gloo collectives), four devices each, one 8-device mesh."""
+    single = tmp_path / "single.json"
+    result = _run([str(checkpoint), json.dumps(["", "expert=4,tensor=2"]), str(single)],
+                  {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    distributed = tmp_path / "distributed.json"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    processes = [subprocess.Popen([sys.executable, str(HERE / "sharded_check.py"), str(checkpoint),
+                                   json.dumps(["expert=4,tensor=2"]), str(distributed), str(i), "2", str(port)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for i in range(2)]
+    for process in processes:
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output[-4000:]
+    ours = json.loads(distributed.read_text())["expert=4,tensor=2"]
+    reference = json.loads(single.read_text())[""]
+    assert relative_error(ours["logits"], reference["logits"]) <= 1e-5
+    assert ours["generated"] == reference["generated"]
+
+
+def test_splits_that_cannot_work_are_clear_errors():
+    mesh = make_mesh({"expert": 1})
+    rules = LogicalRules()
+    assert rules.spec(("experts",), (6,), mesh) is not None
+    with pytest.raises(ValueError, match="cannot be split evenly"):
+        LogicalRules().spec(("experts", "embed"), (6, 4), _FakeMesh(expert=4))
+    with pytest.raises(ValueError, match="3 key/value heads cannot be split evenly over mesh axis tensor of 2"):
+        LogicalRules().spec(("embed", "kv_heads", "head_dim"), (8, 3, 4), _FakeMesh(tensor=2))
+    with pytest.raises(ValueError, match="needs 6 devices, there are 1"):
+        make_mesh("expert=3,tensor=2")
+    with pytest.raises(ValueError, match="unknown axis 'pipeline'"):
+        make_mesh("pipeline=2")
+
+
+class _FakeMesh:
+    """Just the axis sizes LogicalRules reads (the real 8-device meshes run in the subprocess tests)."""
+
+    def __init__(self, **sizes):
+        self.shape = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **sizes}
