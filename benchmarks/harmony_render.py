@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
@@ -24,20 +23,12 @@ os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(SHARED / "tokenizer"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import openai_harmony as oh  # noqa: E402
+from timing import seconds  # noqa: E402
 
 from gptoss_jax import harmony  # noqa: E402
 from gptoss_jax.train import data, gsm8k  # noqa: E402
 
 from harmony_cases import RECORDS, drop_finished_analysis, reference_conversation  # noqa: E402
-
-
-def best_of(runs, function):
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main():
@@ -49,11 +40,11 @@ def main():
                      for r in records]
     harmony.encode_for_training(records[0])  # warm the tokenizer and caches
 
-    theirs = best_of(3, lambda: [encoding.render_conversation_for_training(c, config=config)
-                                 for c in conversations])
-    ours_render = best_of(3, lambda: [harmony.encode_for_training(r) for r in records])
+    theirs = seconds(lambda: [encoding.render_conversation_for_training(c, config=config)
+                              for c in conversations], 3)
+    ours_render = seconds(lambda: [harmony.encode_for_training(r) for r in records], 3)
     rows = [("r", r) for r in records]
-    ours_pipeline = best_of(3, lambda: data.pack(data.encode_examples(rows), 4096, seed=0))
+    ours_pipeline = seconds(lambda: data.pack(data.encode_examples(rows), 4096, seed=0), 3)
     tokens = sum(len(harmony.encode_for_training(r)[0]) for r in records)
 
     lines = [

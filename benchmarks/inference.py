@@ -23,6 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from timing import seconds  # noqa: E402
 
 import gptoss_jax  # noqa: E402
 from gptoss_jax.generation import Generator  # noqa: E402
@@ -35,23 +36,13 @@ SIZES = dict(num_hidden_layers=4, hidden_size=512, intermediate_size=512, head_d
 PREFILL, PROMPT, DECODE = 1024, 32, 64
 
 
-def best(function, repeats=3):
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def machine_limits() -> tuple[float, float]:
     a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)
-    flops = 2 * 2048**3 / best(lambda: matmul(a).block_until_ready(), 10)
+    flops = 2 * 2048**3 / seconds(lambda: matmul(a).block_until_ready(), 10)
     big = jnp.ones((2**28,), jnp.float32)  # 1 GiB, read once (a decode step reads its weights once)
     total = jax.jit(jnp.sum)
-    bandwidth = big.nbytes / best(lambda: total(big).block_until_ready(), 5)
+    bandwidth = big.nbytes / seconds(lambda: total(big).block_until_ready(), 5)
     return flops, bandwidth
 
 
@@ -84,16 +75,16 @@ def main():
         model = gptoss_jax.load_model(directory, dtype="float32")
     generator = Generator(model)
 
-    ours_prefill = best(lambda: generator.generate([long_prompt], 1, stop_tokens=[]))
+    ours_prefill = seconds(lambda: generator.generate([long_prompt], 1, stop_tokens=[]), 3)
     ours_decode = min(_decode_seconds(generator, short_prompt) for _ in range(3))
 
     with torch.no_grad():
         long_ids, short_ids = torch.tensor([long_prompt]), torch.tensor([short_prompt])
-        their_prefill = best(lambda: hf(long_ids, logits_to_keep=1))  # the last position's logits, as ours
-        one = best(lambda: hf.generate(short_ids, max_new_tokens=1, min_new_tokens=1, do_sample=False,
-                                       eos_token_id=None, pad_token_id=0))
-        many = best(lambda: hf.generate(short_ids, max_new_tokens=DECODE + 1, min_new_tokens=DECODE + 1,
-                                        do_sample=False, eos_token_id=None, pad_token_id=0))
+        their_prefill = seconds(lambda: hf(long_ids, logits_to_keep=1), 3)  # the last position's logits, as ours
+        one = seconds(lambda: hf.generate(short_ids, max_new_tokens=1, min_new_tokens=1, do_sample=False,
+                                          eos_token_id=None, pad_token_id=0), 3)
+        many = seconds(lambda: hf.generate(short_ids, max_new_tokens=DECODE + 1, min_new_tokens=DECODE + 1,
+                                           do_sample=False, eos_token_id=None, pad_token_id=0), 3)
         their_decode = (many - one) / DECODE
 
     flops, bandwidth = machine_limits()

@@ -12,10 +12,8 @@ scores and their gradients.
 
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +22,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import timing  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -40,20 +39,10 @@ SIZES = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=256, head_d
 BATCH, LENGTH, STEPS = 2, 512, 8
 
 
-def timed(function, steps):
-    function()  # compile / warm up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def matmul_rate() -> float:
     a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
     f = jax.jit(lambda a: a @ a)
-    seconds = timed(lambda: f(a).block_until_ready(), 10)
+    seconds = timing.seconds(lambda: f(a).block_until_ready(), 10)
     return 2 * 2048**3 / seconds
 
 
@@ -78,7 +67,7 @@ def ours(directory: Path, tokens: np.ndarray):
                                                                jnp.int32(0))
         metrics["loss"].block_until_ready()
 
-    return timed(step, STEPS), step_flops(model.config)
+    return timing.seconds(step, STEPS, timing.median), step_flops(model.config)
 
 
 def step_flops(config) -> float:
@@ -102,7 +91,7 @@ def theirs(model, tokens: np.ndarray):
         optimizer.zero_grad()
 
     peft_model.train()
-    return timed(step, STEPS)
+    return timing.seconds(step, STEPS, timing.median)
 
 
 def main():
