@@ -15,18 +15,13 @@ import numpy as np
 from gptoss_jax import harmony
 from gptoss_jax.checkpoint import load_model
 from gptoss_jax.generation import Generator
+from gptoss_jax.model import GptOss
 from gptoss_jax.sharding import make_mesh
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which model, on which devices and hosts (generate, chat, serve)."""
     parser.add_argument("--checkpoint", required=True, metavar="PATH_OR_HUB_ID")
-    parser.add_argument("--reasoning-effort", default="medium", choices=harmony.EFFORTS)
-    parser.add_argument("--show-analysis", action="store_true", help="print the chain of thought too")
-    parser.add_argument("--max-new-tokens", type=int, default=2048)
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 for greedy (gpt-oss is sampled at 1)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--mesh", default="", help="device mesh, e.g. expert=4,tensor=2 (default: one device)")
     parser.add_argument("--distributed", action="store_true",
@@ -36,8 +31,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--process-id", type=int)
 
 
-def start(args: argparse.Namespace) -> Generator:
-    """Joins the distributed run if asked, loads the model on the mesh, compiles nothing yet."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and the sampling (generate, chat)."""
+    add_model_arguments(parser)
+    parser.add_argument("--reasoning-effort", default="medium", choices=harmony.EFFORTS)
+    parser.add_argument("--show-analysis", action="store_true", help="print the chain of thought too")
+    parser.add_argument("--max-new-tokens", type=int, default=2048)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 for greedy (gpt-oss is sampled at 1)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def start(args: argparse.Namespace) -> GptOss:
+    """Joins the distributed run if asked and loads the model on the mesh."""
     if args.coordinator:
         jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
     elif args.distributed:
@@ -46,7 +53,7 @@ def start(args: argparse.Namespace) -> Generator:
         mesh = make_mesh(args.mesh)
     else:  # one device, or with several hosts every device sharing the parameters (FSDP)
         mesh = make_mesh({"fsdp": -1}) if jax.process_count() > 1 else None
-    return Generator(load_model(args.checkpoint, dtype=args.dtype, mesh=mesh))
+    return load_model(args.checkpoint, dtype=args.dtype, mesh=mesh)
 
 
 @dataclasses.dataclass
@@ -95,7 +102,7 @@ def _printer(show_analysis: bool) -> Callable[[str | None, str], None]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    generator = start(args)
+    generator = Generator(start(args))
     record = {"messages": [{"role": "user", "content": args.prompt}], "reasoning_effort": args.reasoning_effort}
     turn = respond(generator, record, args, _printer(args.show_analysis))
     if jax.process_index() == 0:
@@ -106,7 +113,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_chat(args: argparse.Namespace) -> int:
     """Reads user turns until EOF or /exit; earlier turns' analysis is dropped as harmony requires."""
-    generator = start(args)
+    generator = Generator(start(args))
     messages = []
     while True:
         line = _read_line("you> ")

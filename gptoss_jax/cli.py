@@ -49,6 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_arguments(generate)
     conversation = commands.add_parser("chat", help="interactive multi-turn harmony chat (/exit or EOF to leave)")
     chat.add_arguments(conversation)
+    serve = commands.add_parser("serve", help="OpenAI-compatible chat completions server (continuous batching)",
+                                description="POST /v1/chat/completions, GET /v1/models, GET /health. Needs the "
+                                "serve extra: pip install 'gptoss-jax[serve]'.")
+    chat.add_model_arguments(serve)
+    serve.add_argument("--lora", metavar="ADAPTER_DIR", help="a PEFT LoRA adapter to put on the model")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--slots", type=int, default=16, help="requests decoded together")
+    serve.add_argument("--max-context", type=int, default=8192, help="tokens per request, prompt included")
+    serve.add_argument("--served-model-name", help="the model id clients use (default: the checkpoint's name)")
 
     for name, help_text in (("train", "fine-tune (LoRA or full) from a config file"),
                             ("plan", "compile the train step on abstract inputs and report per-device memory")):
@@ -71,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             return _convert(args)
         if args.command in ("generate", "chat"):
             return chat.run_generate(args) if args.command == "generate" else chat.run_chat(args)
+        if args.command == "serve":
+            from gptoss_jax import server
+
+            return server.run(args)
         return _train(args, overrides) if args.command == "train" else _plan(args, overrides)
     except (ValueError, OSError) as error:  # ConfigError and CheckpointError are ValueErrors
         print(f"error: {error}", file=sys.stderr)

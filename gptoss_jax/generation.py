@@ -132,8 +132,7 @@ class Generator:
         layers = NamedSharding(mesh, PartitionSpec(None, *(rows or (None,)), None, heads, None))
         return KVCache(*(sharding.zeros(a.shape, a.dtype, layers) for a in (cache.banded_k, cache.banded_v,
                                                                              cache.full_k, cache.full_v)),
-                       sharding.put(np.asarray(cache.start), NamedSharding(mesh, rows)),
-                       sharding.put(np.asarray(cache.length), NamedSharding(mesh, PartitionSpec())))
+                       *(sharding.put(np.asarray(a), NamedSharding(mesh, rows)) for a in (cache.start, cache.length)))
 
 
 def _on_host(array: jax.Array) -> np.ndarray:

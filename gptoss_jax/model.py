@@ -584,7 +584,7 @@ class GptOss(nnx.Module):
         window = min(c.sliding_window, max_length)
         return KVCache(zeros(c.num_banded_layers, window), zeros(c.num_banded_layers, window),
                        zeros(c.num_full_layers, max_length), zeros(c.num_full_layers, max_length),
-                       jnp.asarray(start, jnp.int32), jnp.zeros((), jnp.int32))
+                       jnp.asarray(start, jnp.int32), jnp.zeros(batch, jnp.int32))
 
     def prefill(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Runs left-padded prompts [B, T] (real tokens from `cache.start`) into an empty cache; returns the logits
@@ -610,23 +610,25 @@ class GptOss(nnx.Module):
             return x, (jnp.pad(k, pad), jnp.pad(v, pad))
 
         x, ((banded_k, banded_v), (full_k, full_v)) = self._run_layers(self.embedding[...][tokens], banded, full)
-        cache = KVCache(banded_k, banded_v, full_k, full_v, cache.start, jnp.asarray(length, jnp.int32))
+        cache = KVCache(banded_k, banded_v, full_k, full_v, cache.start, jnp.full_like(cache.start, length))
         return self.logits(self.norm(x[:, -1])), cache
 
     def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """One new token per sequence [B] at index `cache.length`; returns its logits [B, V] and the cache."""
+        """One new token per row [B], row b at index `cache.length[b]`; returns its logits [B, V] and the cache."""
         index, start = cache.length, cache.start
         window, capacity = cache.banded_k.shape[2], cache.full_k.shape[2]
         cos, sin = rope_cos_sin(self.config, (index - start)[:, None])
         slots = jnp.arange(window)
-        ring_index = index - ((index - slots) % window)  # the index each ring slot holds once this one is written
-        banded_mask = (ring_index[None, :] >= start[:, None])[:, None, :]
-        full_mask = ((jnp.arange(capacity)[None, :] >= start[:, None]) & (jnp.arange(capacity) <= index))[:, None, :]
+        # the index each ring slot holds once this step's is written
+        ring_index = index[:, None] - ((index[:, None] - slots) % window)
+        banded_mask = (ring_index >= start[:, None])[:, None, :]
+        positions = jnp.arange(capacity)[None, :]
+        full_mask = ((positions >= start[:, None]) & (positions <= index[:, None]))[:, None, :]
+        rows = jnp.arange(index.shape[0])
 
         def writer(cache_k, cache_v, slot):
             def attend_to(k, v):
-                return tuple(jax.lax.dynamic_update_index_in_dim(c, n[:, 0], slot, axis=1)
-                             for c, n in ((cache_k, k), (cache_v, v)))
+                return cache_k.at[rows, slot].set(k[:, 0]), cache_v.at[rows, slot].set(v[:, 0])
             return attend_to
 
         def banded(block, x, kv):
@@ -648,15 +650,16 @@ class GptOss(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class KVCache:
     """Keys and values of the tokens seen so far. Banded layers keep a ring of `sliding_window` slots (index i
-    in slot i % window), full layers every index up to the capacity. Rows are left-padded: row b's real tokens
-    start at index `start[b]`; `length` indices have been written (the same for every row)."""
+    in slot i % window), full layers every index up to the capacity. Row b's real tokens start at index
+    `start[b]` (prompts are left-padded) and `length[b]` indices have been written; rows are independent, so a
+    server can refill one while the others decode."""
 
     banded_k: jax.Array  # [banded layers, B, window, K, H]
     banded_v: jax.Array
     full_k: jax.Array  # [full layers, B, capacity, K, H]
     full_v: jax.Array
     start: jax.Array  # [B] int32
-    length: jax.Array  # [] int32
+    length: jax.Array  # [B] int32
 
     @property
     def capacity(self) -> int:

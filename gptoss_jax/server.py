@@ -1,0 +1,279 @@
+"""`gptoss-jax serve`: an OpenAI-compatible Chat Completions server over the continuous-batching engine.
+
+HTTP stack: Starlette on uvicorn (the `serve` extra) — a small, widely used ASGI pair: uvicorn parses HTTP,
+Starlette routes and streams server-sent events, and the engine runs in its own thread. Endpoints:
+`POST /v1/chat/completions` (streaming or not), `GET /v1/models`, `GET /health`. The assistant's analysis comes
+back as `reasoning_content` (vLLM's field) and never in `content`; tool calls as `tool_calls` with JSON arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from gptoss_jax import harmony
+from gptoss_jax import tokenizer as tok
+from gptoss_jax.generation import DEFAULT_STOP_TOKENS
+from gptoss_jax.serving import Engine, Request
+
+_FIELDS = {"model", "messages", "tools", "tool_choice", "parallel_tool_calls", "reasoning_effort", "temperature",
+           "top_p", "top_k", "max_tokens", "max_completion_tokens", "seed", "stop", "stream", "stream_options", "n",
+           "user", "logprobs", "top_logprobs"}
+DEFAULT_MAX_TOKENS = 2048
+
+
+class BadRequest(ValueError):
+    """A request the API refuses (HTTP 400); the message says what to change."""
+
+
+# ---- requests -------------------------------------------------------------------------------------------------
+
+
+def parse_request(body: Any, max_length: int) -> tuple[list[int], dict[str, Any]]:
+    """(prompt tokens, generation settings) of a chat completion request."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; supported: {sorted(_FIELDS)}")
+    if body.get("n", 1) != 1:
+        raise BadRequest("n: only 1 choice per request is supported")
+    if body.get("top_logprobs"):
+        raise BadRequest("top_logprobs: only the chosen token's logprob is returned (logprobs=true)")
+    if not isinstance(body.get("messages"), list) or not body["messages"]:
+        raise BadRequest("messages: a non-empty list is required")
+    record = {"messages": [_message(m, i) for i, m in enumerate(body["messages"])],
+              "tools": body.get("tools") or [], "reasoning_effort": body.get("reasoning_effort") or "medium"}
+    try:
+        prompt = harmony.encode_chat(record)
+    except harmony.RecordError as error:
+        raise BadRequest(str(error)) from None
+    settings = {
+        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
+        "top_p": _number(body, "top_p", 1.0, 1e-9, 1.0),
+        "top_k": int(_number(body, "top_k", 0, 0, 1 << 20)),
+        "seed": int(_number(body, "seed", 0, -(1 << 31), (1 << 31) - 1)),
+        "stream": bool(body.get("stream", False)),
+        "stop": _stop_strings(body.get("stop")),
+        "logprobs": bool(body.get("logprobs", False)),
+    }
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    room = max_length - len(prompt)
+    if room < 1:
+        raise BadRequest(f"the prompt is {len(prompt)} tokens; this server's context holds {max_length}")
+    settings["max_tokens"] = min(DEFAULT_MAX_TOKENS, room) if limit is None else int(_number(
+        {"max_tokens": limit}, "max_tokens", 0, 1, room,
+        f"the prompt is {len(prompt)} tokens, so at most {room} more fit in this server's {max_length}-token "
+        "context"))
+    return prompt, settings
+
+
+def _message(message: Any, index: int) -> dict:
+    if not isinstance(message, dict):
+        raise BadRequest(f"messages[{index}]: expected an object")
+    message = {k: v for k, v in message.items() if v is not None}
+    if "reasoning_content" in message:  # analysis sent back by clients, as vLLM names it
+        message["thinking"] = message.pop("reasoning_content")
+    return message
+
+
+def _number(body: dict, name: str, default, low, high, hint: str = "") -> float:
+    value = body.get(name, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        explained = f" ({hint})" if hint else ""
+        raise BadRequest(f"{name}: expected a number in [{low}, {high}], got {value!r}{explained}")
+    return value
+
+
+def _stop_strings(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+        raise BadRequest("stop: a string or a list of up to 4 non-empty strings")
+    return stops
+
+
+# ---- responses ------------------------------------------------------------------------------------------------
+
+
+class Completion:
+    """One request's output as it is generated: the harmony parser, the text per channel, and stop strings."""
+
+    def __init__(self, stops: list[str]):
+        self.parser = harmony.StreamParser(role="assistant")
+        self.stops = stops
+        self.reasoning, self.content = "", ""
+        self.stopped = False  # a stop string was reached
+
+    def feed(self, token: int) -> dict[str, str]:
+        """The new text of this token by field (reasoning_content, content), up to any stop string."""
+        self.parser.feed(token)
+        current, delta = self.parser.current, self.parser.delta
+        if not delta or current is None or self.stopped:
+            return {}
+        if current.channel == "analysis":
+            self.reasoning += delta
+            return {"reasoning_content": delta}
+        if current.recipient is not None:  # a tool call's arguments: reported whole at the end
+            return {}
+        before = len(self.content)
+        self.content += delta
+        for stop in self.stops:
+            if stop in self.content:
+                self.content, self.stopped = self.content[: self.content.index(stop)], True
+        return {"content": self.content[before:]} if len(self.content) > before else {}
+
+    def tool_calls(self) -> list[dict]:
+        result = self.parser.result()
+        calls = [m for m in result.messages if m.role == "assistant" and (m.recipient or "").startswith("functions.")]
+        return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                 "function": {"name": m.recipient.removeprefix("functions."), "arguments": m.text}} for m in calls]
+
+
+def _logprob(token: int, logprob: float) -> dict:
+    """One generated token as OpenAI reports it (its text, UTF-8 bytes and log probability)."""
+    raw = tok.get_encoding().decode_single_token_bytes(token)
+    return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw), "logprob": logprob,
+            "top_logprobs": []}
+
+
+def _finish_reason(reason: str, calls: list[dict], stopped: bool) -> str:
+    if calls:
+        return "tool_calls"
+    return "stop" if stopped or reason in ("stop", "cancelled") else "length"
+
+
+# ---- the app --------------------------------------------------------------------------------------------------
+
+
+def create_app(engine: Engine, model_name: str):
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+    async def completions(request):
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return error(400, f"the request body is not valid JSON: {exc}")
+        try:
+            prompt, settings = parse_request(body, engine.max_length)
+        except BadRequest as exc:
+            return error(400, str(exc))
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = Request(prompt, settings["max_tokens"], settings["temperature"], settings["top_p"], settings["top_k"],
+                      settings["seed"], DEFAULT_STOP_TOKENS,
+                      on_token=lambda token, logprob: loop.call_soon_threadsafe(
+                          events.put_nowait, ("token", (token, logprob))),
+                      on_done=lambda reason: loop.call_soon_threadsafe(events.put_nowait, ("done", reason)))
+        engine.submit(job)
+        completion = Completion(settings["stop"])
+        identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+
+        cancelled, logprobs = [], []
+
+        async def outcome():
+            """Yields each token's deltas, then (None, finish reason)."""
+            while True:
+                kind, value = await events.get()
+                if kind == "done":
+                    yield None, value
+                    return
+                token, logprob = value
+                logprobs.append(_logprob(token, logprob))
+                delta = completion.feed(token)
+                if completion.stopped and not cancelled:
+                    engine.cancel(job)
+                    cancelled.append(job)
+                if delta:
+                    yield delta, None
+
+        def usage():
+            return {"prompt_tokens": len(prompt), "completion_tokens": len(job.tokens),
+                    "total_tokens": len(prompt) + len(job.tokens)}
+
+        if not settings["stream"]:
+            reason = [finish async for delta, finish in outcome() if delta is None][0]
+            if reason.startswith("error"):
+                return error(500, f"generation failed: {reason}", "server_error")
+            calls = completion.tool_calls()
+            message = {"role": "assistant", "content": completion.content or (None if calls else ""),
+                       "reasoning_content": completion.reasoning or None}
+            if calls:
+                message["tool_calls"] = calls
+            finish = _finish_reason(reason, calls, completion.stopped)
+            choice = {"index": 0, "message": message, "finish_reason": finish,
+                      "logprobs": {"content": logprobs} if settings["logprobs"] else None}
+            return JSONResponse({**identity, "object": "chat.completion", "usage": usage(), "choices": [choice]})
+
+        async def events_stream():
+            def chunk(delta, finish=None, **extra):
+                payload = {**identity, "object": "chat.completion.chunk", **extra,
+                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                return f"data: {json.dumps(payload)}\n\n"
+
+            yield chunk({"role": "assistant", "content": ""})
+            async for delta, reason in outcome():
+                if delta is not None:
+                    yield chunk(delta)
+                    continue
+                calls = completion.tool_calls()
+                if calls:
+                    yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+                final = _finish_reason(reason, calls, completion.stopped)
+                include_usage = (body.get("stream_options") or {}).get("include_usage")
+                yield chunk({}, final, **({"usage": usage()} if include_usage else {}))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events_stream(), media_type="text/event-stream")
+
+    async def models(_request):
+        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                                          "owned_by": "gptoss-jax"}]})
+
+    async def health(_request):
+        return JSONResponse({"status": "ok", "busy_slots": len(engine.active), "slots": engine.slots})
+
+    return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"]),
+                             Route("/v1/models", models, methods=["GET"]),
+                             Route("/health", health, methods=["GET"])])
+
+
+def run(args) -> int:
+    """`gptoss-jax serve`: process 0 serves HTTP; every process runs the engine's steps."""
+    import jax
+
+    from gptoss_jax import chat
+    from gptoss_jax.lora import load_peft_adapter
+
+    model = chat.start(args)
+    if args.lora:
+        from gptoss_jax.sharding import shard_model
+
+        load_peft_adapter(model, args.lora)
+        if model.mesh is not None:
+            shard_model(model, model.mesh)
+    engine = Engine(model, slots=args.slots, max_length=args.max_context)
+    if jax.process_index() != 0:
+        engine.follow()
+        return 0
+    import uvicorn
+
+    name = args.served_model_name or Path(args.checkpoint).name
+    engine.start()
+    try:
+        uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()
+    return 0

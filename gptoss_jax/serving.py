@@ -1,0 +1,276 @@
+"""Continuous batching for the server: a fixed number of cache rows (slots), one decode step for all of them at
+a time, and a finished request's slot refilled by the next request while the others keep decoding.
+
+A request is prefilled alone (its prompt left-padded to a power-of-two bucket, so few shapes compile) and its
+cache row copied into its slot; every step then decodes all slots at once, each row at its own position, and
+samples each row with its own settings. Under `jax.distributed`, process 0 makes every decision and broadcasts
+it as a plan before each step; the other processes run the same jitted steps on their shards (`Engine.follow`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gptoss_jax import sharding
+from gptoss_jax.model import GptOss, KVCache
+
+log = logging.getLogger(__name__)
+
+MAX_STOP_TOKENS = 8
+
+
+@dataclasses.dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_tokens: tuple[int, ...] = ()
+    on_token: Callable[[int, float], None] = lambda token, logprob: None  # called on the engine thread
+    on_done: Callable[[str], None] = lambda reason: None  # "stop", "length", "cancelled" or "error: ..."
+    tokens: list[int] = dataclasses.field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model: GptOss, *, slots: int = 16, max_length: int = 4096):
+        if max_length > model.config.max_position_embeddings:
+            raise ValueError(f"max_length {max_length} exceeds the model's {model.config.max_position_embeddings}")
+        self.model, self.slots, self.max_length = model, slots, max_length
+        self.graphdef, self.state = nnx.split(model)
+        self.cache = self._place(model.init_cache(jnp.zeros(slots, jnp.int32), max_length))
+        self.active: dict[int, Request] = {}
+        self.pending: queue.Queue[Request] = queue.Queue()
+        self.cancelled: queue.Queue[Request] = queue.Queue()
+        self.last_tokens = np.zeros(slots, np.int32)
+        self.steps = np.zeros(slots, np.int32)
+        self.settings = {"temperature": np.zeros(slots, np.float32), "top_p": np.ones(slots, np.float32),
+                         "top_k": np.zeros(slots, np.int32), "seed": np.zeros(slots, np.int32)}
+        self.template = _plan([], [], slots, max_length)
+        self._stop, self._wake = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+
+        @jax.jit
+        def prefill(state, tokens, cache):
+            return nnx.merge(self.graphdef, state).prefill(tokens, cache)
+
+        @functools.partial(jax.jit, donate_argnums=2)
+        def decode(state, tokens, cache):
+            return nnx.merge(self.graphdef, state).decode(tokens, cache)
+
+        @functools.partial(jax.jit, donate_argnums=0)
+        def insert(cache, row, slot):
+            return jax.tree.map(lambda whole, one: _set_row(whole, one, slot), cache, row)
+
+        self._prefill, self._decode, self._insert = prefill, decode, insert
+        self._sample = jax.jit(_sample_rows)
+        self._argmax = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        self._logprob = jax.jit(lambda logits, tokens: jnp.take_along_axis(
+            jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), tokens[:, None], axis=-1)[:, 0])
+
+    # ---- what the HTTP side calls ----------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queues a request; its tokens arrive through `on_token`, the end through `on_done`."""
+        if len(request.prompt) + request.max_tokens > self.max_length:
+            raise ValueError(f"the prompt has {len(request.prompt)} tokens and asks for up to {request.max_tokens} "
+                             f"more, but this server's context holds {self.max_length} tokens")
+        if len(request.stop_tokens) > MAX_STOP_TOKENS:
+            raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens")
+        self.pending.put(request)
+        self._wake.set()
+
+    def cancel(self, request: Request) -> None:
+        """Ends a request early (its client left, or its text hit a stop string); its slot frees at the next step."""
+        self.cancelled.put(request)
+        self._wake.set()
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._run, name="gptoss-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        if jax.process_count() > 1:
+            _exchange(None, self.template)  # releases the other processes' `follow`
+
+    # ---- the loop (process 0) --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            cancelled = []
+            while not self.cancelled.empty():
+                request = self.cancelled.get()
+                cancelled += [slot for slot, active in self.active.items() if active is request]
+            admissions = []
+            while len(self.active) - len(cancelled) + len(admissions) < self.slots and not self.pending.empty():
+                admissions.append((self._free_slot(admissions, cancelled), self.pending.get()))
+            if not (admissions or cancelled or self.active):
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                if jax.process_count() > 1:
+                    _exchange(_plan(admissions, cancelled, self.slots, self.max_length), self.template)
+                self.step(admissions, cancelled)
+            except Exception as error:  # a failed step fails its requests, not the server
+                log.exception("engine step failed")
+                for request in [*self.active.values(), *(r for _, r in admissions)]:
+                    request.on_done(f"error: {error}")
+                self.active.clear()
+
+    def _free_slot(self, admissions, cancelled) -> int:
+        taken = (set(self.active) - set(cancelled)) | {slot for slot, _ in admissions}
+        return next(slot for slot in range(self.slots) if slot not in taken)
+
+    def step(self, admissions: list[tuple[int, Request]], cancelled: list[int]) -> None:
+        """Frees the cancelled slots, prefills the admitted requests into theirs (sampling their first tokens),
+        then decodes every busy slot once."""
+        for slot in cancelled:
+            self.active.pop(slot).on_done("cancelled")
+        for slot, request in admissions:
+            self._admit(slot, request)
+        if self.active:
+            logits, self.cache = self._decode(self.state, self._replicated(self.last_tokens), self.cache)
+            self.steps += 1
+            self._deliver(logits, sorted(self.active))
+
+    # ---- the other processes ------------------------------------------------------------------------------
+
+    def follow(self) -> None:
+        """Runs each plan process 0 broadcasts, until it stops the engine."""
+        while (plan := _exchange(None, self.template)) is not None:
+            admissions = [
+                (int(slot), Request(prompt[prompt >= 0].tolist(), int(limit), float(t), float(p), int(k), int(s),
+                                    tuple(int(x) for x in stops if x >= 0)))
+                for slot, prompt, limit, t, p, k, s, stops in zip(
+                    plan["slot"], plan["prompt"], plan["max_tokens"], plan["temperature"], plan["top_p"],
+                    plan["top_k"], plan["seed"], plan["stop_tokens"], strict=True)
+                if slot >= 0
+            ]
+            self.step(admissions, [int(slot) for slot in plan["cancelled"] if slot >= 0])
+
+    # ---- the steps ------------------------------------------------------------------------------------------
+
+    def _admit(self, slot: int, request: Request) -> None:
+        bucket = max(16, 1 << (len(request.prompt) - 1).bit_length())
+        tokens = np.zeros((1, bucket), np.int32)
+        tokens[0, bucket - len(request.prompt):] = request.prompt
+        empty = self.model.init_cache(jnp.asarray([bucket - len(request.prompt)], jnp.int32), self.max_length)
+        logits, row = self._prefill(self.state, self._replicated(tokens), self._place(empty))
+        self.cache = self._insert(self.cache, row, slot)
+        for name in self.settings:
+            self.settings[name][slot] = getattr(request, name)
+        self.steps[slot] = 0
+        self.active[slot] = request
+        self._deliver(logits, [slot])
+
+    def _deliver(self, logits: jax.Array, slots: list[int]) -> None:
+        """Samples each slot's next token and hands it to its request; finished requests free their slot."""
+        rows = np.asarray(slots, np.int32)
+        if logits.shape[0] != len(slots):
+            logits = logits[self._replicated(rows)]
+        if self.settings["temperature"][rows].any():
+            settings = {name: self._replicated(values[rows]) for name, values in self.settings.items()}
+            tokens = self._sample(logits, steps=self._replicated(self.steps[rows]), **settings)
+        else:  # all greedy: no sorting of the vocabulary
+            tokens = self._argmax(logits)
+        logprobs = _on_host(self._logprob(logits, tokens)).tolist()
+        for slot, token, logprob in zip(slots, _on_host(tokens).tolist(), logprobs, strict=True):
+            request = self.active[slot]
+            self.last_tokens[slot] = token
+            request.tokens.append(token)
+            request.on_token(token, logprob)
+            if token in request.stop_tokens or len(request.tokens) >= request.max_tokens:
+                del self.active[slot]
+                request.on_done("stop" if token in request.stop_tokens else "length")
+
+    def _replicated(self, array: np.ndarray) -> jax.Array:
+        mesh = self.model.mesh
+        if mesh is None:
+            return jnp.asarray(array)
+        return sharding.put(np.asarray(array), NamedSharding(mesh, PartitionSpec()))
+
+    def _place(self, cache: KVCache) -> KVCache:
+        """On a mesh: key/value heads over tensor (the rows stay whole: slots are refilled one at a time)."""
+        mesh = self.model.mesh
+        if mesh is None:
+            return cache
+        heads = "tensor" if cache.full_k.shape[3] % mesh.shape["tensor"] == 0 else None
+        layers = NamedSharding(mesh, PartitionSpec(None, None, None, heads, None))
+        rows = NamedSharding(mesh, PartitionSpec())
+        return KVCache(*(sharding.zeros(a.shape, a.dtype, layers) for a in (cache.banded_k, cache.banded_v,
+                                                                             cache.full_k, cache.full_v)),
+                       *(sharding.put(np.asarray(a), rows) for a in (cache.start, cache.length)))
+
+
+def _set_row(whole: jax.Array, one: jax.Array, slot) -> jax.Array:
+    """Row `slot` of a cache array: axis 1 of [layers, B, ...] tensors, axis 0 of start / length [B]."""
+    axis = 1 if whole.ndim > 1 else 0
+    return jax.lax.dynamic_update_index_in_dim(whole, jnp.take(one, 0, axis=axis), slot, axis)
+
+
+def _sample_rows(logits, *, steps, temperature, top_p, top_k, seed):
+    """`generation.sample` with each row's own settings, and its own key from (seed, step)."""
+
+    def row(logits, step, temperature, top_p, top_k, seed):
+        scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+        ordered = jnp.sort(scaled)[::-1]
+        scaled = jnp.where((top_k > 0) & (scaled < ordered[jnp.clip(top_k - 1, 0, scaled.shape[0] - 1)]),
+                           -jnp.inf, scaled)
+        ordered = jnp.sort(scaled)[::-1]
+        probabilities = jax.nn.softmax(ordered)
+        kept = jnp.sum(jnp.cumsum(probabilities) - probabilities < top_p)  # the smallest set reaching top_p
+        scaled = jnp.where(scaled < ordered[kept - 1], -jnp.inf, scaled)
+        drawn = jax.random.categorical(jax.random.fold_in(jax.random.key(seed), step), scaled)
+        return jnp.where(temperature == 0, jnp.argmax(logits), drawn).astype(jnp.int32)
+
+    return jax.vmap(row)(logits, steps, temperature, top_p, top_k, seed)
+
+
+def _on_host(array: jax.Array) -> np.ndarray:
+    return np.asarray(array if array.is_fully_addressable else array.addressable_data(0))
+
+
+def _plan(admissions, cancelled, slots: int, max_length: int) -> dict[str, np.ndarray]:
+    """This step's decisions as fixed-size arrays (-1: none), for the other processes."""
+    plan = {"slot": np.full(slots, -1, np.int32), "prompt": np.full((slots, max_length), -1, np.int32),
+            "max_tokens": np.zeros(slots, np.int32), "temperature": np.zeros(slots, np.float32),
+            "top_p": np.ones(slots, np.float32), "top_k": np.zeros(slots, np.int32), "seed": np.zeros(slots, np.int32),
+            "stop_tokens": np.full((slots, MAX_STOP_TOKENS), -1, np.int32),
+            "cancelled": np.full(slots, -1, np.int32)}
+    for index, (slot, request) in enumerate(admissions):
+        plan["slot"][index] = slot
+        plan["prompt"][index, : len(request.prompt)] = request.prompt
+        plan["stop_tokens"][index, : len(request.stop_tokens)] = request.stop_tokens
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+            plan[name][index] = getattr(request, name)
+    plan["cancelled"][: len(cancelled)] = cancelled
+    return plan
+
+
+def _exchange(plan: dict | None, template: dict) -> dict | None:
+    """Process 0's plan on every process (None: the engine stopped). The others pass None and receive arrays
+    shaped like `template`."""
+    from jax.experimental import multihost_utils
+
+    if not int(multihost_utils.broadcast_one_to_all(np.int32(plan is not None))):
+        return None
+    received = multihost_utils.broadcast_one_to_all(plan if plan is not None else template)
+    return {name: np.asarray(value) for name, value in received.items()}
