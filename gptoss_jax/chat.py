@@ -15,8 +15,9 @@ import numpy as np
 from gptoss_jax import harmony
 from gptoss_jax.checkpoint import load_model
 from gptoss_jax.generation import Generator
+from gptoss_jax.lora import load_peft_adapter
 from gptoss_jax.model import GptOss
-from gptoss_jax.sharding import make_mesh
+from gptoss_jax.sharding import make_mesh, shard_model
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,11 +50,22 @@ def start(args: argparse.Namespace) -> GptOss:
         jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
     elif args.distributed:
         jax.distributed.initialize()
-    if args.mesh:
-        mesh = make_mesh(args.mesh)
-    else:  # one device, or with several hosts every device sharing the parameters (FSDP)
+    return load_for_inference(args.checkpoint, dtype=args.dtype, mesh=args.mesh, lora=getattr(args, "lora", None))
+
+
+def load_for_inference(checkpoint: str, *, dtype: str, mesh: str = "", lora: str | None = None) -> GptOss:
+    """The model on its devices — the mesh described (e.g. "expert=4,tensor=2"), else one device, or with several
+    hosts every device sharing the parameters (FSDP) — with a PEFT LoRA adapter on it if given."""
+    if mesh:
+        mesh = make_mesh(mesh)
+    else:
         mesh = make_mesh({"fsdp": -1}) if jax.process_count() > 1 else None
-    return load_model(args.checkpoint, dtype=args.dtype, mesh=mesh)
+    model = load_model(checkpoint, dtype=dtype, mesh=mesh)
+    if lora:
+        load_peft_adapter(model, lora)
+        if model.mesh is not None:
+            shard_model(model, model.mesh)
+    return model
 
 
 @dataclasses.dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -255,15 +256,8 @@ def run(args) -> int:
     import jax
 
     from gptoss_jax import chat
-    from gptoss_jax.lora import load_peft_adapter
 
     model = chat.start(args)
-    if args.lora:
-        from gptoss_jax.sharding import shard_model
-
-        load_peft_adapter(model, args.lora)
-        if model.mesh is not None:
-            shard_model(model, model.mesh)
     engine = Engine(model, slots=args.slots, max_length=args.max_context)
     if jax.process_index() != 0:
         engine.follow()
@@ -271,9 +265,14 @@ def run(args) -> int:
     import uvicorn
 
     name = args.served_model_name or Path(args.checkpoint).name
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal: make SIGTERM, like SIGINT, an
+    # exception here, so the engine stops (and releases the other processes) before the interpreter exits.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     engine.start()
     try:
         uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="warning")
+    except KeyboardInterrupt:
+        pass
     finally:
         engine.stop()
     return 0

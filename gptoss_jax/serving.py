@@ -124,6 +124,8 @@ class Engine:
             if not (admissions or cancelled or self.active):
                 self._wake.wait(0.05)
                 self._wake.clear()
+                if jax.process_count() > 1:  # a heartbeat: the other processes wait in a collective with a timeout
+                    _exchange(_plan([], [], self.slots, self.max_length), self.template)
                 continue
             try:
                 if jax.process_count() > 1:

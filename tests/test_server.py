@@ -180,3 +180,45 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
     assert _ask(client, QUESTION).choices[0].message.content  # still serving
     with urllib.request.urlopen(server + "/v1/models") as response:
         assert json.loads(response.read())["data"][0]["object"] == "model"
+
+
+def test_two_process_server_answers_like_one_process(tmp_path):
+    """Process 0 serves HTTP and broadcasts each step; process 1 follows (127.0.0.1, gloo, one 4-device mesh)."""
+    from hf_models import random_hf_model
+
+    random_hf_model(seed=2, num_hidden_layers=2, vocab_size=201088).save_pretrained(tmp_path / "ckpt")
+    probes = [socket.socket() for _ in range(2)]  # both open at once, so the two ports differ
+    for probe in probes:
+        probe.bind(("127.0.0.1", 0))
+    ports = [probe.getsockname()[1] for probe in probes]
+    for probe in probes:
+        probe.close()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "gptoss_jax.cli", "serve", "--checkpoint", str(tmp_path / "ckpt"), "--dtype", "float32",
+         "--port", str(ports[0]), "--slots", "2", "--max-context", "256", "--mesh", "fsdp=4",
+         "--coordinator", f"127.0.0.1:{ports[1]}", "--num-processes", "2", "--process-id", str(i)],
+        env=env, stdout=open(tmp_path / f"out{i}.log", "w"), stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        url = f"http://127.0.0.1:{ports[0]}"
+        deadline = time.time() + 300
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).close()
+                break
+            except OSError:
+                assert all(p.poll() is None for p in processes) and time.time() < deadline
+                time.sleep(0.5)
+        body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 12, "logprobs": True}
+        status, reply = _post(url, json.dumps(body).encode())
+        assert status == 200, reply
+        tokens = [bytes(item["bytes"]) for item in reply["choices"][0]["logprobs"]["content"]]
+    finally:
+        processes[0].terminate()
+        for process in processes:
+            process.wait(timeout=120)
+    assert [p.returncode for p in processes] == [0, 0], (tmp_path / "out1.log").read_text()[-3000:]
+    generator = Generator(gptoss_jax.load_model(tmp_path / "ckpt", dtype="float32"))
+    expected = generator.generate([harmony.encode_chat({"messages": body["messages"]})], 12)[0]
+    assert tokens == [tok.get_encoding().decode_single_token_bytes(t) for t in expected]
