@@ -61,16 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--served-model-name", help="the model id clients use (default: the checkpoint's name)")
 
     for name, help_text in (("train", "fine-tune (LoRA or full) from a config file"),
-                            ("plan", "compile the train step on abstract inputs and report per-device memory")):
+                            ("plan", "compile the train step on abstract inputs and report per-device memory"),
+                            ("eval", "sweep tasks x reasoning efforts, grading every sample; writes a report")):
+        folder, example = ("eval", "limit=20") if name == "eval" else ("train", "train.steps=100")
         command = commands.add_parser(name, help=help_text, description=f"{help_text}. Override any setting "
-                                      "with --config.KEY=VALUE (e.g. --config.train.steps=100).")
-        command.add_argument("--config", required=True, metavar="FILE", help="a configs/train/*.py file")
+                                      f"with --config.KEY=VALUE (e.g. --config.{example}).")
+        command.add_argument("--config", required=True, metavar="FILE", help=f"a configs/{folder}/*.py file")
         if name == "plan":
             command.add_argument("--device-memory", default="80GiB", help="memory of one device, e.g. 80GiB")
 
     args, extra = parser.parse_known_args(argv)
-    overrides = _overrides(extra) if args.command in ("train", "plan") else extra
-    if args.command not in ("train", "plan") and extra:
+    configured = args.command in ("train", "plan", "eval")
+    overrides = _overrides(extra) if configured else extra
+    if not configured and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("gptoss_jax").setLevel(logging.INFO)
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             from gptoss_jax import server
 
             return server.run(args)
+        if args.command == "eval":
+            return _eval(args, overrides)
         return _train(args, overrides) if args.command == "train" else _plan(args, overrides)
     except (ValueError, OSError) as error:  # ConfigError and CheckpointError are ValueErrors
         print(f"error: {error}", file=sys.stderr)
@@ -134,6 +139,20 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     from gptoss_jax.train.plan import plan
 
     print(plan(load_config(args.config, overrides), device_memory=_bytes(args.device_memory)).report())
+    return 0
+
+
+def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from gptoss_jax.eval import report, sweep
+    from gptoss_jax.eval.backends import BackendError
+
+    try:
+        result = sweep.run(sweep.load_config(args.config, overrides))
+    except BackendError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report.markdown(result.summary))
+    print(f"{result.generated} samples generated now; report: {result.report}")
     return 0
 
 

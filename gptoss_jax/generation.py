@@ -41,22 +41,28 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: floa
     return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
+def compiled_steps(graphdef: nnx.GraphDef):
+    """The jitted (prefill, decode) of a model split into `graphdef` and a state passed to each call; decode
+    donates the cache it is given."""
+
+    @jax.jit
+    def prefill(state, tokens, cache):
+        return nnx.merge(graphdef, state).prefill(tokens, cache)
+
+    @functools.partial(jax.jit, donate_argnums=2)
+    def decode(state, tokens, cache):
+        return nnx.merge(graphdef, state).decode(tokens, cache)
+
+    return prefill, decode
+
+
 class Generator:
     """Compiled prefill and decode steps for one model; reuse it across calls to avoid recompiling."""
 
     def __init__(self, model: GptOss):
         self.model = model
         self.graphdef, self.state = nnx.split(model)
-
-        @jax.jit
-        def prefill(state, tokens, cache):
-            return nnx.merge(self.graphdef, state).prefill(tokens, cache)
-
-        @functools.partial(jax.jit, donate_argnums=2)
-        def decode(state, tokens, cache):
-            return nnx.merge(self.graphdef, state).decode(tokens, cache)
-
-        self._prefill, self._decode = prefill, decode
+        self._prefill, self._decode = compiled_steps(self.graphdef)
         self._sample = jax.jit(sample, static_argnames=("temperature", "top_p", "top_k"))
 
     def generate(

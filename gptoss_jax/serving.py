@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gptoss_jax import sharding
+from gptoss_jax.generation import compiled_steps
 from gptoss_jax.model import GptOss, KVCache
 
 log = logging.getLogger(__name__)
@@ -62,19 +63,12 @@ class Engine:
         self._stop, self._wake = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
 
-        @jax.jit
-        def prefill(state, tokens, cache):
-            return nnx.merge(self.graphdef, state).prefill(tokens, cache)
-
-        @functools.partial(jax.jit, donate_argnums=2)
-        def decode(state, tokens, cache):
-            return nnx.merge(self.graphdef, state).decode(tokens, cache)
-
         @functools.partial(jax.jit, donate_argnums=0)
         def insert(cache, row, slot):
             return jax.tree.map(lambda whole, one: _set_row(whole, one, slot), cache, row)
 
-        self._prefill, self._decode, self._insert = prefill, decode, insert
+        self._prefill, self._decode = compiled_steps(self.graphdef)
+        self._insert = insert
         self._sample = jax.jit(_sample_rows)
         self._argmax = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
         self._logprob = jax.jit(lambda logits, tokens: jnp.take_along_axis(

@@ -1,3 +1,10 @@
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
 import numpy as np
 
 
@@ -5,3 +12,44 @@ def relative_error(actual, expected) -> float:
     """‖actual − expected‖ / ‖expected‖ over all elements, computed in float64."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports on 127.0.0.1 (all probed at once, so they differ)."""
+    probes = [socket.socket() for _ in range(count)]
+    for probe in probes:
+        probe.bind(("127.0.0.1", 0))
+    ports = [probe.getsockname()[1] for probe in probes]
+    for probe in probes:
+        probe.close()
+    return ports
+
+
+def wait_until_healthy(url: str, processes, timeout: float = 300) -> None:
+    """Polls the server's /health until it answers; fails with the log if a process dies or time runs out."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2).close()
+            return
+        except OSError:
+            if any(p.poll() is not None for p in processes) or time.time() > deadline:
+                output = processes[0].communicate(timeout=5)[0] if processes[0].stdout else ""
+                raise AssertionError(f"the server did not start:\n{(output or '')[-3000:]}") from None
+            time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def serving(checkpoint, *arguments: str):
+    """`gptoss-jax serve` on the checkpoint, in its own process on 127.0.0.1; yields its base URL."""
+    port, = free_ports(1)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gptoss_jax.cli", "serve", "--checkpoint", str(checkpoint), "--dtype", "float32",
+         "--port", str(port), *arguments], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, [process])
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

@@ -3,10 +3,8 @@
 import concurrent.futures
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -21,30 +19,15 @@ from gptoss_jax import tokenizer as tok
 from gptoss_jax.generation import Generator
 from gptoss_jax.server import Completion
 
+from helpers import free_ports, serving, wait_until_healthy
+
 QUESTION = "Start with 3. Add 4, then multiply by 2. What is the result?"
 
 
 @pytest.fixture(scope="module")
 def server(demo_model_dir):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gptoss_jax.cli", "serve", "--checkpoint", str(demo_model_dir), "--dtype", "float32",
-         "--port", str(port), "--slots", "4", "--max-context", "512"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                break
-        except OSError:
-            assert process.poll() is None and time.time() < deadline, process.communicate()[0][-3000:]
-            time.sleep(0.5)
-    yield url
-    process.terminate()
-    process.wait(timeout=60)
+    with serving(demo_model_dir, "--slots", "4", "--max-context", "512") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -187,12 +170,7 @@ def test_two_process_server_answers_like_one_process(tmp_path):
     from hf_models import random_hf_model
 
     random_hf_model(seed=2, num_hidden_layers=2, vocab_size=201088).save_pretrained(tmp_path / "ckpt")
-    probes = [socket.socket() for _ in range(2)]  # both open at once, so the two ports differ
-    for probe in probes:
-        probe.bind(("127.0.0.1", 0))
-    ports = [probe.getsockname()[1] for probe in probes]
-    for probe in probes:
-        probe.close()
+    ports = free_ports(2)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
     processes = [subprocess.Popen(
@@ -202,14 +180,7 @@ def test_two_process_server_answers_like_one_process(tmp_path):
         env=env, stdout=open(tmp_path / f"out{i}.log", "w"), stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
         url = f"http://127.0.0.1:{ports[0]}"
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).close()
-                break
-            except OSError:
-                assert all(p.poll() is None for p in processes) and time.time() < deadline
-                time.sleep(0.5)
+        wait_until_healthy(url, processes)
         body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 12, "logprobs": True}
         status, reply = _post(url, json.dumps(body).encode())
         assert status == 200, reply

@@ -75,12 +75,12 @@ def defaults() -> ml_collections.ConfigDict:
     c.loss.aux_loss_weight = 0.0  # router load-balancing loss weight
 
     c.train = ConfigDict()
-    c.train.steps = 160  # optimizer steps
+    c.train.steps = 400  # optimizer steps (the demo model follows the reasoning effort from about here)
     c.train.seed = 0  # parameter init, adapter init and dropout seed
     c.train.log_every = 10  # steps between metric lines (JSONL + TensorBoard)
-    c.train.eval_every = 40  # steps between held-out evaluations
+    c.train.eval_every = 100  # steps between held-out evaluations
     c.train.eval_batches = 4  # batches per evaluation
-    c.train.checkpoint_every = 40  # steps between orbax checkpoints
+    c.train.checkpoint_every = 100  # steps between orbax checkpoints
     c.train.keep_checkpoints = 2  # checkpoints kept
     c.train.async_checkpoints = True  # write checkpoints in the background
     c.train.output_dir = "runs/tiny_demo"  # checkpoints, metrics, TensorBoard events, exports
@@ -103,7 +103,14 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-    """Runs the file's `get_config()`, applies `--config.a.b=value` overrides, and validates the result."""
+    """A training config: the file's `get_config()` with `--config.a.b=value` overrides, validated."""
+    config = read_config(path, overrides)
+    validate(config)
+    return config
+
+
+def read_config(path: str | os.PathLike, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """Runs the file's `get_config()` and applies `--config.a.b=value` overrides (any kind of config)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -120,7 +127,6 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> ml_collec
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
     config.lock()
     apply_overrides(config, overrides)
-    validate(config)
     return config
 
 

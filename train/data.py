@@ -1,6 +1,6 @@
 """Training data: conversation records -> harmony tokens + loss masks -> fixed-length packed rows.
 
-Records come from JSONL files, from a directory of JSONL / JSON / Parquet files (an HF dataset repo as
+Records come from JSONL files, from a directory of JSONL / JSON / Parquet / CSV files (an HF dataset repo as
 downloaded), or from an HF dataset id (through the hub cache; `HF_HUB_OFFLINE` honoured). Parquet needs
 `pyarrow` (the `data` extra). Columns other than the record's are ignored, so HF datasets with extra columns
 (e.g. HuggingFaceH4/Multilingual-Thinking) load as they are.
@@ -12,6 +12,7 @@ inside each example, and `positions` restart at 0 for each example.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import logging
@@ -27,7 +28,7 @@ from gptoss_jax import harmony, hub
 log = logging.getLogger(__name__)
 
 OVERLONG = ("truncate", "drop")
-_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
 class DataError(ValueError):
@@ -82,6 +83,10 @@ def read_records(source: str | os.PathLike, *, split: str = "train", revision: s
     for file in _data_files(source, split, revision):
         if file.suffix == ".parquet":
             yield from _parquet_rows(file)
+        elif file.suffix == ".csv":  # a header line, then one row per record (GPQA is published this way)
+            with open(file, encoding="utf-8", newline="") as lines:
+                for number, row in enumerate(csv.DictReader(lines), start=1):
+                    yield f"{file}:row {number}", row
         elif file.suffix == ".json" and not _is_json_lines(file):
             rows = json.loads(file.read_text())
             for number, row in enumerate(rows if isinstance(rows, list) else [rows], start=1):

@@ -32,7 +32,7 @@ from gptoss_jax.train.tensorboard import SummaryWriter
 
 log = logging.getLogger(__name__)
 
-LOSS_CHUNK = 1024  # tokens whose logits exist at once in the loss
+LOSS_CHUNK = 1024  # at most this many tokens' logits exist at once in the loss
 
 
 class TrainingStopped(RuntimeError):
@@ -136,11 +136,17 @@ def make_optimizer(config: ml_collections.ConfigDict, params: nnx.State):
 
 
 def token_losses(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
-    """Sum over tokens of weight * cross-entropy, computing the logits LOSS_CHUNK tokens at a time (the full
-    [tokens, vocab] logits of a long batch would not fit), in float32."""
+    """Sum over tokens of weight * cross-entropy, computing the logits a chunk of tokens at a time (the full
+    [tokens, vocab] logits of a long batch would not fit), in float32.
+
+    The tokens that count (weight > 0) are moved to the front first and chunks of only uncounted ones (the
+    prompts, the padding) are skipped, forward and backward: with a 201k vocabulary the unembedding is a large
+    part of a step, and most tokens of a fine-tuning batch are prompt."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets, weights = targets.reshape(-1), weights.reshape(-1)
-    chunk = min(LOSS_CHUNK, len(targets))
+    counted_first = jnp.argsort(weights == 0, stable=True)
+    hidden, targets, weights = hidden[counted_first], targets[counted_first], weights[counted_first]
+    chunk = min(LOSS_CHUNK, max(64, len(targets) // 8))
     pad = -len(targets) % chunk
     chunks = (
         jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, hidden.shape[-1]),
@@ -155,7 +161,10 @@ def token_losses(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array, 
         target_logits = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
         return jnp.sum(w * (jax.nn.logsumexp(logits, axis=-1) - target_logits))
 
-    return jnp.sum(jax.lax.map(chunk_loss, chunks))
+    def counted_chunk_loss(chunk):
+        return jax.lax.cond(jnp.any(chunk[2] != 0), chunk_loss, lambda _: jnp.zeros((), jnp.float32), chunk)
+
+    return jnp.sum(jax.lax.map(counted_chunk_loss, chunks))
 
 
 @dataclasses.dataclass

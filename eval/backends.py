@@ -1,0 +1,128 @@
+"""Where an eval's completions come from: the in-process JAX model (one batched `generate` per chunk of samples)
+or any OpenAI-compatible chat endpoint (`gptoss-jax serve`, vLLM, ...), asked with `reasoning_effort`.
+
+Both return, per request, the analysis and final texts and a harmony rendering of the reply, so graders and
+metrics do not depend on the backend: token counts are the o200k_harmony encodings of the texts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import zlib
+from collections.abc import Sequence
+
+from gptoss_jax import harmony
+from gptoss_jax import tokenizer as tok
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    prompt: str  # the user message
+    effort: str  # low | medium | high
+    seed: int  # sampling seed of this sample
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    analysis: str = ""
+    final: str = ""
+    output: str = ""  # the assistant's reply as harmony text
+    completion_tokens: int = 0  # tokens generated (as the backend counts them)
+    truncated: bool = False  # stopped by max_tokens
+    error: str | None = None  # the generation failed; the sample is recorded as failed
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot start (unreachable endpoint, missing package); the message says which and why."""
+
+
+def seed_of(*parts: object) -> int:
+    """A stable 31-bit seed from the parts (task, effort, problem, sample, ...)."""
+    return zlib.crc32(":".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def _reply_text(analysis: str, final: str, stop: str) -> str:
+    """The reply as the model writes it after `<|start|>assistant`."""
+    text = f"<|channel|>analysis<|message|>{analysis}<|end|><|start|>assistant" if analysis else ""
+    return text + f"<|channel|>final<|message|>{final}{stop}"
+
+
+class JaxBackend:
+    """The model in this process; each chunk of requests is one left-padded batched generation."""
+
+    def __init__(self, model, *, max_tokens: int, temperature: float, top_p: float):
+        from gptoss_jax.generation import Generator
+
+        self.generator = Generator(model)
+        self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
+        self.describe = f"in-process JAX model ({model.config.num_hidden_layers} layers)"
+
+    def __call__(self, requests: Sequence[Request]) -> list[Reply]:
+        prompts = [harmony.encode_chat({"messages": [{"role": "user", "content": r.prompt}],
+                                        "reasoning_effort": r.effort}) for r in requests]
+        try:
+            outputs = self.generator.generate(prompts, self.max_tokens, temperature=self.temperature,
+                                              top_p=self.top_p, seed=requests[0].seed)
+        except Exception as error:  # noqa: BLE001 - one bad sample must not sink the chunk: retry one by one
+            if len(requests) == 1:
+                return [Reply(error=f"{type(error).__name__}: {error}")]
+            return [reply for request in requests for reply in self([request])]
+        return [self._reply(tokens) for tokens in outputs]
+
+    def _reply(self, tokens: list[int]) -> Reply:
+        parsed = harmony.parse(tokens, role="assistant")
+        messages = parsed.messages + ([parsed.partial] if parsed.partial else [])
+        return Reply(analysis="".join(m.text for m in messages if m.channel == "analysis"),
+                     final="".join(m.text for m in messages if m.channel == "final"),
+                     output=tok.get_encoding().decode(tokens), completion_tokens=len(tokens),
+                     truncated=not tokens or tokens[-1] not in (tok.RETURN, tok.CALL))
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible chat completions endpoint; a chunk's requests are sent concurrently."""
+
+    def __init__(self, base_url: str, *, model: str, api_key_env: str, timeout: float, max_tokens: int,
+                 temperature: float, top_p: float):
+        try:
+            import openai
+        except ImportError:
+            raise BackendError("the openai backend needs the openai package: pip install 'gptoss-jax[eval]'") from None
+        self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "unused",
+                                    timeout=timeout, max_retries=2)
+        try:
+            served = [m.id for m in self.client.models.list()]
+        except openai.APIError as error:
+            raise BackendError(f"cannot reach the endpoint {base_url}: {error}") from None
+        if model and served and model not in served:
+            raise BackendError(f"{base_url} serves {served}, not {model!r}")
+        if not (model or served):
+            raise BackendError(f"{base_url} lists no models; set --config.endpoint.model")
+        self.model = model or served[0]
+        self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
+        self.describe = f"{base_url} ({self.model})"
+
+    def __call__(self, requests: Sequence[Request]) -> list[Reply]:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(requests)) as pool:
+            return list(pool.map(self._ask, requests))
+
+    def _ask(self, request: Request) -> Reply:
+        try:
+            response = self.client.chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": request.prompt}],
+                reasoning_effort=request.effort, max_tokens=self.max_tokens, temperature=self.temperature,
+                top_p=self.top_p, seed=request.seed)
+        except Exception as error:  # noqa: BLE001 - recorded with the sample; the sweep goes on
+            return Reply(error=f"{type(error).__name__}: {error}")
+        choice = response.choices[0]
+        message = choice.message
+        # vLLM and gptoss-jax call the analysis reasoning_content; some servers call it reasoning
+        extra = message.model_extra or {}
+        analysis = extra.get("reasoning_content") or extra.get("reasoning") or ""
+        final = message.content or ""
+        truncated = choice.finish_reason == "length"
+        stop = "" if truncated else "<|call|>" if choice.finish_reason == "tool_calls" else "<|return|>"
+        tokens = response.usage.completion_tokens if response.usage else 0
+        return Reply(analysis=analysis, final=final, output=_reply_text(analysis, final, stop),
+                     completion_tokens=tokens, truncated=truncated)

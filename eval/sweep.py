@@ -1,0 +1,243 @@
+"""`gptoss-jax eval`: tasks x reasoning efforts x samples per problem, each sample graded and written to
+`samples.jsonl` as soon as its chunk is generated; a rerun skips the samples already there (and retries failed
+ones), then `summary.json`, `report.md` and `accuracy_vs_reasoning.png` are written from every sample on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from tqdm import tqdm
+
+from gptoss_jax import harmony
+from gptoss_jax import tokenizer as tok
+from gptoss_jax.eval import report
+from gptoss_jax.eval.backends import JaxBackend, OpenAIBackend, Request, seed_of
+from gptoss_jax.eval.graders import grade
+from gptoss_jax.eval.tasks import Problem, load_task, task_name
+from gptoss_jax.train.config import ConfigError, read_config
+
+log = logging.getLogger(__name__)
+
+SAMPLES_FILE, SETTINGS_FILE = "samples.jsonl", "settings.json"
+# Settings that change what a sample's generation is; a rerun into the same output_dir must keep them.
+_GENERATION_KEYS = ("backend", "model", "endpoint.base_url", "endpoint.model", "max_tokens", "temperature", "top_p",
+                    "seed", "data")
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every eval setting, with what it means; the values are the embedded tiny demo's (configs/eval/tiny_demo.py):
+    the model `gptoss-jax train --config configs/train/tiny_demo.py` exports, on its held-out arithmetic."""
+    ConfigDict = ml_collections.ConfigDict
+    c = ConfigDict()
+    c.backend = "jax"  # jax: the model in this process | openai: an OpenAI-compatible endpoint (endpoint.*)
+
+    c.model = ConfigDict()
+    c.model.checkpoint = "runs/tiny_demo/merged"  # checkpoint directory or hub id (backend jax)
+    c.model.dtype = "float32"  # bfloat16 | float32
+    c.model.mesh = ""  # device mesh, e.g. "expert=4,tensor=2"; empty: one device
+    c.model.lora = ""  # a PEFT LoRA adapter directory to put on the model
+
+    c.endpoint = ConfigDict()
+    c.endpoint.base_url = ""  # e.g. http://127.0.0.1:8000/v1 (backend openai)
+    c.endpoint.model = ""  # model id to ask for; empty: the first the endpoint lists
+    c.endpoint.api_key_env = "OPENAI_API_KEY"  # environment variable holding the API key (if any)
+    c.endpoint.timeout = 600.0  # seconds per request
+
+    c.tasks = ("synthetic",)  # gsm8k, aime, gpqa, math, synthetic, or paths of custom JSONL files
+    c.efforts = ("low", "medium", "high")  # reasoning efforts swept
+    c.samples = 1  # samples per problem (pass@k is reported for k up to this)
+    c.limit = 0  # the first N problems of each task; 0: all
+    c.max_tokens = 160  # tokens generated per sample (analysis + final); more is a truncation
+    c.temperature = 0.0  # 0: greedy (the gpt-oss evals sample at 1.0)
+    c.top_p = 1.0
+    c.seed = 0  # sampling seed (each sample derives its own) and the GPQA choice-shuffling seed
+    c.batch_size = 60  # samples generated together: one batched generation, or concurrent requests
+    c.output_dir = "runs/tiny_demo/eval"  # samples.jsonl, summary.json, report.md, accuracy_vs_reasoning.png
+
+    c.data = ConfigDict()  # where each built-in task's problems come from: a local file or directory, or a hub id
+    for name, source, split in (("gsm8k", "openai/gsm8k", "main/test"), ("aime", "opencompass/AIME2025", ""),
+                                ("gpqa", "Idavidrein/gpqa", "gpqa_diamond"),
+                                ("math", "HuggingFaceH4/MATH-500", "test")):
+        c.data[name] = ConfigDict({"source": source, "split": split})  # split: files whose path contains it
+    c.data.synthetic = ConfigDict()
+    c.data.synthetic.count = 60  # problems generated
+    c.data.synthetic.seed = 1  # generator seed (1: the tiny demo's held-out set)
+    return c
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """An eval config file with `--config.a.b=value` overrides, validated."""
+    config = read_config(path, overrides)
+    validate(config)
+    return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    if config.backend not in ("jax", "openai"):
+        raise ConfigError(f"config.backend: expected 'jax' or 'openai', got {config.backend!r}")
+    if config.backend == "openai" and not config.endpoint.base_url:
+        raise ConfigError("config.endpoint.base_url: the openai backend needs the endpoint's URL")
+    if config.backend == "jax" and not config.model.checkpoint:
+        raise ConfigError("config.model.checkpoint: the jax backend needs a checkpoint")
+    if not config.tasks:
+        raise ConfigError("config.tasks: no tasks")
+    for effort in config.efforts:
+        if effort not in harmony.EFFORTS:
+            raise ConfigError(f"config.efforts: {effort!r} is not one of {harmony.EFFORTS}")
+    for key in ("samples", "max_tokens", "batch_size"):
+        if config[key] < 1:
+            raise ConfigError(f"config.{key}: must be positive, got {config[key]}")
+    if config.limit < 0 or config.temperature < 0 or not 0 < config.top_p <= 1:
+        raise ConfigError(f"config: limit >= 0, temperature >= 0 and top_p in (0, 1] are required; got "
+                          f"{config.limit}, {config.temperature}, {config.top_p}")
+    names = [task_name(entry) for entry in config.tasks]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"config.tasks: two tasks share a name: {names}")
+
+
+@dataclasses.dataclass
+class Sweep:
+    summary: dict[str, Any]
+    output_dir: Path
+    generated: int  # samples generated by this run (the rest were on disk)
+
+    @property
+    def report(self) -> Path:
+        return self.output_dir / report.REPORT_FILE
+
+
+def run(config: ml_collections.ConfigDict, *, progress: bool = True) -> Sweep:
+    """Runs the samples not yet in `output_dir`, then writes the summary, the report and the plot."""
+    validate(config)
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    _check_settings(output, config)
+    tasks = {task_name(entry): load_task(entry, config.data, limit=config.limit, seed=config.seed)
+             for entry in config.tasks}
+    samples_file = output / SAMPLES_FILE
+    done = {key: record for key, record in _read_samples(samples_file).items() if record["error"] is None}
+    chunks = [chunk for name, problems in tasks.items() for effort in config.efforts
+              for chunk in _chunks(name, effort, problems, config.samples, config.batch_size)
+              if any(_key(name, effort, problem.id, k) not in done for problem, k in chunk[2])]
+    generated = 0
+    if chunks:
+        backend = _backend(config)
+        log.info("eval: %d samples to generate with %s", sum(len(c[2]) for c in chunks), backend.describe)
+        bar = tqdm(total=sum(len(c[2]) for c in chunks), desc="eval", unit="sample", disable=not progress)
+        with open(samples_file, "a", encoding="utf-8") as out:
+            for name, effort, chunk in chunks:
+                requests = [Request(problem.prompt, effort, seed_of(config.seed, name, effort, problem.id, k))
+                            for problem, k in chunk]
+                start = time.perf_counter()
+                replies = backend(requests)
+                seconds = (time.perf_counter() - start) / len(chunk)
+                for (problem, k), reply in zip(chunk, replies, strict=True):
+                    if _key(name, effort, problem.id, k) in done:
+                        continue
+                    record = _record(name, effort, problem, k, reply, seconds)
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    done[_key(name, effort, problem.id, k)] = record
+                    generated += 1
+                out.flush()
+                bar.update(len(chunk))
+        bar.close()
+    records = _read_samples(samples_file)
+    cells = [(name, effort, [records.get(_key(name, effort, problem.id, k)) for problem in problems
+                             for k in range(config.samples)])
+             for name, problems in tasks.items() for effort in config.efforts]
+    model = config.endpoint.base_url if config.backend == "openai" else config.model.checkpoint
+    summary = report.summarise(cells, config.samples, settings=_settings(config), model=model)
+    report.write(summary, output)
+    return Sweep(summary, output, generated)
+
+
+def _key(task: str, effort: str, problem: str, sample: int) -> tuple[str, str, str, int]:
+    return task, effort, problem, sample
+
+
+def _chunks(name: str, effort: str, problems: list[Problem], samples: int, size: int):
+    """The (task, effort)'s samples in a fixed order, cut into chunks of `size`: the same chunks on every run, so a
+    resumed run generates exactly what an uninterrupted one would."""
+    pairs = [(problem, k) for problem in problems for k in range(samples)]
+    return [(name, effort, pairs[i:i + size]) for i in range(0, len(pairs), size)]
+
+
+def _record(task: str, effort: str, problem: Problem, sample: int, reply, seconds: float) -> dict[str, Any]:
+    encoding = tok.get_encoding()
+    graded = grade(problem.grader, reply.final, problem.answer) if reply.error is None else None
+    return {
+        "task": task, "effort": effort, "problem": problem.id, "sample": sample,
+        "prompt": problem.prompt, "answer": problem.answer, "grader": problem.grader,
+        "output": reply.output, "analysis": reply.analysis, "final": reply.final,
+        "parsed": graded.parsed if graded else None, "correct": bool(graded and graded.correct),
+        "truncated": reply.truncated,
+        "analysis_tokens": len(encoding.encode(reply.analysis, disallowed_special=())),
+        "final_tokens": len(encoding.encode(reply.final, disallowed_special=())),
+        "completion_tokens": reply.completion_tokens, "seconds": seconds, "error": reply.error,
+    }
+
+
+def _read_samples(path: Path) -> dict[tuple, dict[str, Any]]:
+    """Every sample on disk by key (a later line replaces an earlier one). A last line cut short by an interrupted
+    run is dropped from the file, so appending starts on a fresh line."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[:data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+        log.warning("%s: dropped a sample line cut short by an interrupted run", path)
+    records = {}
+    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+            records[_key(record["task"], record["effort"], record["problem"], record["sample"])] = record
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}:{number}: not a sample record; is this the output of another program?") from None
+    return records
+
+
+def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    flat = json.loads(config.to_json())
+    return {key: _get(flat, key) for key in _GENERATION_KEYS}
+
+
+def _get(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def _check_settings(output: Path, config: ml_collections.ConfigDict) -> None:
+    """The samples in `output` must come from the same generation settings; the first run records them."""
+    path, settings = output / SETTINGS_FILE, _settings(config)
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        changed = [key for key in settings if recorded.get(key) != settings[key]]
+        if changed:
+            raise ConfigError(f"{output}: holds samples made with other settings ({', '.join(changed)}: "
+                              f"{[recorded.get(k) for k in changed]} then, {[settings[k] for k in changed]} now); "
+                              f"choose another config.output_dir or delete that one")
+    else:
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _backend(config: ml_collections.ConfigDict):
+    sampling = {"max_tokens": config.max_tokens, "temperature": config.temperature, "top_p": config.top_p}
+    if config.backend == "openai":
+        endpoint = config.endpoint
+        return OpenAIBackend(endpoint.base_url, model=endpoint.model, api_key_env=endpoint.api_key_env,
+                             timeout=endpoint.timeout, **sampling)
+    from gptoss_jax.chat import load_for_inference
+
+    model = load_for_inference(config.model.checkpoint, dtype=config.model.dtype, mesh=config.model.mesh,
+                               lora=config.model.lora or None)
+    return JaxBackend(model, **sampling)

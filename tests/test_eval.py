@@ -1,0 +1,164 @@
+"""The eval sweep on the tiny demo model: files it writes, resume after SIGKILL, the OpenAI-compatible backend
+against `gptoss-jax serve`, and failures that are recorded rather than lost."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import gptoss_jax
+from gptoss_jax import harmony
+from gptoss_jax.cli import main
+from gptoss_jax.eval import report, sweep
+from gptoss_jax.eval.backends import BackendError
+from gptoss_jax.eval.graders import grade
+from gptoss_jax.generation import Generator
+from gptoss_jax.train.config import ConfigError
+
+from helpers import free_ports, serving
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "eval" / "tiny_demo.py"
+COMPARED = ("analysis", "final", "parsed", "correct", "truncated", "analysis_tokens", "final_tokens")
+
+
+def _config(output, checkpoint, **settings):
+    config = sweep.load_config(CONFIG, [f"--config.model.checkpoint={checkpoint}", f"--config.output_dir={output}",
+                                        "--config.data.synthetic.count=6", "--config.max_tokens=64"])
+    for key, value in settings.items():
+        node = config
+        *parents, name = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+    return config
+
+
+def _samples(output):
+    return [json.loads(line) for line in (Path(output) / sweep.SAMPLES_FILE).read_text().splitlines()]
+
+
+def _untimed(summary):
+    return [{k: v for k, v in row.items() if k not in report.TIMING_KEYS} for row in summary["results"]]
+
+
+def test_sweep_writes_graded_samples_summary_report_and_plot(demo_model_dir, tmp_path):
+    result = sweep.run(_config(tmp_path / "eval", demo_model_dir), progress=False)
+    records = _samples(tmp_path / "eval")
+    assert result.generated == len(records) == 18  # 6 problems x 3 efforts x 1 sample
+    generator = Generator(gptoss_jax.load_model(demo_model_dir, dtype="float32"))
+    for record in records[::5]:  # each sample is what generation gives for its prompt at its effort
+        prompt = harmony.encode_chat({"messages": [{"role": "user", "content": record["prompt"]}],
+                                      "reasoning_effort": record["effort"]})
+        tokens = generator.generate([prompt], 64)[0]
+        assert record["output"] == gptoss_jax.tokenizer.get_encoding().decode(tokens)
+    for record in records:
+        assert (record["parsed"], record["correct"]) == grade("numeric", record["final"], record["answer"])
+        assert record["error"] is None and record["final"]  # the demo model answers on the final channel
+    rows = result.summary["results"]
+    assert [(row["task"], row["effort"]) for row in rows] == [("synthetic", e) for e in ("low", "medium", "high")]
+    for row in rows:
+        mine = [r for r in records if r["effort"] == row["effort"]]
+        assert row["accuracy"] == pytest.approx(sum(r["correct"] for r in mine) / 6)
+        assert row["analysis_tokens_mean"] == pytest.approx(sum(r["analysis_tokens"] for r in mine) / 6)
+        assert row["truncated_rate"] == pytest.approx(sum(r["truncated"] for r in mine) / 6)
+    assert json.loads((tmp_path / "eval" / report.SUMMARY_FILE).read_text()) == result.summary
+    assert "| synthetic | high |" in result.report.read_text()
+    assert (tmp_path / "eval" / report.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = sweep.run(_config(tmp_path / "eval", demo_model_dir), progress=False)  # nothing left to do
+    assert again.generated == 0 and _untimed(again.summary) == _untimed(result.summary)
+    with pytest.raises(ConfigError, match="other settings .*max_tokens"):  # samples from other settings: refuse
+        sweep.run(_config(tmp_path / "eval", demo_model_dir, max_tokens=32), progress=False)
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_summary(demo_model_dir, tmp_path):
+    """Sampled at temperature 1 with 2 samples per problem, so every sample's seed and chunk matter."""
+    settings = {"temperature": 1.0, "samples": 2, "batch_size": 4}
+    command = [sys.executable, "-m", "gptoss_jax.cli", "eval", "--config", str(CONFIG),
+               f"--config.model.checkpoint={demo_model_dir}", f"--config.output_dir={tmp_path / 'killed'}",
+               "--config.data.synthetic.count=6", "--config.max_tokens=64",
+               *(f"--config.{key}={value}" for key, value in settings.items())]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples_file = tmp_path / "killed" / sweep.SAMPLES_FILE
+    deadline = time.time() + 300
+    while not (samples_file.exists() and samples_file.read_bytes().count(b"\n") >= 4):
+        assert process.poll() is None and time.time() < deadline, "the sweep ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    written = samples_file.read_bytes().count(b"\n")
+    assert 4 <= written < 36
+    with open(samples_file, "a") as out:  # as if the kill had cut a line in half
+        out.write('{"task": "synthetic", "effort": "hi')
+
+    resumed = sweep.run(_config(tmp_path / "killed", demo_model_dir, **settings), progress=False)
+    whole = sweep.run(_config(tmp_path / "whole", demo_model_dir, **settings), progress=False)
+    assert resumed.generated == 36 - written and whole.generated == 36
+    assert _untimed(resumed.summary) == _untimed(whole.summary)
+    assert "pass@2" in resumed.summary["results"][0]
+    key = lambda r: (r["effort"], r["problem"], r["sample"])
+    assert sorted(map(key, _samples(tmp_path / "killed"))) == sorted(map(key, _samples(tmp_path / "whole")))
+
+
+def test_endpoint_backend_against_the_server_equals_in_process(demo_model_dir, tmp_path):
+    """`gptoss-jax serve` in its own process, asked through the openai client: the same samples at temperature 0.
+    A prompt longer than the server's context is answered 400: that sample is recorded as failed, the rest run."""
+    custom = tmp_path / "custom.jsonl"
+    custom.write_text(json.dumps({"prompt": "Start with 2. Add 3, then add 1. What is the result?", "answer": "6",
+                                  "grader": "numeric"}) + "\n"
+                      + json.dumps({"prompt": "word " * 600, "answer": "1", "grader": "numeric", "id": "long"}) + "\n")
+    in_process = sweep.run(_config(tmp_path / "jax", demo_model_dir), progress=False)
+    with serving(demo_model_dir, "--slots", "8", "--max-context", "512") as url:
+        config = _config(tmp_path / "endpoint", demo_model_dir, backend="openai", tasks=("synthetic", str(custom)))
+        config.endpoint.base_url = url + "/v1"
+        through_server = sweep.run(config, progress=False)
+        records = _samples(tmp_path / "endpoint")
+        failed = [r for r in records if r["error"] is not None]
+        assert [(r["problem"], r["task"]) for r in failed] == [("long", "custom")] * 3  # one per effort
+        assert "maximum context" in failed[0]["error"] or "400" in failed[0]["error"]
+        rerun = sweep.run(config, progress=False)  # a rerun retries the failed samples only
+        assert rerun.generated == 3
+    expected = {(r["effort"], r["problem"]): r for r in _samples(tmp_path / "jax")}
+    served = [r for r in records if r["task"] == "synthetic"]
+    assert len(served) == 18
+    for record in served:
+        mine = expected[(record["effort"], record["problem"])]
+        assert {k: record[k] for k in COMPARED} == {k: mine[k] for k in COMPARED}
+        if not record["truncated"]:  # an endpoint's output is rebuilt from its two channels: equal when complete
+            assert record["output"] == mine["output"]
+    assert _untimed(through_server.summary)[:3] == _untimed(in_process.summary)
+    custom_rows = [row for row in through_server.summary["results"] if row["task"] == "custom"]
+    assert [row["failed_rate"] for row in custom_rows] == [0.5] * 3
+
+
+def test_unreachable_endpoint_is_a_clear_error(tmp_path, capsys):
+    port, = free_ports(1)
+    config = _config(tmp_path, "unused", backend="openai")
+    config.endpoint.base_url = f"http://127.0.0.1:{port}/v1"
+    with pytest.raises(BackendError, match=f"cannot reach the endpoint http://127.0.0.1:{port}/v1"):
+        sweep.run(config, progress=False)
+    assert main(["eval", "--config", str(CONFIG), "--config.backend=openai", f"--config.output_dir={tmp_path / 'b'}",
+                 f"--config.endpoint.base_url=http://127.0.0.1:{port}/v1"]) == 2
+    assert "error: cannot reach the endpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG.parent.glob("*.py")), ids=lambda p: p.name)
+def test_every_eval_config_loads(path):
+    config = sweep.load_config(path)
+    assert config.tasks and config.efforts == ("low", "medium", "high")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.tasks=gsm9k", "unknown task 'gsm9k'"),
+    ("--config.efforts=low,extreme", "config.efforts: 'extreme'"),
+    ("--config.backend=vllm", "config.backend"),
+    ("--config.sample=2", "unknown key 'sample'"),
+])
+def test_bad_settings_are_named(tmp_path, capsys, override, message):
+    assert main(["eval", "--config", str(CONFIG), f"--config.output_dir={tmp_path}", override]) == 2
+    assert message in capsys.readouterr().err
