@@ -50,7 +50,8 @@ def _reply_text(analysis: str, final: str, stop: str) -> str:
 
 
 class JaxBackend:
-    """The model in this process; each chunk of requests is one left-padded batched generation."""
+    """The model in this process; each chunk of requests is one left-padded batched generation, each row sampled
+    with its request's own seed (so what a sample draws does not depend on the chunk it falls in)."""
 
     def __init__(self, model, *, max_tokens: int, temperature: float, top_p: float):
         from gptoss_jax.generation import Generator
@@ -64,7 +65,7 @@ class JaxBackend:
                                         "reasoning_effort": r.effort}) for r in requests]
         try:
             outputs = self.generator.generate(prompts, self.max_tokens, temperature=self.temperature,
-                                              top_p=self.top_p, seed=requests[0].seed)
+                                              top_p=self.top_p, seed=[r.seed for r in requests])
         except Exception as error:  # noqa: BLE001 - one bad sample must not sink the chunk: retry one by one
             if len(requests) == 1:
                 return [Reply(error=f"{type(error).__name__}: {error}")]
@@ -113,16 +114,16 @@ class OpenAIBackend:
                 model=self.model, messages=[{"role": "user", "content": request.prompt}],
                 reasoning_effort=request.effort, max_tokens=self.max_tokens, temperature=self.temperature,
                 top_p=self.top_p, seed=request.seed)
+            choice = response.choices[0]
+            message = choice.message
+            # vLLM and gptoss-jax call the analysis reasoning_content; some servers call it reasoning
+            extra = message.model_extra or {}
+            analysis = extra.get("reasoning_content") or extra.get("reasoning") or ""
+            final = message.content or ""
+            truncated = choice.finish_reason == "length"
+            stop = "" if truncated else "<|call|>" if choice.finish_reason == "tool_calls" else "<|return|>"
+            tokens = response.usage.completion_tokens if response.usage else 0
         except Exception as error:  # noqa: BLE001 - recorded with the sample; the sweep goes on
             return Reply(error=f"{type(error).__name__}: {error}")
-        choice = response.choices[0]
-        message = choice.message
-        # vLLM and gptoss-jax call the analysis reasoning_content; some servers call it reasoning
-        extra = message.model_extra or {}
-        analysis = extra.get("reasoning_content") or extra.get("reasoning") or ""
-        final = message.content or ""
-        truncated = choice.finish_reason == "length"
-        stop = "" if truncated else "<|call|>" if choice.finish_reason == "tool_calls" else "<|return|>"
-        tokens = response.usage.completion_tokens if response.usage else 0
         return Reply(analysis=analysis, final=final, output=_reply_text(analysis, final, stop),
                      completion_tokens=tokens, truncated=truncated)

@@ -2,15 +2,17 @@
 but never in the final message is not an answer — and returns what it parsed (None: nothing it could read) and
 whether that equals the reference.
 
-  numeric        GSM8K-style numbers: the number in the last boxed answer, else the first after `####` or
-                 "answer is", else the last in the reply, read past thousands separators, currency, units and
-                 percent signs, `\\frac{a}{b}` and `a/b` fractions; compared exactly (as fractions).
+  numeric        GSM8K-style numbers: the number in the last boxed answer, else the last one stated right after
+                 `####` or "answer is"/"answer:", else the last in the reply; read past thousands separators,
+                 currency, units and percent signs, `\\frac{a}{b}`, mixed numbers and `a/b` fractions; compared
+                 exactly (as fractions).
   boxed_integer  AIME: the last `\\boxed{}` (nested braces allowed; of a comma list, the last item), else the last
                  integer in the reply, as the gpt-oss AIME eval reads it; compared as integers.
   math           MATH-style: the last `\\boxed{}`, normalised (spacing, `\\left`/`\\right`, `\\dfrac`, `\\frac12`,
                  text and units, degrees, percent, `x =`), then equal as strings, as numbers, or item by item for
                  tuples and intervals.
-  mcq            a letter A-D: boxed, after "answer"/"option", leading the reply, or the last standalone one.
+  mcq            a letter A-D: boxed, else stated as the answer ("the answer is (B)"), else named as an option,
+                 else leading the reply or alone on a line or in parentheses.
   exact          the reply equals the reference, ignoring case, surrounding spaces, markup and a final period.
   regex          the reference is a regular expression searched for in the reply (its first group, if it has one,
                  is the parsed answer).
@@ -68,8 +70,13 @@ _NUMBER = re.compile(r"(?<![\w.])([-−+]?)\s?\$?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\
 _LATEX_FRACTION = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]+?)\s*\}\s*\{\s*([^{}]+?)\s*\}")
 
 
+_MIXED_NUMBER = re.compile(r"(\d+)\s*\\[dt]?frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}")  # 2\frac{1}{2}
+
+
 def numbers(text: str) -> list[Fraction]:
     """Every number in the text, in order, as exact fractions."""
+    text = text.replace("{,}", ",")  # LaTeX's thousands separator: 10{,}000
+    text = _MIXED_NUMBER.sub(lambda m: f"{int(m[1]) * int(m[3]) + int(m[2])}/{m[3]}" if int(m[3]) else m[0], text)
     text = _LATEX_FRACTION.sub(r"\1/\2", text)
     values = []
     for sign, digits, denominator in _NUMBER.findall(text):
@@ -82,16 +89,20 @@ def numbers(text: str) -> list[Fraction]:
     return values
 
 
+# Where a reply states its answer: `#### 18`, "answer is 18", "Answer: $18" — a number right after the marker (a
+# markdown heading "#### Step 1" is not one, nor "the answer is consistent with 3 checks").
+_STATED = re.compile(r"(?:####|(?i:answer)\s*(?:is|:|=))[ \t*_$]*(?=[-−+]?\$?\.?\d)")
+
+
 def answer_number(reply: str) -> Fraction | None:
-    """The number the reply gives as its answer: in the last boxed answer, else the first after `####` or
-    "answer is"/"answer:", else the last in the reply."""
-    box = boxed(reply)
-    if box and numbers(box[-1]):
-        return numbers(box[-1])[-1]
-    for marker in (r"####", r"(?i:answer)\s*(?:is|:|=)"):
-        stated = numbers(re.split(marker, reply)[-1]) if re.search(marker, reply) else []
-        if stated:
-            return stated[0]
+    """The number the reply gives as its answer: in the last boxed answer, else the last one stated right after
+    `####` or "answer is"/"answer:", else the last in the reply."""
+    box = [numbers(b) for b in boxed(reply)]
+    if box and box[-1]:
+        return box[-1][-1]
+    stated = [numbers(reply[m.end():]) for m in _STATED.finditer(reply)]
+    if stated:
+        return stated[-1][0]
     found = numbers(reply)
     return found[-1] if found else None
 
@@ -113,8 +124,8 @@ def _show(value: Fraction) -> str:
 
 def _boxed_integer(reply: str, reference: str) -> Grade:
     box = [b for b in boxed(reply) if b.strip()]
-    text = box[-1].split(",")[-1] if box else reply
-    integers = re.findall(r"-?\d+", text.replace("{,}", ""))
+    text = box[-1].replace("{,}", "").split(",")[-1] if box else reply
+    integers = re.findall(r"-?\d+", text)
     if not integers:
         return Grade(None, False)
     parsed = integers[0] if box else integers[-1]
@@ -127,20 +138,23 @@ def _mcq(reply: str, reference: str) -> Grade:
 
 
 def mcq_letter(reply: str) -> str | None:
+    """The letter the reply chooses: a boxed letter, else the last one stated as the answer ("answer is (B)",
+    "Answer: B"), else the last named as an option or choice, else a letter leading the reply or standing alone on
+    a line or in parentheses."""
     box = boxed(reply)
     if box:
         inner = re.fullmatch(r"\s*(?:\\text\{)?\s*\(?([A-D])\)?\s*\}?\s*", box[-1])
         if inner:
             return inner.group(1)
-    stated = re.findall(r"(?i:answer|option|choice)(?:\s+is)?\s*[:：]?\s*[*$(\[]*\s*([A-D])(?![A-Za-z])", reply)
-    if stated:
-        return stated[-1]
+    for keyword in ("answer", "option|choice"):
+        stated = re.findall(rf"(?i:{keyword})(?:\s+is)?\s*[:：]?\s*[*$(\[]*\s*([A-D])(?![A-Za-z])", reply)
+        if stated:
+            return stated[-1]
     leading = re.match(r"[\s*(\[]*([A-D])(?:[.):\]*]|\s*$)", reply)
     if leading:
         return leading.group(1)
-    # a standalone capital, but not the article in "A good answer"
-    alone = re.findall(r"(?<![A-Za-z])([A-D])(?![A-Za-z])(?! [a-z])", reply)
-    return alone[-1] if alone else None
+    alone = re.findall(r"(?m)^[\s*]*\(?([A-D])\)?[\s*.]*$|\(([A-D])\)", reply)
+    return "".join(alone[-1]) if alone else None
 
 
 def _plain(text: str) -> str:
@@ -173,7 +187,7 @@ def _math(reply: str, reference: str) -> Grade:
 def normalise_math(text: str) -> str:
     """A canonical spelling of a LaTeX answer: what two equal answers written differently share."""
     text = text.strip()
-    for wrapper in ("text", "textbf", "mathrm", "mbox", "operatorname"):
+    for wrapper in ("text", "textbf", "mathrm", "mathbf", "mbox", "operatorname"):
         text = re.sub(r"\\" + wrapper + r"\s*\{([^{}]*)\}", r"\1", text)
     for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
                      ("\\displaystyle", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("^{\\circ}", ""),
@@ -184,7 +198,7 @@ def normalise_math(text: str) -> str:
     text = re.sub(r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{", text)  # \frac1{2}
     text = re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", text)  # \sqrt2
     text = re.sub(r"^\s*[a-zA-Z]\s*=\s*", "", text)  # x = 5
-    text = re.sub(r"^([-\d.,/ ]+?)\s+[a-zA-Z][a-zA-Z ]*$", r"\1", text)  # 5 cm
+    text = re.sub(r"^([-\d.,/ ]+?)\s+[a-zA-Z]{2,}[a-zA-Z ]*$", r"\1", text)  # 5 cm (not 2 x)
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", text.strip()):
         text = text.replace(",", "")
     text = re.sub(r"\s+", "", text).rstrip(".")

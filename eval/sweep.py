@@ -1,6 +1,8 @@
 """`gptoss-jax eval`: tasks x reasoning efforts x samples per problem, each sample graded and written to
 `samples.jsonl` as soon as its chunk is generated; a rerun skips the samples already there (and retries failed
-ones), then `summary.json`, `report.md` and `accuracy_vs_reasoning.png` are written from every sample on disk.
+ones, and redoes those whose problem has changed), then `summary.json`, `report.md` and
+`accuracy_vs_reasoning.png` are written from the samples. Each sample is drawn with its own seed, so what it
+draws does not depend on the chunk it was generated in.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from gptoss_jax.train.config import ConfigError, read_config
 log = logging.getLogger(__name__)
 
 SAMPLES_FILE, SETTINGS_FILE = "samples.jsonl", "settings.json"
-# Settings that change what a sample's generation is; a rerun into the same output_dir must keep them.
-_GENERATION_KEYS = ("backend", "model", "endpoint.base_url", "endpoint.model", "max_tokens", "temperature", "top_p",
-                    "seed", "data")
+# Settings that change what a sample's generation is; a rerun into the same output_dir must keep them. (A changed
+# problem — prompt, answer or grader — is caught per sample: its old record is not reused.)
+_GENERATION_KEYS = ("backend", "model.checkpoint", "model.dtype", "model.lora", "endpoint.base_url", "endpoint.model",
+                    "max_tokens", "temperature", "top_p", "seed")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -58,7 +61,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.max_tokens = 160  # tokens generated per sample (analysis + final); more is a truncation
     c.temperature = 0.0  # 0: greedy (the gpt-oss evals sample at 1.0)
     c.top_p = 1.0
-    c.seed = 0  # sampling seed (each sample derives its own) and the GPQA choice-shuffling seed
+    c.seed = 0  # sampling seed (each sample derives its own from it) and the GPQA choice-shuffling seed
     c.batch_size = 60  # samples generated together: one batched generation, or concurrent requests
     c.output_dir = "runs/tiny_demo/eval"  # samples.jsonl, summary.json, report.md, accuracy_vs_reasoning.png
 
@@ -87,8 +90,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("config.endpoint.base_url: the openai backend needs the endpoint's URL")
     if config.backend == "jax" and not config.model.checkpoint:
         raise ConfigError("config.model.checkpoint: the jax backend needs a checkpoint")
-    if not config.tasks:
-        raise ConfigError("config.tasks: no tasks")
+    if not config.tasks or not config.efforts:
+        raise ConfigError(f"config.tasks and config.efforts: at least one of each, got {config.tasks}, "
+                          f"{config.efforts}")
     for effort in config.efforts:
         if effort not in harmony.EFFORTS:
             raise ConfigError(f"config.efforts: {effort!r} is not one of {harmony.EFFORTS}")
@@ -118,39 +122,44 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True) -> Sweep:
     """Runs the samples not yet in `output_dir`, then writes the summary, the report and the plot."""
     validate(config)
     output = Path(config.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    _check_settings(output, config)
     tasks = {task_name(entry): load_task(entry, config.data, limit=config.limit, seed=config.seed)
              for entry in config.tasks}
     samples_file = output / SAMPLES_FILE
-    done = {key: record for key, record in _read_samples(samples_file).items() if record["error"] is None}
-    chunks = [chunk for name, problems in tasks.items() for effort in config.efforts
-              for chunk in _chunks(name, effort, problems, config.samples, config.batch_size)
-              if any(_key(name, effort, problem.id, k) not in done for problem, k in chunk[2])]
-    generated = 0
-    if chunks:
+    _check_settings(output, config)
+    records = _read_samples(samples_file)
+
+    def done(name: str, effort: str, problem: Problem, k: int) -> bool:
+        """On disk, generated without error, for this very problem (not one since edited in the task file)."""
+        record = records.get(_key(name, effort, problem.id, k))
+        return (record is not None and record["error"] is None
+                and (record["prompt"], record["answer"], record["grader"]) == (problem.prompt, problem.answer,
+                                                                              problem.grader))
+
+    todo = [(name, effort, [(problem, k) for problem, k in chunk if not done(name, effort, problem, k)])
+            for name, problems in tasks.items() for effort in config.efforts
+            for chunk in _chunks(problems, config.samples, config.batch_size)]
+    todo = [(name, effort, chunk) for name, effort, chunk in todo if chunk]
+    generated = sum(len(chunk) for _, _, chunk in todo)
+    if todo:
         backend = _backend(config)
-        log.info("eval: %d samples to generate with %s", sum(len(c[2]) for c in chunks), backend.describe)
-        bar = tqdm(total=sum(len(c[2]) for c in chunks), desc="eval", unit="sample", disable=not progress)
-        with open(samples_file, "a", encoding="utf-8") as out:
-            for name, effort, chunk in chunks:
+        log.info("eval: %d samples to generate with %s", generated, backend.describe)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / SETTINGS_FILE).write_text(json.dumps(_settings(config), indent=2) + "\n")
+        with open(samples_file, "a", encoding="utf-8") as out, \
+                tqdm(total=generated, desc="eval", unit="sample", disable=not progress) as bar:
+            for name, effort, chunk in todo:
                 requests = [Request(problem.prompt, effort, seed_of(config.seed, name, effort, problem.id, k))
                             for problem, k in chunk]
                 start = time.perf_counter()
                 replies = backend(requests)
                 seconds = (time.perf_counter() - start) / len(chunk)
                 for (problem, k), reply in zip(chunk, replies, strict=True):
-                    if _key(name, effort, problem.id, k) in done:
-                        continue
                     record = _record(name, effort, problem, k, reply, seconds)
                     out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    done[_key(name, effort, problem.id, k)] = record
-                    generated += 1
+                    records[_key(name, effort, problem.id, k)] = record
                 out.flush()
                 bar.update(len(chunk))
-        bar.close()
-    records = _read_samples(samples_file)
-    cells = [(name, effort, [records.get(_key(name, effort, problem.id, k)) for problem in problems
+    cells = [(name, effort, [records[_key(name, effort, problem.id, k)] for problem in problems
                              for k in range(config.samples)])
              for name, problems in tasks.items() for effort in config.efforts]
     model = config.endpoint.base_url if config.backend == "openai" else config.model.checkpoint
@@ -163,11 +172,10 @@ def _key(task: str, effort: str, problem: str, sample: int) -> tuple[str, str, s
     return task, effort, problem, sample
 
 
-def _chunks(name: str, effort: str, problems: list[Problem], samples: int, size: int):
-    """The (task, effort)'s samples in a fixed order, cut into chunks of `size`: the same chunks on every run, so a
-    resumed run generates exactly what an uninterrupted one would."""
+def _chunks(problems: list[Problem], samples: int, size: int) -> list[list[tuple[Problem, int]]]:
+    """A (task, effort)'s (problem, sample index) pairs in order, cut into chunks of `size`."""
     pairs = [(problem, k) for problem in problems for k in range(samples)]
-    return [(name, effort, pairs[i:i + size]) for i in range(0, len(pairs), size)]
+    return [pairs[i:i + size] for i in range(0, len(pairs), size)]
 
 
 def _record(task: str, effort: str, problem: Problem, sample: int, reply, seconds: float) -> dict[str, Any]:
@@ -206,28 +214,26 @@ def _read_samples(path: Path) -> dict[tuple, dict[str, Any]]:
 
 
 def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    flat = json.loads(config.to_json())
-    return {key: _get(flat, key) for key in _GENERATION_KEYS}
+    return {key: _get(config, key) for key in _GENERATION_KEYS}
 
 
-def _get(tree: dict, key: str):
+def _get(config: ml_collections.ConfigDict, key: str):
     for part in key.split("."):
-        tree = tree[part]
-    return tree
+        config = config[part]
+    return config
 
 
 def _check_settings(output: Path, config: ml_collections.ConfigDict) -> None:
-    """The samples in `output` must come from the same generation settings; the first run records them."""
+    """Samples already in `output` must come from the same generation settings (written with the first sample)."""
     path, settings = output / SETTINGS_FILE, _settings(config)
-    if path.exists():
+    samples = output / SAMPLES_FILE
+    if path.exists() and samples.exists() and samples.stat().st_size:
         recorded = json.loads(path.read_text())
         changed = [key for key in settings if recorded.get(key) != settings[key]]
         if changed:
             raise ConfigError(f"{output}: holds samples made with other settings ({', '.join(changed)}: "
                               f"{[recorded.get(k) for k in changed]} then, {[settings[k] for k in changed]} now); "
                               f"choose another config.output_dir or delete that one")
-    else:
-        path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def _backend(config: ml_collections.ConfigDict):

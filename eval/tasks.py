@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gptoss_jax.eval.graders import GRADERS, boxed
+from gptoss_jax.eval.graders import GRADERS, answer_number, boxed
 from gptoss_jax.train.data import DataError, read_records
 from gptoss_jax.train.synthetic import arithmetic_records
 
@@ -144,14 +144,24 @@ def _custom(path: str) -> list[Problem]:
         if grader not in GRADERS:
             raise TaskError(f"{where}: unknown grader {grader!r}; expected one of {', '.join(GRADERS)}")
         answer = _field(where, row, "answer")
-        if grader == "regex":
-            try:
-                re.compile(answer)
-            except re.error as error:
-                raise TaskError(f"{where}: the answer is not a regular expression ({error})") from None
+        _check_reference(where, answer, grader)
         problem_id = str(row.get("id", index))
         if problem_id in ids:
             raise TaskError(f"{where}: id {problem_id!r} repeats an earlier problem's")
         ids.add(problem_id)
         problems.append(Problem(problem_id, _field(where, row, "prompt"), answer, grader))
     return problems
+
+
+def _check_reference(where: str, answer: str, grader: str) -> None:
+    """A reference answer the grader can compare with, or a TaskError now rather than mid-sweep."""
+    if grader == "regex":
+        try:
+            re.compile(answer)
+        except re.error as error:
+            raise TaskError(f"{where}: the answer is not a regular expression ({error})") from None
+    expected = {"numeric": ("a number", answer_number(answer) is not None),
+                "boxed_integer": ("an integer", re.fullmatch(r"\s*-?\d+\s*", answer) is not None),
+                "mcq": ("a letter A-D", re.fullmatch(r"\s*\(?[A-Da-d]\)?\s*", answer) is not None)}
+    if grader in expected and not expected[grader][1]:
+        raise TaskError(f"{where}: the {grader} grader needs {expected[grader][0]} as the answer, got {answer!r}")

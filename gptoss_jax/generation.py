@@ -23,7 +23,10 @@ DEFAULT_STOP_TOKENS = (tok.RETURN, tok.CALL)
 def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_p: float, top_k: int) -> jax.Array:
     """Next tokens [B] from logits [B, V]: argmax when temperature is 0, else a draw from the softmax of
     logits / temperature restricted to the `top_k` likeliest tokens (0: all) and to the smallest set whose
-    probability reaches `top_p`."""
+    probability reaches `top_p`. `key` is one key for the batch, or one per row ([B])."""
+    if key.shape:  # one key per row
+        return jax.vmap(lambda k, row: sample(row[None], k, temperature=temperature, top_p=top_p, top_k=top_k)[0]
+                        )(key, logits)
     logits = logits.astype(jnp.float32)
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -73,7 +76,7 @@ class Generator:
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         stop_tokens: Sequence[int] | None = None,
         stream: Callable[[int, int], None] | None = None,
         cache_length: int | None = None,
@@ -81,6 +84,7 @@ class Generator:
         """New tokens of each prompt, up to `max_new_tokens` or through the first stop token (included).
 
         stop_tokens: None for harmony's (`<|return|>`, `<|call|>`); [] to never stop early.
+        seed: one seed for the batch, or one per prompt (a row's draws then do not depend on the other rows).
         stream(row, token) is called with every token as soon as it is sampled.
         cache_length: the cache capacity (default: longest prompt + max_new_tokens).
         """
@@ -106,11 +110,16 @@ class Generator:
         start = jnp.asarray([longest - len(p) for p in prompts], jnp.int32)
         cache = self._place_cache(self.model.init_cache(start, capacity))
         logits, cache = self._prefill(self.state, self._replicated(tokens), cache)
-        key = jax.random.key(seed)
+        if isinstance(seed, int):
+            key, fold = jax.random.key(seed), jax.random.fold_in
+        elif len(seed) == len(prompts):
+            key, fold = jax.vmap(jax.random.key)(jnp.asarray(seed, jnp.uint32)), jax.vmap(jax.random.fold_in, (0, None))
+        else:
+            raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
         outputs = [[] for _ in prompts]
         done = np.zeros(len(prompts), bool)
         for step in range(max_new_tokens):
-            chosen = _on_host(self._sample(logits, jax.random.fold_in(key, step), temperature=temperature,
+            chosen = _on_host(self._sample(logits, fold(key, step), temperature=temperature,
                                            top_p=top_p, top_k=top_k))
             for row, token in enumerate(chosen.tolist()):
                 if not done[row]:

@@ -72,6 +72,8 @@ def test_sweep_writes_graded_samples_summary_report_and_plot(demo_model_dir, tmp
 
     again = sweep.run(_config(tmp_path / "eval", demo_model_dir), progress=False)  # nothing left to do
     assert again.generated == 0 and _untimed(again.summary) == _untimed(result.summary)
+    more = sweep.run(_config(tmp_path / "eval", demo_model_dir, **{"data.synthetic.count": 7}), progress=False)
+    assert more.generated == 3 and more.summary["results"][0]["problems"] == 7  # only the new problem, per effort
     with pytest.raises(ConfigError, match="other settings .*max_tokens"):  # samples from other settings: refuse
         sweep.run(_config(tmp_path / "eval", demo_model_dir, max_tokens=32), progress=False)
 
@@ -123,6 +125,11 @@ def test_endpoint_backend_against_the_server_equals_in_process(demo_model_dir, t
         assert "maximum context" in failed[0]["error"] or "400" in failed[0]["error"]
         rerun = sweep.run(config, progress=False)  # a rerun retries the failed samples only
         assert rerun.generated == 3
+        lines = custom.read_text().splitlines()  # a problem edited since: its old samples are not reused
+        custom.write_text(lines[0].replace('"answer": "6"', '"answer": "7"') + "\n" + lines[1] + "\n")
+        edited = sweep.run(config, progress=False)
+        assert edited.generated == 6
+        assert {r["answer"] for r in _samples(tmp_path / "endpoint")[-6:] if r["problem"] == "0"} == {"7"}
     expected = {(r["effort"], r["problem"]): r for r in _samples(tmp_path / "jax")}
     served = [r for r in records if r["task"] == "synthetic"]
     assert len(served) == 18
@@ -142,6 +149,7 @@ def test_unreachable_endpoint_is_a_clear_error(tmp_path, capsys):
     config.endpoint.base_url = f"http://127.0.0.1:{port}/v1"
     with pytest.raises(BackendError, match=f"cannot reach the endpoint http://127.0.0.1:{port}/v1"):
         sweep.run(config, progress=False)
+    assert not (tmp_path / sweep.SETTINGS_FILE).exists()  # nothing recorded that would block the corrected rerun
     assert main(["eval", "--config", str(CONFIG), "--config.backend=openai", f"--config.output_dir={tmp_path / 'b'}",
                  f"--config.endpoint.base_url=http://127.0.0.1:{port}/v1"]) == 2
     assert "error: cannot reach the endpoint" in capsys.readouterr().err
@@ -158,6 +166,7 @@ def test_every_eval_config_loads(path):
     ("--config.efforts=low,extreme", "config.efforts: 'extreme'"),
     ("--config.backend=vllm", "config.backend"),
     ("--config.sample=2", "unknown key 'sample'"),
+    ("--config.efforts=()", "at least one of each"),
 ])
 def test_bad_settings_are_named(tmp_path, capsys, override, message):
     assert main(["eval", "--config", str(CONFIG), f"--config.output_dir={tmp_path}", override]) == 2

@@ -29,6 +29,13 @@ GSM8K = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / 
     ("It is 3/4 of the cake", "3/4", "3/4", True),
     ("50% of them, so 25", "25", "25", True),
     ("first \\boxed{12}, corrected: \\boxed{14}", "14", "14", True),  # several boxed: the last
+    ("#### Step 1\nUnits: 9\n#### Step 2\nRevenue: 9 * 2 = $18\n\n**Answer: $18**", "18", "18", True),  # headings
+    ("Final answer is 18.\n\nThis answer is consistent with all 3 checks.", "18", "18", True),
+    ("The answer isn't 5; it's 7", "7", "7", True),
+    ("The answer is 5 apples.", "5", "5", True),
+    ("So the answer is -3, a loss.", "-3", "-3", True),
+    ("\\boxed{10{,}000}", "10000", "10000", True),  # LaTeX thousands separator
+    ("She ate 2\\frac{1}{2} pies", "2.5", "5/2", True),  # a mixed number
     ("x is 5.", "6", "5", False),
     ("I am not sure.", "6", None, False),
     ("", "6", None, False),
@@ -49,6 +56,7 @@ def test_numbers_read_decimals_and_signs():
     ("\\boxed{3, 5}", "5", "5", True),  # a list: the last item, as the gpt-oss eval reads it
     ("no box, but the total is 117", "117", "117", True),  # last-integer fallback of the gpt-oss eval
     ("\\boxed 7", "7", "7", True),
+    ("\\boxed{1{,}080}", "1080", "1080", True),
     ("nothing numeric", "7", None, False),
 ])
 def test_boxed_integer(reply, reference, parsed, correct):
@@ -63,7 +71,7 @@ def test_boxed_handles_nesting_and_unclosed_braces():
     ("\\frac{1}{2}", "0.5"), ("\\dfrac12", "\\frac{1}{2}"), ("\\frac 1 2", "1/2"), (".5", "0.5"),
     ("\\left( 1, \\frac{1}{2} \\right)", "(1,\\frac12)"), ("x = 5", "5"), ("5 \\text{ cm}", "5"),
     ("30^\\circ", "30"), ("40\\%", "40"), ("1,000", "1000"), ("\\$18", "18"), ("\\sqrt2", "\\sqrt{2}"),
-    ("[2, 3)", "[2,3)"), ("\\text{(B)}", "(B)"), ("-\\frac{3}{4}", "-0.75"),
+    ("[2, 3)", "[2,3)"), ("\\text{(B)}", "(B)"), ("-\\frac{3}{4}", "-0.75"), ("\\mathbf{5}", "5"),
 ])
 def test_math_equivalent(answer, reference):
     assert math_equal(answer, reference)
@@ -71,6 +79,7 @@ def test_math_equivalent(answer, reference):
 
 @pytest.mark.parametrize("answer, reference", [
     ("\\frac{1}{3}", "0.33"), ("(1, 2)", "[1, 2]"), ("(1, 2)", "(1, 2, 3)"), ("2x", "2"), ("\\sqrt{3}", "\\sqrt{2}"),
+    ("2 x", "2"), ("5 i", "5"),
 ])
 def test_math_not_equivalent(answer, reference):
     assert not math_equal(answer, reference)
@@ -85,6 +94,10 @@ def test_math_grader_reads_the_last_box_only():
     ("C", "C"), ("(B)", "B"), ("**D**", "D"), ("Answer: A", "A"), ("The answer is (C).", "C"),
     ("A good answer is B", "B"), ("\\boxed{D}", "D"), ("\\boxed{\\text{C}}", "C"), ("I pick option B.", "B"),
     ("B. Because the energy is conserved.", "B"), ("none of these", None),
+    ("The answer is (B) because option D is unstable.", "B"),  # the stated answer beats options discussed after
+    ("The correct answer is **B**.\n\nOption C would require more energy.", "B"),
+    ("The answer: B. Choice C is close.", "B"), ("B\n\nExplanation: the D-isomer is less stable.", "B"),
+    ("Not sure. Vitamin D.", None), ("So it must be\n(B)\nsince the rest fail.", "B"),
 ])
 def test_mcq(reply, letter):
     assert grade("mcq", reply, "B") == (letter, letter == "B")
@@ -166,12 +179,24 @@ def test_custom_tasks(tmp_path):
     (json.dumps({"prompt": "p", "answer": "a", "grader": "exact", "hint": 1}), r"capitals.jsonl:1: unknown keys"),
     (json.dumps({"prompt": "p", "answer": "(", "grader": "regex"}), r"capitals.jsonl:1: the answer is not a regular"),
     ("[1, 2]\n", r"capitals.jsonl:1: expected a JSON object"),
+    (json.dumps({"prompt": "p", "answer": "abc", "grader": "numeric"}), r"numeric grader needs a number"),
+    (json.dumps({"prompt": "p", "answer": "seventy", "grader": "boxed_integer"}), r"needs an integer"),
+    (json.dumps({"prompt": "p", "answer": "E", "grader": "mcq"}), r"mcq grader needs a letter A-D"),
 ])
 def test_bad_task_files(tmp_path, content, message):
     path = tmp_path / "capitals.jsonl"
     path.write_text(content)
     with pytest.raises(TaskError, match=message):
         load_task(str(path), _data())
+
+
+def test_unreadable_files_name_themselves(tmp_path):
+    (tmp_path / "broken.json").write_text('[{"prompt": "p",\n "answer": }]')
+    with pytest.raises(TaskError, match=r"broken.json:2: not JSON"):
+        load_task(str(tmp_path / "broken.json"), _data())
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\u00e9"}'.encode("latin-1"))
+    with pytest.raises(TaskError, match=r"latin1.jsonl: not UTF-8 text"):
+        load_task(str(tmp_path / "latin1.jsonl"), _data())
 
 
 def test_unknown_task_and_missing_data(tmp_path):

@@ -103,6 +103,17 @@ def test_seeded_sampling_is_reproducible(pair):
     assert a != generator.generate([[1, 2, 3]], 10, temperature=1.0, seed=4, stop_tokens=[])
 
 
+def test_per_row_seeds_make_a_row_independent_of_its_batch(pair):
+    _, model = pair
+    generator = Generator(model)
+    alone = generator.generate([[4, 5, 6]], 10, temperature=1.0, seed=[7], stop_tokens=[])[0]
+    batched = generator.generate([[1, 2, 3], [4, 5, 6], [8, 9]], 10, temperature=1.0, seed=[3, 7, 9], stop_tokens=[])
+    assert batched[1] == alone and batched[0] != alone
+    assert batched[0] == generator.generate([[1, 2, 3]], 10, temperature=1.0, seed=[3], stop_tokens=[])[0]
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        generator.generate([[1], [2], [3]], 4, seed=[1, 2])
+
+
 def test_bad_requests(pair):
     _, model = pair
     generator = Generator(model)

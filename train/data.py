@@ -79,26 +79,37 @@ class PackedRows:
 def read_records(source: str | os.PathLike, *, split: str = "train", revision: str | None = None
                  ) -> Iterator[tuple[str, Any]]:
     """(where, record) for every row of a JSONL file, a dataset directory or an HF dataset id. A row that is not
-    JSON is yielded as a `DataError` for the caller to raise or skip."""
+    JSON is yielded as a `DataError` for the caller to raise or skip; a file that is not UTF-8 text, or a .json
+    file that is not JSON, raises one."""
     for file in _data_files(source, split, revision):
-        if file.suffix == ".parquet":
-            yield from _parquet_rows(file)
-        elif file.suffix == ".csv":  # a header line, then one row per record (GPQA is published this way)
-            with open(file, encoding="utf-8", newline="") as lines:
-                for number, row in enumerate(csv.DictReader(lines), start=1):
-                    yield f"{file}:row {number}", row
-        elif file.suffix == ".json" and not _is_json_lines(file):
-            rows = json.loads(file.read_text())
-            for number, row in enumerate(rows if isinstance(rows, list) else [rows], start=1):
-                yield f"{file}:{number}", row
-        else:
-            with open(file, encoding="utf-8") as lines:
-                for number, line in enumerate(lines, start=1):
-                    if line.strip():
-                        try:
-                            yield f"{file}:{number}", json.loads(line)
-                        except json.JSONDecodeError as error:
-                            yield f"{file}:{number}", DataError(f"{file}:{number}: not JSON ({error.msg})")
+        try:
+            yield from _file_rows(file)
+        except UnicodeDecodeError as error:
+            raise DataError(f"{file}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def _file_rows(file: Path) -> Iterator[tuple[str, Any]]:
+    if file.suffix == ".parquet":
+        yield from _parquet_rows(file)
+    elif file.suffix == ".csv":  # a header line, then one row per record (GPQA is published this way)
+        with open(file, encoding="utf-8", newline="") as lines:
+            for number, row in enumerate(csv.DictReader(lines), start=1):
+                yield f"{file}:row {number}", row
+    elif file.suffix == ".json" and not _is_json_lines(file):
+        try:
+            rows = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{file}:{error.lineno}: not JSON ({error.msg})") from None
+        for number, row in enumerate(rows if isinstance(rows, list) else [rows], start=1):
+            yield f"{file}:{number}", row
+    else:
+        with open(file, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    try:
+                        yield f"{file}:{number}", json.loads(line)
+                    except json.JSONDecodeError as error:
+                        yield f"{file}:{number}", DataError(f"{file}:{number}: not JSON ({error.msg})")
 
 
 def _data_files(source: str | os.PathLike, split: str, revision: str | None) -> list[Path]:
