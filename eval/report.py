@@ -111,7 +111,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
             axes.annotate(row["effort"], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
     axes.set_xlabel("mean analysis tokens per sample")
     axes.set_ylabel("accuracy")
-    axes.set_title(f"Accuracy against reasoning effort: {Path(summary['model']).name or summary['model']}")
+    axes.set_title(f"Accuracy against reasoning effort: {summary['model']}", fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
