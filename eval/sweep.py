@@ -47,6 +47,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # bfloat16 | float32
     c.model.mesh = ""  # device mesh, e.g. "expert=4,tensor=2"; empty: one device
     c.model.lora = ""  # a PEFT LoRA adapter directory to put on the model
+    c.model.kernels = "xla"  # packed MXFP4 experts: xla | pallas | auto (the Pallas kernel on a GPU)
 
     c.endpoint = ConfigDict()
     c.endpoint.base_url = ""  # e.g. http://127.0.0.1:8000/v1 (backend openai)
@@ -245,5 +246,5 @@ def _backend(config: ml_collections.ConfigDict):
     from gptoss_jax.chat import load_for_inference
 
     model = load_for_inference(config.model.checkpoint, dtype=config.model.dtype, mesh=config.model.mesh,
-                               lora=config.model.lora or None)
+                               lora=config.model.lora or None, kernels=config.model.kernels)
     return JaxBackend(model, **sampling)

@@ -25,6 +25,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="PATH_OR_HUB_ID")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--mesh", default="", help="device mesh, e.g. expert=4,tensor=2 (default: one device)")
+    parser.add_argument("--kernels", default="xla", choices=["xla", "pallas", "auto"],
+                        help="MXFP4 experts through XLA or the Pallas kernel (auto: the kernel on a GPU)")
     parser.add_argument("--distributed", action="store_true",
                         help="join a multi-host run: jax.distributed.initialize() detects SLURM and other clusters")
     parser.add_argument("--coordinator", metavar="HOST:PORT", help="explicit coordinator (with the two below)")
@@ -50,17 +52,19 @@ def start(args: argparse.Namespace) -> GptOss:
         jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
     elif args.distributed:
         jax.distributed.initialize()
-    return load_for_inference(args.checkpoint, dtype=args.dtype, mesh=args.mesh, lora=getattr(args, "lora", None))
+    return load_for_inference(args.checkpoint, dtype=args.dtype, mesh=args.mesh, lora=getattr(args, "lora", None),
+                              kernels=args.kernels)
 
 
-def load_for_inference(checkpoint: str, *, dtype: str, mesh: str = "", lora: str | None = None) -> GptOss:
+def load_for_inference(checkpoint: str, *, dtype: str, mesh: str = "", lora: str | None = None,
+                       kernels: str = "xla") -> GptOss:
     """The model on its devices — the mesh described (e.g. "expert=4,tensor=2"), else one device, or with several
     hosts every device sharing the parameters (FSDP) — with a PEFT LoRA adapter on it if given."""
     if mesh:
         mesh = make_mesh(mesh)
     else:
         mesh = make_mesh({"fsdp": -1}) if jax.process_count() > 1 else None
-    model = load_model(checkpoint, dtype=dtype, mesh=mesh)
+    model = load_model(checkpoint, dtype=dtype, mesh=mesh, kernels=kernels)
     if lora:
         load_peft_adapter(model, lora)
         if model.mesh is not None:

@@ -19,6 +19,9 @@ class ConfigError(ValueError):
     """A configuration value or file that does not describe a valid gpt-oss model."""
 
 
+KERNELS = ("xla", "pallas", "auto")
+
+
 @dataclasses.dataclass(frozen=True)
 class GptOssConfig:
     num_hidden_layers: int
@@ -42,9 +45,17 @@ class GptOssConfig:
     initial_context_length: int = 4096  # the pre-training context YaRN extends from
     rope_truncate: bool = False  # round the YaRN ramp bounds to integers (HF `truncate`; gpt-oss does not)
     max_position_embeddings: int = 131072
+    # How the MXFP4 experts multiply: "xla" (dequantize, then XLA's ragged_dot), "pallas" (the kernel in
+    # gptoss_jax.kernels.mxfp4_matmul; interpret mode off a GPU, for testing), "auto" (pallas on a GPU).
+    # Not part of the checkpoint: a run-time choice (load_model(..., kernels=...)).
+    kernels: str = "xla"
 
     def __post_init__(self):
+        if self.kernels not in KERNELS:
+            raise ConfigError(f"GptOssConfig.kernels: expected one of {KERNELS}, got {self.kernels!r}")
         for field in dataclasses.fields(self):
+            if field.type == "str":
+                continue
             value = getattr(self, field.name)
             expected = {"int": int, "float": (int, float), "bool": bool}[field.type]
             if isinstance(value, bool) != (field.type == "bool") or not isinstance(value, expected):

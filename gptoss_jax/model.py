@@ -22,6 +22,8 @@ attention (odd layers). The two kinds are stored as two stacks (`banded_blocks`,
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import math
 
 import jax
@@ -32,7 +34,10 @@ from jax.sharding import PartitionSpec
 
 from gptoss_jax import sharding
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.kernels.mxfp4_matmul import group_tiles, mxfp4_ragged_matmul
 from gptoss_jax.mxfp4 import BLOCK_SIZE, Mxfp4Weight
+
+log = logging.getLogger(__name__)
 
 _normal = nnx.initializers.normal(0.02)
 _zeros = nnx.initializers.zeros
@@ -239,6 +244,7 @@ class MoE(nnx.Module):
         self.b_down = _param(rngs, (e, d), ("experts", "embed"), dtype, _zeros)
         self.experts_per_token = config.experts_per_token
         self.swiglu = dict(alpha=config.swiglu_alpha, limit=config.swiglu_limit)
+        self.kernels = config.kernels
         self.adapters = nnx.Dict()  # LoRA of router_w, w_gate_up, w_down
         self.mesh = None  # set by sharding.shard_model: with an expert axis, the experts run expert-parallel
 
@@ -268,7 +274,8 @@ class MoE(nnx.Module):
     def grouped_experts(self, tokens: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
         """All experts here: each expert's (token, expert) pairs are one group of a ragged matmul."""
         return _grouped_experts(tokens, weights, experts, self.w_gate_up.get_value(), self.b_gate_up[...],
-                                self.w_down.get_value(), self.b_down[...], self._low_rank_factors(), self.swiglu)
+                                self.w_down.get_value(), self.b_down[...], self._low_rank_factors(), self.swiglu,
+                                self.kernels)
 
     def _low_rank_factors(self) -> dict[str, tuple[jax.Array, jax.Array, float]]:
         return {name: (adapter.a[...], adapter.b[...], adapter.scaling) for name, adapter in self.adapters.items()
@@ -307,7 +314,7 @@ class MoE(nnx.Module):
                 b_down = b_down * (jax.lax.axis_index(tensor) == 0)
             out = _grouped_experts(tokens, jnp.where(mine, weights, 0.0), jnp.where(mine, local_ids, here),
                                    params["w_gate_up"], params["b_gate_up"], params["w_down"], b_down,
-                                   params["low_rank"], self.swiglu)
+                                   params["low_rank"], self.swiglu, self.kernels)
             return jax.lax.psum(out, (expert, tensor) if tensor else expert)
 
         return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, specs), out_specs=rows,
@@ -337,7 +344,8 @@ class MoE(nnx.Module):
         return out.astype(tokens.dtype)
 
 
-def _grouped_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_down, low_rank, swiglu):
+def _grouped_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_down, low_rank, swiglu,
+                     kernels="xla"):
     """The experts' outputs for (token, expert) pairs, weighted and summed per token.
 
     tokens [N, D], weights and experts [N, k]; an expert id equal to the number of experts here marks a pair
@@ -346,13 +354,15 @@ def _grouped_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_d
 
     Fewer pairs than experts (decoding): each pair's expert weights are gathered — and only those dequantized —
     so a step reads k experts per token, not all of them. Otherwise the pairs are sorted by expert and each
-    expert's rows form one group of a ragged matmul over the (dequantized) weights.
+    expert's rows form one group of a ragged matmul over the (dequantized) weights. With the Pallas kernel
+    (`kernels`, packed weights), every case is one ragged matmul that dequantizes tiles as it goes, bias and
+    SwiGLU fused (SwiGLU only without a gate-up adapter, whose update comes before it).
     """
     num_tokens, k = experts.shape
     num_experts = b_gate_up.shape[0]
-    if num_tokens * k < num_experts:
+    kernel = _expert_kernel(kernels, w_gate_up)
+    if num_tokens * k < num_experts and kernel is None:
         return _gathered_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_down, low_rank, swiglu)
-    w_gate_up, w_down = _dense(w_gate_up, tokens.dtype), _dense(w_down, tokens.dtype)
     flat_experts = experts.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True)
     sorted_experts = jnp.minimum(flat_experts[order], num_experts - 1)  # bias rows for pairs not here: unused
@@ -366,12 +376,37 @@ def _grouped_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_d
         inner = ragged_matmul(x, a.astype(x.dtype), group_sizes).astype(x.dtype)
         return ragged_matmul(inner, b.astype(x.dtype), group_sizes) * scaling
 
-    h = ragged_matmul(rows, w_gate_up, group_sizes)
-    h = clamped_swiglu(h + update("w_gate_up", rows) + b_gate_up[sorted_experts], **swiglu).astype(tokens.dtype)
-    out = ragged_matmul(h, w_down, group_sizes) + update("w_down", h)
-    out = (out + b_down[sorted_experts]) * weights.reshape(-1)[order][:, None]
+    if kernel is not None:
+        fused = None if "w_gate_up" in low_rank else (swiglu["alpha"], swiglu["limit"])
+        h = kernel(rows, w_gate_up, group_sizes, b_gate_up, swiglu=fused)
+        if fused is None:
+            h = clamped_swiglu(h + update("w_gate_up", rows), **swiglu)
+        h = h.astype(tokens.dtype)
+        out = kernel(h, w_down, group_sizes, b_down) + update("w_down", h)
+    else:
+        w_gate_up, w_down = _dense(w_gate_up, tokens.dtype), _dense(w_down, tokens.dtype)
+        h = ragged_matmul(rows, w_gate_up, group_sizes)
+        h = clamped_swiglu(h + update("w_gate_up", rows) + b_gate_up[sorted_experts], **swiglu).astype(tokens.dtype)
+        out = ragged_matmul(h, w_down, group_sizes) + update("w_down", h) + b_down[sorted_experts]
+    out = out * weights.reshape(-1)[order][:, None]
     unsorted = jnp.zeros_like(out).at[order].set(out)
     return unsorted.reshape(num_tokens, k, -1).sum(axis=1).astype(tokens.dtype)
+
+
+def _expert_kernel(kernels: str, weight):
+    """The Pallas MXFP4 matmul (in interpret mode off a GPU) if `kernels` asks for it and the weights are packed;
+    None for the XLA path. Logs the choice each time a forward is traced."""
+    use = isinstance(weight, Mxfp4Weight) and (kernels == "pallas" or (kernels == "auto" and _on_gpu()))
+    if not use:
+        log.debug("MoE experts: XLA ragged_dot on %s weights", "MXFP4" if isinstance(weight, Mxfp4Weight) else "dense")
+        return None
+    interpret = not _on_gpu()
+    log.info("MoE experts: Pallas MXFP4 kernel%s", " (interpret mode: no GPU)" if interpret else "")
+    return functools.partial(mxfp4_ragged_matmul, interpret=interpret)
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
 
 
 def ragged_matmul(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array, tile: int = 64) -> jax.Array:
@@ -381,21 +416,12 @@ def ragged_matmul(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array, t
     (3-7x faster at gpt-oss shapes, the same arithmetic)."""
     if jax.default_backend() != "cpu":
         return jax.lax.ragged_dot(rows, weights, group_sizes, preferred_element_type=jnp.float32)
-    count, groups = rows.shape[0], weights.shape[0]
-    tiles = count // tile + groups  # enough for any group sizes
-    padded = (group_sizes + tile - 1) // tile * tile
-    ends, padded_ends = jnp.cumsum(group_sizes), jnp.cumsum(padded)
-    group = jnp.searchsorted(ends, jnp.arange(count), side="right")
-    valid = group < groups
-    group = jnp.minimum(group, groups - 1)
-    destination = jnp.where(valid, (padded_ends - padded)[group] + jnp.arange(count) - (ends - group_sizes)[group],
-                            tiles * tile)
-    tiled = jnp.zeros((tiles * tile, rows.shape[1]), rows.dtype).at[destination].set(rows, mode="drop")
-    tile_group = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(tiles) * tile, side="right"), groups - 1)
+    layout = group_tiles(group_sizes, rows.shape[0], tile)
+    tiled = jnp.zeros((layout.tiles * tile, rows.shape[1]), rows.dtype).at[layout.destination].set(rows, mode="drop")
     products = jax.lax.map(lambda piece: jnp.dot(piece[0], weights[piece[1]], preferred_element_type=jnp.float32),
-                           (tiled.reshape(tiles, tile, -1), tile_group))
-    gathered = products.reshape(tiles * tile, -1).at[destination].get(mode="fill", fill_value=0)
-    return jnp.where(valid[:, None], gathered, 0)
+                           (tiled.reshape(layout.tiles, tile, -1), layout.tile_group))
+    gathered = products.reshape(layout.tiles * tile, -1).at[layout.destination].get(mode="fill", fill_value=0)
+    return jnp.where(layout.valid[:, None], gathered, 0)
 
 
 def _gathered_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_down, low_rank, swiglu):

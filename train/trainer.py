@@ -55,9 +55,10 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> G
     the mesh."""
     dtype = config.model.compute_dtype
     if config.model.checkpoint:
-        model = load_model(config.model.checkpoint, dtype=dtype, mxfp4=config.model.mxfp4, mesh=mesh)
+        model = load_model(config.model.checkpoint, dtype=dtype, mxfp4=config.model.mxfp4, mesh=mesh,
+                           kernels=config.model.kernels)
     else:
-        preset = getattr(GptOssConfig, config.model.preset)()
+        preset = getattr(GptOssConfig, config.model.preset)().replace(kernels=config.model.kernels)
         packed = config.lora.enabled and config.model.mxfp4 == "packed"
         model = GptOss(preset, dtype=dtype, mxfp4_experts=packed, rngs=nnx.Rngs(config.train.seed))
     if config.lora.enabled:

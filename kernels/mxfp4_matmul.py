@@ -1,0 +1,229 @@
+"""The experts' MXFP4 grouped (ragged) matmul as a Pallas kernel, on the checkpoint's own layout.
+
+rows [M, K] sorted by expert, with `group_sizes` [G] rows per expert, times each expert's weight [K, N] stored as
+MXFP4 (`Mxfp4Weight`: blocks [G, N, K/32, 16] uint8 + scales [G, N, K/32] uint8, the 32-value blocks running along
+K). Each grid step is one (row tile, column tile): it walks K a `block_k` slice at a time, dequantizes just that
+[block_n, block_k] slice of its expert's weight (the same bit-exact decoding as `mxfp4.dequantize_rows`) and
+accumulates in float32; the expert's bias and, optionally, the clamped SwiGLU of gpt-oss are applied before the
+tile is written. The weights are never expanded in memory.
+
+Rows are laid out as in `group_tiles`: every group padded to whole row tiles, each tile belonging to one group;
+tiles past the last used one are skipped. A custom VJP gives the gradients of the rows (and the bias) through
+the frozen packed weights — a second kernel multiplies by the transposed weight, dequantized the same way — so
+LoRA trains on an MXFP4 base.
+
+Written as generic Pallas (BlockSpecs, ref slices, jnp inside the kernel), which `interpret=True` runs on a CPU
+and the GPU lowerings compile; `reference` is the XLA computation it must equal.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from gptoss_jax.mxfp4 import BLOCK_SIZE, Mxfp4Weight, dequantize_rows
+
+
+class Layout(NamedTuple):
+    """Where each row goes when every group is padded to whole tiles."""
+
+    destination: jax.Array  # [M] row index in the tiled array (tiles * tile for rows outside every group)
+    valid: jax.Array  # [M] the row belongs to a group
+    tile_group: jax.Array  # [tiles] the group of each tile
+    used_tiles: jax.Array  # tiles holding rows; the rest are padding
+    tiles: int  # static upper bound: M // tile + G
+
+
+def group_tiles(group_sizes: jax.Array, count: int, tile: int) -> Layout:
+    """The tiled layout of `count` rows sorted into groups of `group_sizes`."""
+    groups = group_sizes.shape[0]
+    tiles = count // tile + groups  # enough for any group sizes
+    padded = (group_sizes + tile - 1) // tile * tile
+    ends, padded_ends = jnp.cumsum(group_sizes), jnp.cumsum(padded)
+    index = jnp.arange(count)
+    group = jnp.searchsorted(ends, index, side="right")
+    valid = group < groups
+    group = jnp.minimum(group, groups - 1)
+    destination = jnp.where(valid, (padded_ends - padded)[group] + index - (ends - group_sizes)[group], tiles * tile)
+    tile_group = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(tiles) * tile, side="right"), groups - 1)
+    return Layout(destination, valid, tile_group.astype(jnp.int32), (padded_ends[-1] // tile).astype(jnp.int32),
+                  tiles)
+
+
+class Options(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    swiglu: tuple[float, float] | None  # (alpha, limit), or None for no epilogue
+    interpret: bool
+
+
+def _block(size: int, choices: tuple[int, ...]) -> int:
+    for choice in choices:
+        if size % choice == 0:
+            return choice
+    raise ValueError(f"no tile in {choices} divides {size}")
+
+
+def mxfp4_ragged_matmul(rows: jax.Array, weight: Mxfp4Weight, group_sizes: jax.Array, bias: jax.Array | None = None,
+                        *, swiglu: tuple[float, float] | None = None, block_m: int = 64,
+                        interpret: bool = False) -> jax.Array:
+    """rows [M, K] (sorted by group) times their group's MXFP4 weight, plus the group's bias [G, N], then the
+    clamped SwiGLU (alpha, limit) if given -> float32 [M, N] (or [M, N/2] after SwiGLU). Rows past the groups
+    give zeros. Differentiable in `rows` and `bias`."""
+    count, k = rows.shape
+    groups, n = weight.blocks.shape[:2]
+    if weight.shape[-2] != k or group_sizes.shape != (groups,):
+        raise ValueError(f"rows {rows.shape}, weight {weight.shape} and group_sizes {group_sizes.shape} disagree")
+    options = Options(block_m, _block(n, (128, 64, 32)), _block(k, (256, 128, 64, 32)), swiglu, interpret)
+    bias = jnp.zeros((groups, n), jnp.float32) if bias is None else bias
+    layout = group_tiles(group_sizes, count, block_m)
+    tiled = jnp.zeros((layout.tiles * block_m, k), rows.dtype).at[layout.destination].set(rows, mode="drop")
+    out = _tiled_matmul(tiled, weight.blocks, weight.scales, bias, layout.tile_group, layout.used_tiles, options)
+    gathered = out.at[layout.destination].get(mode="fill", fill_value=0)
+    return jnp.where(layout.valid[:, None], gathered, 0)
+
+
+def reference(rows: jax.Array, weight: Mxfp4Weight, group_sizes: jax.Array, bias: jax.Array | None = None,
+              *, swiglu: tuple[float, float] | None = None) -> jax.Array:
+    """The same product through XLA: dequantize every expert, `ragged_dot`, bias, SwiGLU."""
+    from gptoss_jax.model import clamped_swiglu
+
+    out = jax.lax.ragged_dot(rows, weight.dequantize(rows.dtype), group_sizes, preferred_element_type=jnp.float32)
+    if bias is not None:
+        groups = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows.shape[0]), side="right")
+        out += jnp.where((groups < len(group_sizes))[:, None],
+                         bias.astype(jnp.float32)[jnp.minimum(groups, len(group_sizes) - 1)], 0)
+    return out if swiglu is None else clamped_swiglu(out, *swiglu)
+
+
+# ---- the kernels ------------------------------------------------------------------------------------------------
+
+
+def _weight_slice(blocks_ref, scales_ref, group, n_start, k_start, options: Options, dtype) -> jax.Array:
+    """[block_n, block_k] of one expert's weight (output-major), dequantized."""
+    per_k = options.block_k // BLOCK_SIZE
+    blocks = blocks_ref[group, pl.ds(n_start, options.block_n), pl.ds(k_start // BLOCK_SIZE, per_k), :]
+    scales = scales_ref[group, pl.ds(n_start, options.block_n), pl.ds(k_start // BLOCK_SIZE, per_k)]
+    return dequantize_rows(blocks, scales, dtype)
+
+
+def _forward_kernel(tile_group_ref, used_ref, rows_ref, blocks_ref, scales_ref, bias_ref, out_ref, *,
+                    options: Options):
+    tile, column = pl.program_id(0), pl.program_id(1)
+    n_start = column * options.block_n
+
+    @pl.when(tile >= used_ref[0])
+    def _():
+        out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
+
+    @pl.when(tile < used_ref[0])
+    def _():
+        group = tile_group_ref[tile]
+
+        def step(index, accumulator):
+            k_start = index * options.block_k
+            x = rows_ref[:, pl.ds(k_start, options.block_k)]
+            w = _weight_slice(blocks_ref, scales_ref, group, n_start, k_start, options, x.dtype)
+            return accumulator + jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())),
+                                                     preferred_element_type=jnp.float32)
+
+        steps = rows_ref.shape[1] // options.block_k
+        accumulator = jax.lax.fori_loop(0, steps, step, jnp.zeros((options.block_m, options.block_n), jnp.float32))
+        accumulator += bias_ref[group, pl.ds(n_start, options.block_n)].astype(jnp.float32)[None, :]
+        if options.swiglu is not None:
+            from gptoss_jax.model import clamped_swiglu
+
+            accumulator = clamped_swiglu(accumulator, *options.swiglu)
+        out_ref[...] = accumulator.astype(out_ref.dtype)
+
+
+def _transposed_kernel(tile_group_ref, used_ref, grads_ref, blocks_ref, scales_ref, out_ref, *, options: Options):
+    """d rows = d out @ weight^T for one (row tile, K slice), walking N."""
+    tile, k_slice = pl.program_id(0), pl.program_id(1)
+    k_start = k_slice * options.block_k
+
+    @pl.when(tile >= used_ref[0])
+    def _():
+        out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
+
+    @pl.when(tile < used_ref[0])
+    def _():
+        group = tile_group_ref[tile]
+
+        def step(index, accumulator):
+            n_start = index * options.block_n
+            g = grads_ref[:, pl.ds(n_start, options.block_n)]
+            w = _weight_slice(blocks_ref, scales_ref, group, n_start, k_start, options, g.dtype)
+            return accumulator + jnp.dot(g, w, preferred_element_type=jnp.float32)
+
+        steps = grads_ref.shape[1] // options.block_n
+        out_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros((options.block_m, options.block_k),
+                                                                   jnp.float32)).astype(out_ref.dtype)
+
+
+def _whole(array: jax.Array) -> pl.BlockSpec:
+    """The whole array in every grid step (sliced inside the kernel, where the tile's group is known)."""
+    return pl.BlockSpec(array.shape, lambda *_: (0,) * array.ndim)
+
+
+def _forward(tiled, blocks, scales, bias, tile_group, used, options: Options):
+    rows, k = tiled.shape
+    n = blocks.shape[1]
+    width = n // 2 if options.swiglu is not None else n
+    out_block = options.block_n // 2 if options.swiglu is not None else options.block_n
+    used = jnp.reshape(used, (1,))
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, options=options),
+        grid=(rows // options.block_m, n // options.block_n),
+        in_specs=[_whole(tile_group), _whole(used), pl.BlockSpec((options.block_m, k), lambda i, j: (i, 0)),
+                  _whole(blocks), _whole(scales), _whole(bias)],
+        out_specs=pl.BlockSpec((options.block_m, out_block), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((rows, width), jnp.float32),
+        interpret=options.interpret,
+    )(tile_group, used, tiled, blocks, scales, bias)
+
+
+def _transposed(grads, blocks, scales, tile_group, used, options: Options, dtype):
+    rows, n = grads.shape
+    k = blocks.shape[2] * BLOCK_SIZE
+    used = jnp.reshape(used, (1,))
+    return pl.pallas_call(
+        functools.partial(_transposed_kernel, options=options),
+        grid=(rows // options.block_m, k // options.block_k),
+        in_specs=[_whole(tile_group), _whole(used), pl.BlockSpec((options.block_m, n), lambda i, j: (i, 0)),
+                  _whole(blocks), _whole(scales)],
+        out_specs=pl.BlockSpec((options.block_m, options.block_k), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((rows, k), dtype),
+        interpret=options.interpret,
+    )(tile_group, used, grads, blocks, scales)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _tiled_matmul(tiled, blocks, scales, bias, tile_group, used, options: Options):
+    return _forward(tiled, blocks, scales, bias, tile_group, used, options)
+
+
+def _tiled_matmul_forward(tiled, blocks, scales, bias, tile_group, used, options: Options):
+    out = _forward(tiled, blocks, scales, bias, tile_group, used, options)
+    return out, (tiled, blocks, scales, bias, tile_group, used)
+
+
+def _tiled_matmul_backward(options: Options, residuals, grad_out):
+    tiled, blocks, scales, bias, tile_group, used = residuals
+    if options.swiglu is not None:  # back through the epilogue, from the recomputed pre-activation
+        from gptoss_jax.model import clamped_swiglu
+
+        before = _forward(tiled, blocks, scales, bias, tile_group, used, options._replace(swiglu=None))
+        grad_out = jax.vjp(lambda h: clamped_swiglu(h, *options.swiglu), before)[1](grad_out)[0]
+    grad_rows = _transposed(grad_out.astype(tiled.dtype), blocks, scales, tile_group, used, options, tiled.dtype)
+    per_tile = grad_out.reshape(-1, options.block_m, grad_out.shape[-1]).sum(axis=1)  # padding rows carry zeros
+    grad_bias = jax.ops.segment_sum(per_tile, tile_group, num_segments=bias.shape[0])
+    return grad_rows, None, None, grad_bias.astype(bias.dtype), None, None
+
+
+_tiled_matmul.defvjp(_tiled_matmul_forward, _tiled_matmul_backward)
