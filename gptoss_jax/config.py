@@ -45,9 +45,10 @@ class GptOssConfig:
     initial_context_length: int = 4096  # the pre-training context YaRN extends from
     rope_truncate: bool = False  # round the YaRN ramp bounds to integers (HF `truncate`; gpt-oss does not)
     max_position_embeddings: int = 131072
-    # How the MXFP4 experts multiply: "xla" (dequantize, then XLA's ragged_dot), "pallas" (the kernel in
-    # gptoss_jax.kernels.mxfp4_matmul; interpret mode off a GPU, for testing), "auto" (pallas on a GPU).
-    # Not part of the checkpoint: a run-time choice (load_model(..., kernels=...)).
+    # Attention and the MXFP4 experts through XLA ("xla") or the Pallas kernels of gptoss_jax.kernels ("pallas":
+    # flash/decode attention with sinks and, for packed experts, the MXFP4 grouped matmul; interpret mode off a
+    # GPU, for testing), or "auto" (pallas on a GPU). Not part of the checkpoint: a run-time choice
+    # (load_model(..., kernels=...)).
     kernels: str = "xla"
 
     def __post_init__(self):

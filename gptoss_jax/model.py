@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import logging
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ from jax.sharding import PartitionSpec
 
 from gptoss_jax import sharding
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.kernels.attention import decode_attention, flash_attention
 from gptoss_jax.kernels.mxfp4_matmul import group_tiles, mxfp4_ragged_matmul
 from gptoss_jax.mxfp4 import BLOCK_SIZE, Mxfp4Weight
 
@@ -170,6 +172,30 @@ def attention_mask(segment_ids: jax.Array, window: int | None) -> jax.Array:
     return allowed[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
 
+class SegmentMask(NamedTuple):
+    """Causal attention within `window` keys (None: all earlier ones) among tokens of the same segment, in the
+    form the flash kernel takes; the XLA path expands it with `attention_mask`."""
+
+    segment_ids: jax.Array  # [B, T]
+    window: int | None
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, mask: SegmentMask | jax.Array,
+           kernels: str = "xla") -> jax.Array:
+    """`attention_with_sinks`, through the Pallas kernels when `kernels` asks for them: flash attention for a
+    segment mask over the step's own keys, decode attention for one query against a cache (a dense mask)."""
+    kernel = _use_kernels(kernels)
+    if isinstance(mask, SegmentMask):
+        if kernel and q.shape[1] == k.shape[1]:
+            log.info("attention: Pallas flash attention%s", _interpret_note())
+            return flash_attention(q, k, v, sinks, mask.segment_ids, window=mask.window, interpret=not _on_gpu())
+        mask = attention_mask(mask.segment_ids, mask.window)
+    elif kernel and q.shape[1] == 1:
+        log.info("attention: Pallas decode attention%s", _interpret_note())
+        return decode_attention(q, k, v, sinks, mask[:, 0], interpret=not _on_gpu())
+    return attention_with_sinks(q, k, v, sinks, mask)
+
+
 def attention_with_sinks(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query softmax attention whose every row also competes with a learned per-head sink logit.
 
@@ -202,6 +228,7 @@ class Attention(nnx.Module):
         self.wo = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype)
         self.bo = _param(rngs, (d,), ("embed",), dtype, _zeros)
         self.sinks = _param(rngs, (n,), ("q_heads",), jnp.float32)
+        self.kernels = config.kernels
         self.adapters = nnx.Dict()  # LoRA of wq, wk, wv, wo
 
     def __call__(self, x, cos, sin, mask, key=None, attend_to=None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -216,7 +243,7 @@ class Attention(nnx.Module):
         v += _low_rank(a, "wv", x, "btd,dr->btr", "btr,rkh->btkh", _key(key, 2))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = (k, v) if attend_to is None else attend_to(k, v)
-        out = attention_with_sinks(q, keys, values, self.sinks[...], mask)
+        out = attend(q, keys, values, self.sinks[...], mask, self.kernels)
         projected = jnp.einsum("btnh,nhd->btd", out, self.wo[...]) + self.bo[...]
         return projected + _low_rank(a, "wo", out, "btnh,nhr->btr", "btr,rd->btd", _key(key, 3)), keys, values
 
@@ -394,19 +421,25 @@ def _grouped_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_d
 
 
 def _expert_kernel(kernels: str, weight):
-    """The Pallas MXFP4 matmul (in interpret mode off a GPU) if `kernels` asks for it and the weights are packed;
-    None for the XLA path. Logs the choice each time a forward is traced."""
-    use = isinstance(weight, Mxfp4Weight) and (kernels == "pallas" or (kernels == "auto" and _on_gpu()))
-    if not use:
-        log.debug("MoE experts: XLA ragged_dot on %s weights", "MXFP4" if isinstance(weight, Mxfp4Weight) else "dense")
+    """The Pallas MXFP4 matmul if `kernels` asks for kernels and the weights are packed; None for the XLA path.
+    Logs the choice each time a forward is traced."""
+    if not (isinstance(weight, Mxfp4Weight) and _use_kernels(kernels)):
         return None
-    interpret = not _on_gpu()
-    log.info("MoE experts: Pallas MXFP4 kernel%s", " (interpret mode: no GPU)" if interpret else "")
-    return functools.partial(mxfp4_ragged_matmul, interpret=interpret)
+    log.info("MoE experts: Pallas MXFP4 kernel%s", _interpret_note())
+    return functools.partial(mxfp4_ragged_matmul, interpret=not _on_gpu())
+
+
+def _use_kernels(kernels: str) -> bool:
+    """GptOssConfig.kernels: "pallas" always (interpret mode off a GPU), "auto" on a GPU, "xla" never."""
+    return kernels == "pallas" or (kernels == "auto" and _on_gpu())
 
 
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
+
+
+def _interpret_note() -> str:
+    return "" if _on_gpu() else " (interpret mode: no GPU)"
 
 
 def ragged_matmul(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array, tile: int = 64) -> jax.Array:
@@ -556,7 +589,7 @@ class GptOss(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.zeros((batch, length), jnp.int32)
         cos, sin = rope_cos_sin(self.config, positions)
-        masks = (attention_mask(segment_ids, self.config.sliding_window), attention_mask(segment_ids, None))
+        masks = (SegmentMask(segment_ids, self.config.sliding_window), SegmentMask(segment_ids, None))
         keys = None if dropout_key is None else jax.random.split(dropout_key, self.config.num_hidden_layers)
 
         def layer(mask):
@@ -626,12 +659,12 @@ class GptOss(nnx.Module):
         ring_written = (ring_index >= 0)[None, :, None, None]
 
         def banded(block, x, _):
-            x, _, k, v = block(x, cos, sin, attention_mask(real, self.config.sliding_window))
+            x, _, k, v = block(x, cos, sin, SegmentMask(real, self.config.sliding_window))
             ring = [jnp.where(ring_written, a[:, jnp.maximum(ring_index, 0)], 0) for a in (k, v)]
             return x, tuple(ring)
 
         def full(block, x, _):
-            x, _, k, v = block(x, cos, sin, attention_mask(real, None))
+            x, _, k, v = block(x, cos, sin, SegmentMask(real, None))
             pad = ((0, 0), (0, cache.full_k.shape[2] - length), (0, 0), (0, 0))
             return x, (jnp.pad(k, pad), jnp.pad(v, pad))
 

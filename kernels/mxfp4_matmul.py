@@ -13,7 +13,7 @@ the frozen packed weights — a second kernel multiplies by the transposed weigh
 LoRA trains on an MXFP4 base.
 
 Written as generic Pallas (BlockSpecs, ref slices, jnp inside the kernel), which `interpret=True` runs on a CPU
-and the GPU lowerings compile; `reference` is the XLA computation it must equal.
+and a GPU compiles with the lowering `kernels.lowering` chooses; `reference` is the XLA computation it must equal.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from gptoss_jax.kernels.lowering import compiler_params
 from gptoss_jax.mxfp4 import BLOCK_SIZE, Mxfp4Weight, dequantize_rows
 
 
@@ -112,10 +113,9 @@ def _weight_slice(blocks_ref, scales_ref, group, n_start, k_start, options: Opti
     return dequantize_rows(blocks, scales, dtype)
 
 
-def _forward_kernel(tile_group_ref, used_ref, rows_ref, blocks_ref, scales_ref, bias_ref, out_ref, *,
-                    options: Options):
-    tile, column = pl.program_id(0), pl.program_id(1)
-    n_start = column * options.block_n
+def _rows_or_zeros(tile_group_ref, used_ref, out_ref, compute) -> None:
+    """Writes compute(group) for a tile holding rows of `group`, zeros for a padding tile (skipped)."""
+    tile = pl.program_id(0)
 
     @pl.when(tile >= used_ref[0])
     def _():
@@ -123,8 +123,14 @@ def _forward_kernel(tile_group_ref, used_ref, rows_ref, blocks_ref, scales_ref, 
 
     @pl.when(tile < used_ref[0])
     def _():
-        group = tile_group_ref[tile]
+        out_ref[...] = compute(tile_group_ref[tile]).astype(out_ref.dtype)
 
+
+def _forward_kernel(tile_group_ref, used_ref, rows_ref, blocks_ref, scales_ref, bias_ref, out_ref, *,
+                    options: Options):
+    n_start = pl.program_id(1) * options.block_n
+
+    def compute(group):
         def step(index, accumulator):
             k_start = index * options.block_k
             x = rows_ref[:, pl.ds(k_start, options.block_k)]
@@ -135,26 +141,20 @@ def _forward_kernel(tile_group_ref, used_ref, rows_ref, blocks_ref, scales_ref, 
         steps = rows_ref.shape[1] // options.block_k
         accumulator = jax.lax.fori_loop(0, steps, step, jnp.zeros((options.block_m, options.block_n), jnp.float32))
         accumulator += bias_ref[group, pl.ds(n_start, options.block_n)].astype(jnp.float32)[None, :]
-        if options.swiglu is not None:
-            from gptoss_jax.model import clamped_swiglu
+        if options.swiglu is None:
+            return accumulator
+        from gptoss_jax.model import clamped_swiglu
 
-            accumulator = clamped_swiglu(accumulator, *options.swiglu)
-        out_ref[...] = accumulator.astype(out_ref.dtype)
+        return clamped_swiglu(accumulator, *options.swiglu)
+
+    _rows_or_zeros(tile_group_ref, used_ref, out_ref, compute)
 
 
 def _transposed_kernel(tile_group_ref, used_ref, grads_ref, blocks_ref, scales_ref, out_ref, *, options: Options):
     """d rows = d out @ weight^T for one (row tile, K slice), walking N."""
-    tile, k_slice = pl.program_id(0), pl.program_id(1)
-    k_start = k_slice * options.block_k
+    k_start = pl.program_id(1) * options.block_k
 
-    @pl.when(tile >= used_ref[0])
-    def _():
-        out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
-
-    @pl.when(tile < used_ref[0])
-    def _():
-        group = tile_group_ref[tile]
-
+    def compute(group):
         def step(index, accumulator):
             n_start = index * options.block_n
             g = grads_ref[:, pl.ds(n_start, options.block_n)]
@@ -162,8 +162,9 @@ def _transposed_kernel(tile_group_ref, used_ref, grads_ref, blocks_ref, scales_r
             return accumulator + jnp.dot(g, w, preferred_element_type=jnp.float32)
 
         steps = grads_ref.shape[1] // options.block_n
-        out_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros((options.block_m, options.block_k),
-                                                                   jnp.float32)).astype(out_ref.dtype)
+        return jax.lax.fori_loop(0, steps, step, jnp.zeros((options.block_m, options.block_k), jnp.float32))
+
+    _rows_or_zeros(tile_group_ref, used_ref, out_ref, compute)
 
 
 def _whole(array: jax.Array) -> pl.BlockSpec:
@@ -185,6 +186,7 @@ def _forward(tiled, blocks, scales, bias, tile_group, used, options: Options):
         out_specs=pl.BlockSpec((options.block_m, out_block), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((rows, width), jnp.float32),
         interpret=options.interpret,
+        compiler_params=compiler_params(options.interpret),
     )(tile_group, used, tiled, blocks, scales, bias)
 
 
@@ -200,6 +202,7 @@ def _transposed(grads, blocks, scales, tile_group, used, options: Options, dtype
         out_specs=pl.BlockSpec((options.block_m, options.block_k), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((rows, k), dtype),
         interpret=options.interpret,
+        compiler_params=compiler_params(options.interpret),
     )(tile_group, used, grads, blocks, scales)
 
 

@@ -1,5 +1,10 @@
-"""The Pallas MXFP4 grouped matmul in interpret mode against its XLA reference, and the model with the kernel
-against the model without it (logits, cached decoding, LoRA gradients on a packed base)."""
+"""The Pallas kernels in interpret mode against their XLA references — the MXFP4 grouped matmul, flash attention
+with sinks (forward and backward), decode attention — and the model with kernels against the model without them
+(logits, cached decoding, LoRA gradients on a packed base)."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +14,10 @@ from flax import nnx
 
 from gptoss_jax.config import ConfigError, GptOssConfig
 from gptoss_jax.generation import Generator
+from gptoss_jax.kernels import attention
 from gptoss_jax.kernels.mxfp4_matmul import mxfp4_ragged_matmul, reference
 from gptoss_jax.lora import LoraConfig, add_lora
-from gptoss_jax.model import GptOss, LoRAParam
+from gptoss_jax.model import GptOss, LoRAParam, attention_with_sinks
 from gptoss_jax.mxfp4 import Mxfp4Weight
 
 from helpers import relative_error
@@ -71,6 +77,50 @@ def test_kernel_result_depends_on_the_weights():
     assert relative_error(mxfp4_ragged_matmul(rows, swapped, group_sizes, bias, interpret=True), out) > 0.1
 
 
+def _random(rng, shape, dtype):
+    return jnp.asarray(rng.normal(size=shape), dtype)
+
+
+# T not a multiple of the block, windows shorter and longer than a block, GQA groups of 1, 2 and 4, packed segments
+@pytest.mark.parametrize("batch, length, heads, kv_heads, head_dim, window, block", [
+    (2, 40, 4, 2, 16, 8, 16),
+    (1, 64, 4, 1, 32, None, 16),
+    (2, 33, 2, 2, 16, 5, 16),
+    (1, 50, 4, 2, 16, 20, 16),
+    (1, 7, 2, 1, 16, None, 64),
+])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_flash_attention_matches_the_xla_reference(batch, length, heads, kv_heads, head_dim, window, block, dtype):
+    rng = np.random.default_rng(length)
+    q = _random(rng, (batch, length, heads, head_dim), dtype)
+    k, v = (_random(rng, (batch, length, kv_heads, head_dim), dtype) for _ in range(2))
+    sinks = _random(rng, (heads,), jnp.float32)
+    segments = jnp.asarray(np.sort(rng.integers(0, 3, size=(batch, length)), axis=1), jnp.int32)
+    out = attention.flash_attention(q, k, v, sinks, segments, window=window, block=block, interpret=True)
+    expected = attention.reference(q, k, v, sinks, segments, window=window)
+    assert out.dtype == expected.dtype and relative_error(out, expected) <= TOLERANCE[dtype]
+
+    cotangent = _random(rng, expected.shape, jnp.float32)
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cotangent), argnums=(0, 1, 2, 3))(q, k, v, sinks) for f in (
+        lambda *a: attention.flash_attention(*a, segments, window=window, block=block, interpret=True),
+        lambda *a: attention.reference(*a, segments, window=window))]
+    for name, mine, theirs in zip(("q", "k", "v", "sinks"), *grads, strict=True):
+        assert mine.dtype == theirs.dtype, name
+        assert relative_error(mine, theirs) <= TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize("slots, block", [(50, 16), (128, 128), (5, 128)])
+def test_decode_attention_matches_the_xla_reference(slots, block):
+    rng = np.random.default_rng(slots)
+    q = _random(rng, (3, 1, 4, 16), jnp.float32)
+    k, v = (_random(rng, (3, slots, 2, 16), jnp.float32) for _ in range(2))
+    sinks = _random(rng, (4,), jnp.float32)
+    visible = jnp.asarray(rng.random(size=(3, slots)) < 0.6).at[2].set(False)  # row 2 sees no key: zeros
+    out = attention.decode_attention(q, k, v, sinks, visible, block=block, interpret=True)
+    expected = attention_with_sinks(q, k, v, sinks, visible[:, None, :])
+    assert relative_error(out, expected) <= 1e-5 and not np.asarray(out[2]).any()
+
+
 def _models(**changes):
     config = GptOssConfig.tiny().replace(vocab_size=512, **changes)
     return [GptOss(config.replace(kernels=kernels), dtype="float32", mxfp4_experts=True, rngs=nnx.Rngs(3))
@@ -110,6 +160,32 @@ def test_lora_gradients_through_the_packed_kernel():
     for mine, expected in zip(leaves[1], leaves[0], strict=True):
         assert np.abs(np.asarray(expected)).max() > 0
         assert relative_error(mine, expected) <= 1e-5
+
+
+_EXPERT_PARALLEL = """
+import jax.numpy as jnp, numpy as np
+from flax import nnx
+from gptoss_jax.config import GptOssConfig
+from gptoss_jax.model import GptOss
+from gptoss_jax.sharding import make_mesh, shard_model
+tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, size=(2, 16)), jnp.int32)
+logits = []
+for kernels in ("xla", "pallas"):
+    model = GptOss(GptOssConfig.tiny().replace(vocab_size=512, kernels=kernels), dtype="float32",
+                   mxfp4_experts=True, rngs=nnx.Rngs(3))
+    shard_model(model, make_mesh("expert=2,tensor=2"))
+    logits.append(np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens)))
+print(np.linalg.norm(logits[1] - logits[0]) / np.linalg.norm(logits[0]))
+"""
+
+
+def test_kernels_under_expert_parallelism():
+    """Four CPU devices, experts over two and their intermediate over two: the kernel runs inside shard_map."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run([sys.executable, "-c", _EXPERT_PARALLEL], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.split()[-1]) <= 1e-5
 
 
 def test_kernels_setting_is_checked():
