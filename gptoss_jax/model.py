@@ -252,8 +252,9 @@ class Attention(nnx.Module):
 
 
 def clamped_swiglu(h: jax.Array, alpha: float, limit: float) -> jax.Array:
-    """gpt-oss's SwiGLU on interleaved columns (gate = even, linear = odd), clamped for stability."""
-    gate, linear = h[..., ::2], h[..., 1::2]
+    """gpt-oss's SwiGLU on interleaved columns (gate = even, linear = odd), clamped for stability. (Split by a
+    reshape rather than strided slices, which the Pallas kernels' Triton lowering cannot express.)"""
+    gate, linear = jax.lax.unstack(h.reshape(*h.shape[:-1], h.shape[-1] // 2, 2), axis=-1)
     gate = jnp.minimum(gate, limit)
     linear = jnp.clip(linear, -limit, limit)
     return gate * jax.nn.sigmoid(alpha * gate) * (linear + 1)

@@ -43,7 +43,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, 
     each query attends to the keys at or before it, within `window`, of its own segment, and to its head's sink.
     Differentiable in q, k, v and sinks. T need not be a multiple of the block (it is padded)."""
     batch, length, heads, head_dim = q.shape
-    tile = min(block, _next_power_of_two(length))
+    tile = _tile(block, length)
     padded = -length % tile
     if padded:  # padding keys get a segment no query has; padding queries' outputs are dropped
         q, k, v = (jnp.pad(a, ((0, 0), (0, padded), (0, 0), (0, 0))) for a in (q, k, v))
@@ -56,6 +56,13 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, 
 
 def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def _tile(block: int, length: int) -> int:
+    """`block`, or less for short inputs — a power of two of at least 16 (Triton's smallest matmul side)."""
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two of at least 16, got {block}")
+    return max(16, min(block, _next_power_of_two(length)))
 
 
 def _key_blocks(q_start, options: Options, key_blocks: int):
@@ -266,12 +273,12 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array,
     batch, _, heads, head_dim = q.shape
     kv_heads, slots = k.shape[2], k.shape[1]
     group = heads // kv_heads
-    tile = min(block, _next_power_of_two(slots))
+    tile = _tile(block, slots)
     padded = -slots % tile
     if padded:
         k, v = (jnp.pad(a, ((0, 0), (0, padded), (0, 0), (0, 0))) for a in (k, v))
         visible = jnp.pad(visible, ((0, 0), (0, padded)))
-    rows = max(group, 16)  # Triton's matmuls want 16 rows at least: pad the query group with zeros
+    rows = _next_power_of_two(max(group, 16))  # Triton: power-of-two blocks, 16 rows at least (zero padding)
     queries = jnp.pad(q.reshape(batch, kv_heads, group, head_dim), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
     sinks = jnp.pad(sinks.astype(jnp.float32).reshape(kv_heads, group), ((0, 0), (0, rows - group)))
     kv = [jnp.swapaxes(a, 1, 2) for a in (k, v)]  # [B, K, S, H]

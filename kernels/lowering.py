@@ -4,9 +4,11 @@ The kernels are generic Pallas — BlockSpecs, ref slices and jnp inside — so 
 on a CPU (CI) and compiles on a GPU. On a GPU they ask for the Triton lowering. JAX 0.9+ defaults `pallas_call` to
 Mosaic GPU, and 0.11 deprecates Triton; but Mosaic GPU kernels are written with its own primitives (TMA copies,
 barriers, wgmma) that `interpret=True` cannot run, and its lowering of generic kernels does not cover the integer
-bit work of MXFP4 decoding. Triton lowers all of it, so one kernel source is both tested here and compiled there.
-Triton wants power-of-two block dimensions and matmul operands of at least 16 along each side; the kernels keep
-to both (gpt-oss's 2880 is 45 blocks of 64).
+bit work of MXFP4 decoding. Triton's lowering takes every kernel here (tests/test_kernels.py lowers each for CUDA
+on the CPU; compiling the result to GPU code needs a GPU), so one source is tested here and compiled there.
+Triton wants power-of-two blocks and matmul sides of at least 16, and no strided slices: the kernels use blocks of
+16-256 (gpt-oss's 2880 is 45 blocks of 64), pad short inputs and small query groups to 16 rows, and split
+SwiGLU's interleaved columns by a reshape.
 """
 
 from __future__ import annotations

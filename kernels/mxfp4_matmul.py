@@ -80,6 +80,8 @@ def mxfp4_ragged_matmul(rows: jax.Array, weight: Mxfp4Weight, group_sizes: jax.A
     groups, n = weight.blocks.shape[:2]
     if weight.shape[-2] != k or group_sizes.shape != (groups,):
         raise ValueError(f"rows {rows.shape}, weight {weight.shape} and group_sizes {group_sizes.shape} disagree")
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two of at least 16, got {block_m}")
     options = Options(block_m, _block(n, (128, 64, 32)), _block(k, (256, 128, 64, 32)), swiglu, interpret)
     bias = jnp.zeros((groups, n), jnp.float32) if bias is None else bias
     layout = group_tiles(group_sizes, count, block_m)
