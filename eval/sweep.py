@@ -24,7 +24,7 @@ from gptoss_jax.eval import report
 from gptoss_jax.eval.backends import JaxBackend, OpenAIBackend, Request, seed_of
 from gptoss_jax.eval.graders import grade
 from gptoss_jax.eval.tasks import Problem, load_task, task_name
-from gptoss_jax.train.config import ConfigError, read_config
+from gptoss_jax.train.config import ConfigError, read_config, setting
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +215,7 @@ def _read_samples(path: Path) -> dict[tuple, dict[str, Any]]:
 
 
 def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return {key: _get(config, key) for key in _GENERATION_KEYS}
-
-
-def _get(config: ml_collections.ConfigDict, key: str):
-    for part in key.split("."):
-        config = config[part]
-    return config
+    return {key: setting(config, key) for key in _GENERATION_KEYS}
 
 
 def _check_settings(output: Path, config: ml_collections.ConfigDict) -> None:

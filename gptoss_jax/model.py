@@ -393,7 +393,6 @@ def _grouped_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_d
         return _gathered_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_down, low_rank, swiglu)
     flat_experts = experts.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True)
-    sorted_experts = jnp.minimum(flat_experts[order], num_experts - 1)  # bias rows for pairs not here: unused
     group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
     rows = tokens[order // k]
 
@@ -413,6 +412,7 @@ def _grouped_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_d
         out = kernel(h, w_down, group_sizes, b_down) + update("w_down", h)
     else:
         w_gate_up, w_down = _dense(w_gate_up, tokens.dtype), _dense(w_down, tokens.dtype)
+        sorted_experts = jnp.minimum(flat_experts[order], num_experts - 1)  # bias rows for pairs not here: unused
         h = ragged_matmul(rows, w_gate_up, group_sizes)
         h = clamped_swiglu(h + update("w_gate_up", rows) + b_gate_up[sorted_experts], **swiglu).astype(tokens.dtype)
         out = ragged_matmul(h, w_down, group_sizes) + update("w_down", h) + b_down[sorted_experts]

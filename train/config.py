@@ -178,11 +178,11 @@ def _parse(text: str, current):
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks every setting the trainer reads, naming the first bad one."""
     for key, choices in _CHOICES.items():
-        if _get(config, key) not in choices:
-            raise ConfigError(f"config.{key}: expected one of {choices}, got {_get(config, key)!r}")
+        if setting(config, key) not in choices:
+            raise ConfigError(f"config.{key}: expected one of {choices}, got {setting(config, key)!r}")
     for key in _POSITIVE:
-        if not _get(config, key) > 0:
-            raise ConfigError(f"config.{key}: must be positive, got {_get(config, key)!r}")
+        if not setting(config, key) > 0:
+            raise ConfigError(f"config.{key}: must be positive, got {setting(config, key)!r}")
     if not 0 <= config.optimizer.min_lr_ratio <= 1:
         raise ConfigError(f"config.optimizer.min_lr_ratio: must be in [0, 1], got {config.optimizer.min_lr_ratio}")
     if config.optimizer.warmup_steps < 0 or config.optimizer.warmup_steps > config.train.steps:
@@ -207,7 +207,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("config.mesh: at most one axis may be -1")
 
 
-def _get(config: ml_collections.ConfigDict, key: str):
+def setting(config: ml_collections.ConfigDict, key: str):
+    """The value at a dotted key, e.g. "model.remat"."""
     node = config
     for part in key.split("."):
         node = node[part]
