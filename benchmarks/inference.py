@@ -1,10 +1,12 @@
 """Prefill and decode speed on the CPU, ours vs transformers, same weights, in one process.
 
 Model: 4 layers, hidden 512, 16 experts (top 4), the real 201,088-token vocabulary, float32. Prefill: one
-1024-token prompt, both sides computing the last position's logits only. Decode: batch 1, 64 greedy tokens after
-a 32-token prompt (the KV cache on both sides). The machine's limits are measured in the same run: a 2048^3
-float32 matmul (FLOP/s) and reading a 1 GiB array (bytes/s). Prefill is compared with the matmul rate (FLOPs /
-time); decode at batch 1 with the bandwidth (the weight bytes a token reads / time).
+1024- and one 8192-token prompt, both sides computing the last position's logits only. Decode: batch 1, 64 greedy
+tokens after a 32-token prompt (the KV cache on both sides). transformers runs with each of its CPU experts
+implementations ("eager", "grouped_mm"; attention "eager": its sinks rule out sdpa, and flex attention with sinks
+needs a GPU) and the faster of the two is the reference. The machine's limits are measured in the same run: a
+2048^3 float32 matmul (FLOP/s) and reading a 1 GiB array (bytes/s). Prefill is compared with the matmul rate
+(FLOPs / time); decode at batch 1 with the bandwidth (the weight bytes a token reads / time).
 
     python benchmarks/inference.py
 """
@@ -33,7 +35,8 @@ from hf_models import random_hf_model  # noqa: E402
 SIZES = dict(num_hidden_layers=4, hidden_size=512, intermediate_size=512, head_dim=64, num_attention_heads=8,
              num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=4, vocab_size=201088,
              sliding_window=128)
-PREFILL, PROMPT, DECODE = 1024, 32, 64
+PREFILLS, PROMPT, DECODE = (1024, 8192), 32, 64
+PEER_EXPERTS = ("eager", "grouped_mm")
 
 
 def machine_limits() -> tuple[float, float]:
@@ -46,14 +49,22 @@ def machine_limits() -> tuple[float, float]:
     return flops, bandwidth
 
 
-def model_costs(config) -> tuple[float, float]:
-    """(FLOPs per prefill token, weight bytes read per decoded token) of the float32 model. A prefill needs the
-    logits of its last position only: the unembedding counts once per prompt, not per token."""
+def prefill_flops(config, length: int) -> float:
+    """FLOPs per prefill token of the float32 model. A prefill needs the logits of its last position only: the
+    unembedding counts once per prompt, not per token. Attention: QK^T and PV over the keys a query sees on
+    average (the window on banded layers, half the prompt on full ones)."""
     _, active = gptoss_jax.parameter_counts(config)
     unembedding = config.vocab_size * config.hidden_size
-    attention = 2 * config.num_attention_heads * config.head_dim * PREFILL / 2  # causal QK^T and PV, average
-    flops = 2 * (active - unembedding) + 2 * unembedding / PREFILL + 2 * attention * config.num_hidden_layers
-    return flops, 4 * (active + config.hidden_size)  # the active weights, and one embedding row
+    seen = sum(min(length, config.sliding_window) if layer % 2 == 0 else length / 2
+               for layer in range(config.num_hidden_layers))
+    attention = 2 * 2 * config.num_attention_heads * config.head_dim * seen
+    return 2 * (active - unembedding) + 2 * unembedding / length + attention
+
+
+def decode_bytes(config) -> float:
+    """Weight bytes a decoded token reads: the active weights and one embedding row, float32."""
+    _, active = gptoss_jax.parameter_counts(config)
+    return 4 * (active + config.hidden_size)
 
 
 def _decode_seconds(generator: Generator, prompt: list[int]) -> float:
@@ -68,43 +79,48 @@ def main():
     torch.set_num_threads(os.cpu_count())
     hf = random_hf_model(seed=0, **SIZES).eval()
     rng = np.random.default_rng(0)
-    long_prompt = rng.integers(0, SIZES["vocab_size"], PREFILL).tolist()
+    long_prompts = {length: rng.integers(0, SIZES["vocab_size"], length).tolist() for length in PREFILLS}
     short_prompt = rng.integers(0, SIZES["vocab_size"], PROMPT).tolist()
     with tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(directory)
         model = gptoss_jax.load_model(directory, dtype="float32")
     generator = Generator(model)
 
-    ours_prefill = seconds(lambda: generator.generate([long_prompt], 1, stop_tokens=[]), 3)
-    ours_decode = min(_decode_seconds(generator, short_prompt) for _ in range(3))
+    ours = {length: seconds(lambda p=prompt: generator.generate([p], 1, stop_tokens=[]), 3)
+            for length, prompt in long_prompts.items()}
+    ours["decode"] = min(_decode_seconds(generator, short_prompt) for _ in range(3))
 
+    theirs = {}
     with torch.no_grad():
-        long_ids, short_ids = torch.tensor([long_prompt]), torch.tensor([short_prompt])
-        their_prefill = seconds(lambda: hf(long_ids, logits_to_keep=1), 3)  # the last position's logits, as ours
-        one = seconds(lambda: hf.generate(short_ids, max_new_tokens=1, min_new_tokens=1, do_sample=False,
-                                          eos_token_id=None, pad_token_id=0), 3)
-        many = seconds(lambda: hf.generate(short_ids, max_new_tokens=DECODE + 1, min_new_tokens=DECODE + 1,
-                                           do_sample=False, eos_token_id=None, pad_token_id=0), 3)
-        their_decode = (many - one) / DECODE
+        short_ids = torch.tensor([short_prompt])
+        for experts in PEER_EXPERTS:
+            hf.set_experts_implementation(experts)
+            for length, prompt in long_prompts.items():  # the last position's logits, as ours
+                ids = torch.tensor([prompt])
+                theirs[experts, length] = seconds(lambda ids=ids: hf(ids, logits_to_keep=1), 3)
+            one = seconds(lambda: hf.generate(short_ids, max_new_tokens=1, min_new_tokens=1, do_sample=False,
+                                              eos_token_id=None, pad_token_id=0), 3)
+            many = seconds(lambda: hf.generate(short_ids, max_new_tokens=DECODE + 1, min_new_tokens=DECODE + 1,
+                                               do_sample=False, eos_token_id=None, pad_token_id=0), 3)
+            theirs[experts, "decode"] = (many - one) / DECODE
 
     flops, bandwidth = machine_limits()
-    prefill_flops, decode_bytes = model_costs(model.config)
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}, "
           f"torch {torch.__version__}; model {SIZES}, float32")
     print(f"machine: {flops / 1e9:.1f} GFLOP/s (2048^3 matmul), {bandwidth / 1e9:.1f} GB/s (reading 1 GiB)")
-    for name, seconds_ours, seconds_theirs, tokens in (("prefill", ours_prefill, their_prefill, PREFILL),
-                                                       ("decode", ours_decode, their_decode, 1)):
-        ours_rate, their_rate = tokens / seconds_ours, tokens / seconds_theirs
-        if name == "prefill":
-            fraction = prefill_flops * ours_rate / flops
-            their_fraction = prefill_flops * their_rate / flops
-            limit = "of the matmul rate"
+    for case in (*PREFILLS, "decode"):
+        tokens = 1 if case == "decode" else case
+        peer = {experts: tokens / theirs[experts, case] for experts in PEER_EXPERTS}
+        best = max(peer, key=peer.get)
+        ours_rate = tokens / ours[case]
+        if case == "decode":
+            name, work, limit, ceiling = "decode, batch 1", decode_bytes(model.config), "of the read bound", bandwidth
         else:
-            fraction = decode_bytes * ours_rate / bandwidth
-            their_fraction = decode_bytes * their_rate / bandwidth
-            limit = "of the bandwidth bound"
-        print(f"{name:8s} ours {ours_rate:9.1f} tok/s ({fraction:.0%} {limit})   transformers {their_rate:9.1f} "
-              f"tok/s ({their_fraction:.0%})   ratio {ours_rate / their_rate:.2f}x")
+            name, work, limit = f"prefill {case}", prefill_flops(model.config, case), "of the matmul rate"
+            ceiling = flops
+        peers = ", ".join(f"{experts} {rate:9.1f}" for experts, rate in peer.items())
+        print(f"{name:15s} ours {ours_rate:9.1f} tok/s ({work * ours_rate / ceiling:.0%} {limit})   transformers "
+              f"[{peers}] tok/s ({work * peer[best] / ceiling:.0%})   ratio {ours_rate / peer[best]:.2f}x over {best}")
 
 
 if __name__ == "__main__":

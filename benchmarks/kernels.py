@@ -2,7 +2,8 @@
 matmul rate measured in the same run as the ceilings:
 - the MXFP4 experts (XLA: dequantize, then ragged_dot / gathered experts): the whole expert computation of one
   layer (gate-up with SwiGLU, down, bias, weighting) for `tokens` tokens routed to 4 experts each;
-- flash attention with sinks, forward + backward, on a full causal layer of `attention-tokens` tokens;
+- flash attention with sinks, forward + backward, on a full causal layer of `attention-tokens` tokens (XLA: the
+  model's blockwise attention);
 - decode attention of `decode-batch` new tokens over a `cache`-slot KV cache.
 
     python benchmarks/kernels.py                         # gpt-oss-20b layer: decode 1-64 tokens, prefill 4k-16k
@@ -106,7 +107,7 @@ def attention_rows(config: GptOssConfig, lengths, batches, cache: int, repeats: 
                    copy_rate: float) -> None:
     """Flash attention forward + backward on a full (causal) layer, and decode attention over a cache."""
     from gptoss_jax.kernels.attention import decode_attention, flash_attention
-    from gptoss_jax.model import attention_mask, attention_with_sinks
+    from gptoss_jax.ops import attention_with_sinks, blockwise_attention
 
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     interpret = jax.default_backend() != "gpu"
@@ -119,7 +120,7 @@ def attention_rows(config: GptOssConfig, lengths, batches, cache: int, repeats: 
         q = jnp.asarray(rng.normal(size=(1, length, heads, head_dim)), jnp.bfloat16)
         k, v = (jnp.asarray(rng.normal(size=(1, length, kv_heads, head_dim)), jnp.bfloat16) for _ in range(2))
         segments = jnp.zeros((1, length), jnp.int32)
-        paths = {"xla": lambda q, k, v, s, ids: attention_with_sinks(q, k, v, s, attention_mask(ids, None)),
+        paths = {"xla": lambda q, k, v, s, ids: blockwise_attention(q, k, v, s, ids),
                  "pallas": lambda q, k, v, s, ids: flash_attention(q, k, v, s, ids, interpret=interpret)}
         times = {}
         for name, path in paths.items():
@@ -127,7 +128,7 @@ def attention_rows(config: GptOssConfig, lengths, batches, cache: int, repeats: 
                 jnp.float32)), argnums=(0, 1, 2, 3)))
             try:
                 times[name] = _time(step, (q, k, v, sinks, segments), repeats)
-            except Exception as error:  # noqa: BLE001 - XLA's dense [heads, T, T] scores run out of memory
+            except Exception as error:  # noqa: BLE001 - report a path that cannot run, measure the other
                 times[name] = float("nan")
                 print(f"        {name}: {type(error).__name__}: {str(error).splitlines()[0][:100]}")
         # causal: half the score matrix; forward 2 matmuls, backward 5

@@ -50,6 +50,10 @@ class GptOssConfig:
     # GPU, for testing), or "auto" (pallas on a GPU). Not part of the checkpoint: a run-time choice
     # (load_model(..., kernels=...)).
     kernels: str = "xla"
+    # Positions per block of the XLA attention path: longer sequences attend a block of queries to a block of keys
+    # at a time (gptoss_jax.ops.blockwise_attention: no [T, T] scores, skipped blocks outside the causal band);
+    # sequences of at most one block attend densely. A run-time choice too.
+    attention_block: int = 128
 
     def __post_init__(self):
         if self.kernels not in KERNELS:

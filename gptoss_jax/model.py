@@ -17,27 +17,30 @@ default); normalisation, softmax, routing and the SwiGLU epilogue in float32; ma
 Layers alternate between banded attention (even layers: the last `sliding_window` keys) and full causal
 attention (odd layers). The two kinds are stored as two stacks (`banded_blocks`, `full_blocks`, leading
 `layers` axis) and the forward pass scans over (banded, full) pairs, so compile time does not grow with depth.
+
+The products themselves — matmuls, attention, SwiGLU, the experts' grouped matmul — are `gptoss_jax.ops`; this
+file composes them, and routes through the Pallas kernels (`gptoss_jax.kernels`) when asked to.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
-from gptoss_jax import sharding
+from gptoss_jax import ops, sharding
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernels.attention import decode_attention, flash_attention
-from gptoss_jax.kernels.mxfp4_matmul import group_tiles, mxfp4_ragged_matmul
-from gptoss_jax.mxfp4 import BLOCK_SIZE, Mxfp4Weight
+from gptoss_jax.kernels.mxfp4_matmul import mxfp4_ragged_matmul
+from gptoss_jax.mxfp4 import BLOCK_SIZE, Mxfp4Layer, Mxfp4Weight, dequantize_rows, is_packed
+from gptoss_jax.ops import SegmentMask
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +77,8 @@ class LoRA(nnx.Module):
         if self.dropout and key is not None:
             keep = jax.random.bernoulli(key, 1 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1 - self.dropout), 0).astype(x.dtype)
-        low = jnp.einsum(into_rank, x, self.a[...].astype(x.dtype))
-        return jnp.einsum(out_of_rank, low, self.b[...].astype(x.dtype)) * self.scaling
+        low = ops.matmul(into_rank, x, self.a[...].astype(x.dtype))
+        return ops.matmul(out_of_rank, low, self.b[...].astype(x.dtype)) * self.scaling
 
     def delta(self) -> jax.Array:
         """The dense update of the weight, scaling * a @ b, batched over the leading (layer, expert) axes."""
@@ -162,58 +165,23 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ---- attention with sinks ----------------------------------------------------------------------------------
 
 
-def attention_mask(segment_ids: jax.Array, window: int | None) -> jax.Array:
-    """[B, T, S] bool: causal, within `window` keys (the query's own included) if given, same segment only."""
-    length = segment_ids.shape[1]
-    query, key = jnp.arange(length)[:, None], jnp.arange(length)[None, :]
-    allowed = key <= query
-    if window is not None:
-        allowed &= query - key < window
-    return allowed[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-
-
-class SegmentMask(NamedTuple):
-    """Causal attention within `window` keys (None: all earlier ones) among tokens of the same segment, in the
-    form the flash kernel takes; the XLA path expands it with `attention_mask`."""
-
-    segment_ids: jax.Array  # [B, T]
-    window: int | None
-
-
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, mask: SegmentMask | jax.Array,
-           kernels: str = "xla") -> jax.Array:
-    """`attention_with_sinks`, through the Pallas kernels when `kernels` asks for them: flash attention for a
-    segment mask over the step's own keys, decode attention for one query against a cache (a dense mask)."""
+           kernels: str = "xla", block: int = 128) -> jax.Array:
+    """Attention with sinks over a segment mask (a step's own keys) or a dense mask (one query against a cache):
+    the Pallas kernels when `kernels` asks for them (flash attention, decode attention); otherwise the blockwise
+    path for sequences longer than `block`, and the dense one for the rest (where the two are the same work)."""
     kernel = _use_kernels(kernels)
     if isinstance(mask, SegmentMask):
         if kernel and q.shape[1] == k.shape[1]:
             log.info("attention: Pallas flash attention%s", _interpret_note())
             return flash_attention(q, k, v, sinks, mask.segment_ids, window=mask.window, interpret=not _on_gpu())
-        mask = attention_mask(mask.segment_ids, mask.window)
+        if q.shape[1] == k.shape[1] > block:
+            return ops.blockwise_attention(q, k, v, sinks, mask.segment_ids, window=mask.window, block=block)
+        mask = ops.attention_mask(mask.segment_ids, mask.window)
     elif kernel and q.shape[1] == 1:
         log.info("attention: Pallas decode attention%s", _interpret_note())
         return decode_attention(q, k, v, sinks, mask[:, 0], interpret=not _on_gpu())
-    return attention_with_sinks(q, k, v, sinks, mask)
-
-
-def attention_with_sinks(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query softmax attention whose every row also competes with a learned per-head sink logit.
-
-    q [B, T, N, H], k and v [B, S, K, H], sinks [N] (float32), mask [B, T, S] bool -> [B, T, N, H].
-    The sink is one more column in the softmax that has no value: it takes probability mass away, so a row's
-    weights sum to less than one, and a fully masked row gives zeros rather than NaN.
-    """
-    batch, length, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    sink = sinks.astype(jnp.float32).reshape(1, num_kv_heads, -1, 1, 1)
-    peak = jnp.maximum(scores.max(axis=-1, keepdims=True), sink)
-    weights = jnp.exp(scores - peak)
-    probs = weights / (weights.sum(axis=-1, keepdims=True) + jnp.exp(sink - peak))
-    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, length, num_heads, head_dim).astype(v.dtype)
+    return ops.attention_with_sinks(q, k, v, sinks, mask)
 
 
 class Attention(nnx.Module):
@@ -228,36 +196,27 @@ class Attention(nnx.Module):
         self.wo = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype)
         self.bo = _param(rngs, (d,), ("embed",), dtype, _zeros)
         self.sinks = _param(rngs, (n,), ("q_heads",), jnp.float32)
-        self.kernels = config.kernels
+        self.kernels, self.block = config.kernels, config.attention_block
         self.adapters = nnx.Dict()  # LoRA of wq, wk, wv, wo
 
     def __call__(self, x, cos, sin, mask, key=None, attend_to=None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """-> (output, keys, values attended). `attend_to(k, v)` gives the keys and values to attend over
         (a KV cache updated with this step's); by default the step's own."""
         a = self.adapters
-        q = jnp.einsum("btd,dnh->btnh", x, self.wq[...]) + self.bq[...]
+        q = ops.matmul("btd,dnh->btnh", x, self.wq[...]) + self.bq[...]
         q += _low_rank(a, "wq", x, "btd,dr->btr", "btr,rnh->btnh", _key(key, 0))
-        k = jnp.einsum("btd,dkh->btkh", x, self.wk[...]) + self.bk[...]
+        k = ops.matmul("btd,dkh->btkh", x, self.wk[...]) + self.bk[...]
         k += _low_rank(a, "wk", x, "btd,dr->btr", "btr,rkh->btkh", _key(key, 1))
-        v = jnp.einsum("btd,dkh->btkh", x, self.wv[...]) + self.bv[...]
+        v = ops.matmul("btd,dkh->btkh", x, self.wv[...]) + self.bv[...]
         v += _low_rank(a, "wv", x, "btd,dr->btr", "btr,rkh->btkh", _key(key, 2))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = (k, v) if attend_to is None else attend_to(k, v)
-        out = attend(q, keys, values, self.sinks[...], mask, self.kernels)
-        projected = jnp.einsum("btnh,nhd->btd", out, self.wo[...]) + self.bo[...]
+        out = checkpoint_name(attend(q, keys, values, self.sinks[...], mask, self.kernels, self.block), "attention")
+        projected = ops.matmul("btnh,nhd->btd", out, self.wo[...]) + self.bo[...]
         return projected + _low_rank(a, "wo", out, "btnh,nhr->btr", "btr,rd->btd", _key(key, 3)), keys, values
 
 
 # ---- mixture of experts ------------------------------------------------------------------------------------
-
-
-def clamped_swiglu(h: jax.Array, alpha: float, limit: float) -> jax.Array:
-    """gpt-oss's SwiGLU on interleaved columns (gate = even, linear = odd), clamped for stability. (Split by a
-    reshape rather than strided slices, which the Pallas kernels' Triton lowering cannot express.)"""
-    gate, linear = jax.lax.unstack(h.reshape(*h.shape[:-1], h.shape[-1] // 2, 2), axis=-1)
-    gate = jnp.minimum(gate, limit)
-    linear = jnp.clip(linear, -limit, limit)
-    return gate * jax.nn.sigmoid(alpha * gate) * (linear + 1)
 
 
 class MoE(nnx.Module):
@@ -265,7 +224,7 @@ class MoE(nnx.Module):
         d, e, f = config.hidden_size, config.num_experts, config.intermediate_size
         self.router_w = _param(rngs, (d, e), ("embed", "experts"), dtype)
         self.router_b = _param(rngs, (e,), ("experts",), dtype)
-        # Columns of the first projection interleave gate and linear units (see `clamped_swiglu`).
+        # Columns of the first projection interleave gate and linear units (see `ops.clamped_swiglu`).
         self.w_gate_up = _expert_param(rngs, (e, d, 2 * f), ("experts", "embed", "mlp"), dtype, mxfp4_experts)
         self.b_gate_up = _param(rngs, (e, 2 * f), ("experts", "mlp"), dtype, _zeros)
         self.w_down = _expert_param(rngs, (e, f, d), ("experts", "mlp", "embed"), dtype, mxfp4_experts)
@@ -286,7 +245,7 @@ class MoE(nnx.Module):
         logits = x @ self.router_w[...].astype(jnp.float32) + self.router_b[...].astype(jnp.float32)
         logits += _low_rank(self.adapters, "router_w", x, "nd,dr->nr", "nr,re->ne")
         top_logits, experts = jax.lax.top_k(logits, self.experts_per_token)
-        return jax.nn.softmax(top_logits, axis=-1), experts, logits
+        return checkpoint_name((jax.nn.softmax(top_logits, axis=-1), experts), "routing") + (logits,)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """-> (output, [router z-loss, load-balancing loss]) — the auxiliary losses fine-tuning may add."""
@@ -315,11 +274,12 @@ class MoE(nnx.Module):
         psum over (expert, tensor) adds the partial outputs. Parameters sharded over fsdp are gathered first."""
         mesh = self.mesh
         expert, tensor = "expert", ("tensor" if self._splits_intermediate() else None)
-        packed = isinstance(self.w_gate_up.get_value(), Mxfp4Weight)
+        packed = is_packed(self.w_gate_up.get_value())
         rows = PartitionSpec(*sharding.batch_spec(tokens.shape[0], mesh), None)
-        params = {
-            "w_gate_up": self.w_gate_up.get_value(), "b_gate_up": self.b_gate_up[...],
-            "w_down": self.w_down.get_value(), "b_down": self.b_down[...], "low_rank": self._low_rank_factors(),
+        params = {  # a layer of a stack is sliced out here: each device then holds (and copies) only its experts
+            "w_gate_up": _layer_weight(self.w_gate_up.get_value()), "b_gate_up": self.b_gate_up[...],
+            "w_down": _layer_weight(self.w_down.get_value()), "b_down": self.b_down[...],
+            "low_rank": self._low_rank_factors(),
         }
         specs = {
             "w_gate_up": (Mxfp4Weight(PartitionSpec(expert, tensor, None, None), PartitionSpec(expert, tensor, None))
@@ -352,7 +312,7 @@ class MoE(nnx.Module):
         """Whether the experts' intermediate dimension F splits over `tensor` (whole gate/linear pairs, and whole
         MXFP4 blocks)."""
         ways, intermediate = self.mesh.shape["tensor"], self.b_gate_up.shape[-1] // 2
-        packed = isinstance(self.w_gate_up.get_value(), Mxfp4Weight)
+        packed = is_packed(self.w_gate_up.get_value())
         return ways > 1 and intermediate % ways == 0 and not (packed and (intermediate // BLOCK_SIZE) % ways)
 
     def loop_over_experts(self, tokens: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
@@ -367,7 +327,7 @@ class MoE(nnx.Module):
         for e in range(w_gate_up.shape[0]):
             token_weight = jnp.where(experts == e, weights, 0.0).sum(axis=-1, keepdims=True)
             h = tokens.astype(jnp.float32) @ w_gate_up[e] + self.b_gate_up[e]
-            h = clamped_swiglu(h, **self.swiglu) @ w_down[e] + self.b_down[e]
+            h = ops.clamped_swiglu(h, **self.swiglu) @ w_down[e] + self.b_down[e]
             out += token_weight * h
         return out.astype(tokens.dtype)
 
@@ -380,11 +340,14 @@ def _grouped_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_d
     handled elsewhere (expert parallelism): it has weight 0. w_gate_up / w_down: dense or MXFP4 weights.
     low_rank: LoRA factors (a, b, scaling) of "w_gate_up" / "w_down", one per expert.
 
-    Fewer pairs than experts (decoding): each pair's expert weights are gathered — and only those dequantized —
-    so a step reads k experts per token, not all of them. Otherwise the pairs are sorted by expert and each
-    expert's rows form one group of a ragged matmul over the (dequantized) weights. With the Pallas kernel
-    (`kernels`, packed weights), every case is one ragged matmul that dequantizes tiles as it goes, bias and
-    SwiGLU fused (SwiGLU only without a gate-up adapter, whose update comes before it).
+    Fewer pairs than experts (decoding): each pair multiplies by its own expert's gathered weights
+    (`_gathered_experts`), so a step reads k experts per token. Otherwise the pairs are sorted by expert and
+    each expert's rows form one group of a grouped matmul (`ops.grouped_matmul`: one expert's weight dense at a
+    time, experts without pairs never read, the adapters' products inside the same loop). Tokens reach their
+    rows and results come back by gathers with the sort order and its inverse, in both directions of autodiff
+    (`_permute`): no scatter of every pair. With the Pallas kernel (`kernels`, packed weights) the matmuls
+    dequantize tiles as they go, bias and SwiGLU fused (SwiGLU only without a gate-up adapter, whose update
+    comes before it).
     """
     num_tokens, k = experts.shape
     num_experts = b_gate_up.shape[0]
@@ -393,41 +356,88 @@ def _grouped_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_d
         return _gathered_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_down, low_rank, swiglu)
     flat_experts = experts.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True)
-    group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
-    rows = tokens[order // k]
+    inverse = jnp.argsort(order)
+    group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)  # pairs not here: no group
+    rows = _permute(jnp.repeat(tokens, k, axis=0), order, inverse)
 
-    def update(name, x):
-        if name not in low_rank:
-            return 0.0
-        a, b, scaling = low_rank[name]
-        inner = ragged_matmul(x, a.astype(x.dtype), group_sizes).astype(x.dtype)
-        return ragged_matmul(inner, b.astype(x.dtype), group_sizes) * scaling
+    def matmul(x, weight, bias, name):
+        adapter = ops.LowRank(*low_rank[name]) if name in low_rank else None
+        if kernel is None:
+            return ops.grouped_matmul(x, weight, group_sizes, bias, adapter, out_dtype=tokens.dtype)
+        out = kernel(x, weight, group_sizes, bias)
+        if adapter is not None:  # the kernel takes no adapter: its two thin products go through XLA
+            inner = ops.grouped_matmul(x, adapter.a.astype(x.dtype), group_sizes).astype(x.dtype)
+            out += ops.grouped_matmul(inner, adapter.b.astype(x.dtype), group_sizes) * adapter.scaling
+        return out
 
-    if kernel is not None:
-        fused = None if "w_gate_up" in low_rank else (swiglu["alpha"], swiglu["limit"])
-        h = kernel(rows, w_gate_up, group_sizes, b_gate_up, swiglu=fused)
-        if fused is None:
-            h = clamped_swiglu(h + update("w_gate_up", rows), **swiglu)
-        h = h.astype(tokens.dtype)
-        out = kernel(h, w_down, group_sizes, b_down) + update("w_down", h)
+    if kernel is not None and "w_gate_up" not in low_rank:
+        h = kernel(rows, w_gate_up, group_sizes, b_gate_up, swiglu=(swiglu["alpha"], swiglu["limit"]))
     else:
-        w_gate_up, w_down = _dense(w_gate_up, tokens.dtype), _dense(w_down, tokens.dtype)
-        sorted_experts = jnp.minimum(flat_experts[order], num_experts - 1)  # bias rows for pairs not here: unused
-        h = ragged_matmul(rows, w_gate_up, group_sizes)
-        h = clamped_swiglu(h + update("w_gate_up", rows) + b_gate_up[sorted_experts], **swiglu).astype(tokens.dtype)
-        out = ragged_matmul(h, w_down, group_sizes) + update("w_down", h) + b_down[sorted_experts]
-    out = out * weights.reshape(-1)[order][:, None]
-    unsorted = jnp.zeros_like(out).at[order].set(out)
-    return unsorted.reshape(num_tokens, k, -1).sum(axis=1).astype(tokens.dtype)
+        h = ops.clamped_swiglu(matmul(rows, w_gate_up, b_gate_up, "w_gate_up").astype(jnp.float32), **swiglu)
+    out = matmul(h.astype(tokens.dtype), w_down, b_down, "w_down").astype(tokens.dtype)
+    per_pair = _permute(out, inverse, order).reshape(num_tokens, k, -1)
+    return jnp.einsum("nk,nkd->nd", weights.astype(jnp.float32), per_pair,
+                      preferred_element_type=jnp.float32).astype(tokens.dtype)
+
+
+@jax.custom_vjp
+def _permute(x: jax.Array, permutation: jax.Array, inverse: jax.Array) -> jax.Array:
+    """x[permutation], whose gradient is the gather by the inverse permutation (autodiff would scatter-add)."""
+    return x[permutation]
+
+
+def _permute_fwd(x, permutation, inverse):
+    return x[permutation], inverse
+
+
+def _permute_bwd(inverse, grad):
+    return grad[inverse], None, None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+def _gathered_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_down, low_rank, swiglu):
+    """`_grouped_experts` for fewer pairs than experts: every pair multiplies by its own expert's weights,
+    gathered (and for MXFP4 only those dequantized). Each pair is a matrix-vector product, done in float32 —
+    the same values (dequantized weights are exact in any float type) with the accumulation the model's
+    matmuls use anyway — because a CPU runs one-row bfloat16 products an order of magnitude slower."""
+    ids = jnp.minimum(experts, b_gate_up.shape[0] - 1)  # pairs handled elsewhere have weight 0
+
+    def times_weight(x, weight):  # MXFP4 weights are dequantized in their stored, output-major layout
+        if is_packed(weight):
+            experts = weight.experts(ids)
+            return jnp.einsum("nki,nkoi->nko", x, dequantize_rows(experts.blocks, experts.scales, jnp.float32))
+        return jnp.einsum("nki,nkio->nko", x, weight[ids].astype(jnp.float32))
+
+    def product(x, weight, bias, name):
+        out = times_weight(x, weight) + bias[ids].astype(jnp.float32)
+        if name in low_rank:
+            a, b, scaling = low_rank[name]
+            inner = jnp.einsum("nki,nkir->nkr", x, a[ids].astype(jnp.float32))
+            out += jnp.einsum("nkr,nkro->nko", inner, b[ids].astype(jnp.float32)) * scaling
+        return out
+
+    def rounded(x):  # to the model dtype where the grouped path rounds, so both give the same values
+        return x.astype(tokens.dtype).astype(jnp.float32)
+
+    rows = jnp.broadcast_to(tokens.astype(jnp.float32)[:, None], (*ids.shape, tokens.shape[-1]))
+    h = ops.clamped_swiglu(rounded(product(rows, w_gate_up, b_gate_up, "w_gate_up")), **swiglu)
+    out = rounded(product(rounded(h), w_down, b_down, "w_down"))
+    return jnp.einsum("nk,nkd->nd", weights.astype(jnp.float32), out).astype(tokens.dtype)
 
 
 def _expert_kernel(kernels: str, weight):
     """The Pallas MXFP4 matmul if `kernels` asks for kernels and the weights are packed; None for the XLA path.
     Logs the choice each time a forward is traced."""
-    if not (isinstance(weight, Mxfp4Weight) and _use_kernels(kernels)):
+    if not (is_packed(weight) and _use_kernels(kernels)):
         return None
     log.info("MoE experts: Pallas MXFP4 kernel%s", _interpret_note())
-    return functools.partial(mxfp4_ragged_matmul, interpret=not _on_gpu())
+
+    def kernel(rows, weight, *args, **kwargs):
+        return mxfp4_ragged_matmul(rows, _layer_weight(weight), *args, interpret=not _on_gpu(), **kwargs)
+
+    return kernel
 
 
 def _use_kernels(kernels: str) -> bool:
@@ -441,43 +451,6 @@ def _on_gpu() -> bool:
 
 def _interpret_note() -> str:
     return "" if _on_gpu() else " (interpret mode: no GPU)"
-
-
-def ragged_matmul(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array, tile: int = 64) -> jax.Array:
-    """rows [M, K] (sorted by group) times their group's weights [G, K, N] -> [M, N] in float32; rows past the
-    groups give zeros. `jax.lax.ragged_dot`, except on a CPU, where XLA lowers it to every group's work for every
-    row: there each group's rows are padded to whole tiles and every tile multiplies by its group's weights
-    (3-7x faster at gpt-oss shapes, the same arithmetic)."""
-    if jax.default_backend() != "cpu":
-        return jax.lax.ragged_dot(rows, weights, group_sizes, preferred_element_type=jnp.float32)
-    layout = group_tiles(group_sizes, rows.shape[0], tile)
-    tiled = jnp.zeros((layout.tiles * tile, rows.shape[1]), rows.dtype).at[layout.destination].set(rows, mode="drop")
-    products = jax.lax.map(lambda piece: jnp.dot(piece[0], weights[piece[1]], preferred_element_type=jnp.float32),
-                           (tiled.reshape(layout.tiles, tile, -1), layout.tile_group))
-    gathered = products.reshape(layout.tiles * tile, -1).at[layout.destination].get(mode="fill", fill_value=0)
-    return jnp.where(layout.valid[:, None], gathered, 0)
-
-
-def _gathered_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_down, low_rank, swiglu):
-    """`_grouped_experts` for few pairs: every pair multiplies by its own expert's gathered weights."""
-    ids = jnp.minimum(experts, b_gate_up.shape[0] - 1)  # pairs handled elsewhere have weight 0
-
-    def gathered(weight):
-        return _dense(jax.tree.map(lambda leaf: leaf[ids], weight), tokens.dtype)  # [N, k, ...]
-
-    def update(name, x):
-        if name not in low_rank:
-            return 0.0
-        a, b, scaling = low_rank[name]
-        inner = jnp.einsum("nki,nkir->nkr", x, a[ids].astype(x.dtype))
-        return jnp.einsum("nkr,nkro->nko", inner, b[ids].astype(x.dtype), preferred_element_type=jnp.float32) * scaling
-
-    rows = jnp.broadcast_to(tokens[:, None], (*ids.shape, tokens.shape[-1]))
-    h = jnp.einsum("nki,nkio->nko", rows, gathered(w_gate_up), preferred_element_type=jnp.float32)
-    h = clamped_swiglu(h + update("w_gate_up", rows) + b_gate_up[ids], **swiglu).astype(tokens.dtype)
-    out = jnp.einsum("nki,nkio->nko", h, gathered(w_down), preferred_element_type=jnp.float32) + update("w_down", h)
-    out = (out + b_down[ids]) * weights[..., None]
-    return out.sum(axis=1).astype(tokens.dtype)
 
 
 def router_losses(logits: jax.Array, experts: jax.Array) -> jax.Array:
@@ -495,8 +468,14 @@ def _expert_param(rngs: nnx.Rngs, shape, axes, dtype, mxfp4: bool) -> nnx.Param:
     return nnx.Param(Mxfp4Weight.quantize(value) if mxfp4 else value, axes=axes)
 
 
-def _dense(weight: jax.Array | Mxfp4Weight, dtype) -> jax.Array:
+def _dense(weight: jax.Array | Mxfp4Weight | Mxfp4Layer, dtype) -> jax.Array:
+    weight = _layer_weight(weight)
     return weight.dequantize(dtype) if isinstance(weight, Mxfp4Weight) else weight.astype(dtype)
+
+
+def _layer_weight(weight):
+    """An expert weight as an array or `Mxfp4Weight`: an `Mxfp4Layer` is sliced out of its stack (a copy)."""
+    return weight.whole() if isinstance(weight, Mxfp4Layer) else weight
 
 
 # ---- transformer block and model ---------------------------------------------------------------------------
@@ -568,7 +547,7 @@ class GptOss(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final hidden states [..., D] -> logits [..., V] (untied unembedding, no bias)."""
-        return jnp.einsum("...d,vd->...v", hidden, self.unembedding[...])
+        return ops.matmul("...d,vd->...v", hidden, self.unembedding[...])
 
     def hidden_states(
         self,
@@ -582,7 +561,8 @@ class GptOss(nnx.Module):
         """(normed final hidden states [B, T, D], [router z-loss, load-balancing loss] averaged over layers).
 
         dropout_key: enables LoRA dropout. remat: what the backward pass recomputes per layer — "none",
-        "full" (keep only each layer's input) or "dots" (keep matmul outputs, recompute the rest).
+        "full" (keep only each layer's input), "dots" (keep matmul outputs, recompute the rest) or
+        "attention" (keep the attention's results and the routing, recompute the rest).
         """
         batch, length = tokens.shape
         if positions is None:
@@ -603,31 +583,38 @@ class GptOss(nnx.Module):
                                              _split_layers(keys), remat=remat)
         return self.norm(x), (banded.sum(axis=0) + full.sum(axis=0)) / self.config.num_hidden_layers
 
-    def _run_layers(self, x, banded_step, full_step, inputs=(None, None), remat: str = "none"):
+    def _run_layers(self, x, banded_step, full_step, inputs=(None, None), remat: str = "none", unroll: bool = False):
         """Runs layers 0, 1, 2, ... (banded, full, banded, ...), scanning over (banded, full) pairs.
 
         `*_step(block, x, layer_input) -> (x, layer_output)`; `inputs` are the (banded, full) per-layer inputs
         with a leading layer axis (or None), and the result is (x, (banded outputs, full outputs)) likewise.
+        unroll: unroll the loop over pairs (see `_unroll_inference`).
         """
         banded_def, banded_layers = nnx.split(self.banded_blocks)
         full_def, full_layers = nnx.split(self.full_blocks)
         banded_inputs, full_inputs = inputs
         pairs = self.config.num_full_layers
 
+        def layer_call(step, graphdef):  # with remat, each layer is replayed on its own in the backward pass
+            def call(params, x, layer_input):
+                return step(nnx.merge(graphdef, params), x, layer_input)
+            return call if remat == "none" else jax.checkpoint(call, policy=_REMAT_POLICIES[remat])
+
+        banded_call, full_call = layer_call(banded_step, banded_def), layer_call(full_step, full_def)
+
         def pair(x, layer):
-            (banded, banded_input), (full, full_input) = layer
-            x, banded_output = banded_step(nnx.merge(banded_def, banded), x, banded_input)
-            x, full_output = full_step(nnx.merge(full_def, full), x, full_input)
+            index, (banded, banded_input), (full, full_input) = layer
+            x, banded_output = banded_call(_in_place(banded, banded_layers, index), x, banded_input)
+            x, full_output = full_call(_in_place(full, full_layers, index), x, full_input)
             return x, (banded_output, full_output)
 
-        if remat != "none":
-            pair = jax.checkpoint(pair, policy=_REMAT_POLICIES[remat])
         first = slice(0, pairs)
         x, (banded_outputs, full_outputs) = jax.lax.scan(
-            pair, x, ((_layers(banded_layers, first), _layers(banded_inputs, first)), (full_layers, full_inputs)))
+            pair, x, (jnp.arange(pairs), (_layers(banded_layers, first), _layers(banded_inputs, first)),
+                      (full_layers, full_inputs)), unroll=unroll)
         if self.config.num_banded_layers > pairs:  # an odd layer count ends on a banded layer
-            last = nnx.merge(banded_def, _layers(banded_layers, -1))
-            x, last_output = banded_step(last, x, _layers(banded_inputs, -1))
+            last = _in_place(_layers(banded_layers, pairs), banded_layers, pairs)
+            x, last_output = banded_call(last, x, _layers(banded_inputs, -1))
             banded_outputs = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), banded_outputs, last_output)
         return x, (banded_outputs, full_outputs)
 
@@ -669,7 +656,8 @@ class GptOss(nnx.Module):
             pad = ((0, 0), (0, cache.full_k.shape[2] - length), (0, 0), (0, 0))
             return x, (jnp.pad(k, pad), jnp.pad(v, pad))
 
-        x, ((banded_k, banded_v), (full_k, full_v)) = self._run_layers(self.embedding[...][tokens], banded, full)
+        x, ((banded_k, banded_v), (full_k, full_v)) = self._run_layers(self.embedding[...][tokens], banded, full,
+                                                                       unroll=_unroll_inference(self))
         cache = KVCache(banded_k, banded_v, full_k, full_v, cache.start, jnp.full_like(cache.start, length))
         return self.logits(self.norm(x[:, -1])), cache
 
@@ -701,7 +689,8 @@ class GptOss(nnx.Module):
 
         x = self.embedding[...][tokens][:, None]
         x, ((banded_k, banded_v), (full_k, full_v)) = self._run_layers(
-            x, banded, full, ((cache.banded_k, cache.banded_v), (cache.full_k, cache.full_v)))
+            x, banded, full, ((cache.banded_k, cache.banded_v), (cache.full_k, cache.full_v)),
+            unroll=_unroll_inference(self))
         cache = KVCache(banded_k, banded_v, full_k, full_v, start, index + 1)
         return self.logits(self.norm(x[:, 0])), cache
 
@@ -726,7 +715,20 @@ class KVCache:
         return self.full_k.shape[2]
 
 
-_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# What the backward pass keeps of each layer's forward (the rest is recomputed from the layer's input):
+# "full" nothing; "dots" every matmul output; "attention" the attention's results (its output and softmax
+# statistics, named in `Attention` and `ops.blockwise_attention`) and the routing decisions, which are small and
+# whose recomputation (the causal T x T work of full-attention layers) is the costly part of a layer's replay.
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                   "attention": jax.checkpoint_policies.save_only_these_names("attention", "routing")}
+
+
+def _unroll_inference(model: GptOss) -> bool:
+    """Whether prefill and decode unroll their layer loop: on a CPU, for bfloat16 models. XLA's CPU backend copies
+    every bfloat16 array a loop reads to float32 before the loop — for inference, the whole stack of attention
+    weights at every decoding step (gpt-oss-20b: 2.5 GB written a token, and as much memory). Unrolled, each layer
+    reads its own bf16 weights. (Training keeps the loop: its steps are long, and compile time would grow.)"""
+    return jax.default_backend() == "cpu" and model.dtype == jnp.bfloat16
 
 
 def _split_layers(per_layer):
@@ -736,6 +738,20 @@ def _split_layers(per_layer):
 
 def _layers(stacked, index):
     return None if stacked is None else jax.tree.map(lambda leaf: leaf[index], stacked)
+
+
+def _in_place(layer: nnx.State, stacked: nnx.State, index) -> nnx.State:
+    """One layer's parameters as the layer loop slices them, except MXFP4 weights, which become `Mxfp4Layer`
+    views of their stacks (see there; the loop's own slices of them are then unused, and dropped by XLA). Float
+    parameters stay the loop's slices: remat saves a layer's inputs, and a slice taken inside the loop would be
+    saved for every layer — a copy of the whole stack."""
+
+    def view(sliced, whole):
+        if isinstance(whole, Mxfp4Weight) and whole.blocks.shape[0]:  # (one-layer models: no full layers)
+            return Mxfp4Layer(whole, jnp.asarray(index, jnp.int32))
+        return sliced
+
+    return jax.tree.map(view, layer, stacked, is_leaf=lambda leaf: isinstance(leaf, Mxfp4Weight))
 
 
 # ---- sizes ---------------------------------------------------------------------------------------------------

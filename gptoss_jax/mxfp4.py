@@ -47,10 +47,44 @@ class Mxfp4Weight:
         """The dense weight `[..., in, out]` (exact: every MXFP4 value is representable in bf16 and f32)."""
         return jnp.swapaxes(dequantize_rows(self.blocks, self.scales, dtype), -1, -2)
 
+    def experts(self, index) -> Mxfp4Weight:
+        """The weights at `index` of the leading (expert) axis."""
+        return Mxfp4Weight(self.blocks[index], self.scales[index])
+
     @classmethod
     def quantize(cls, weight: jax.Array) -> Mxfp4Weight:
         """Quantizes a dense `[..., in, out]` weight (see `quantize_rows`)."""
         return cls(*quantize_rows(jnp.swapaxes(jnp.asarray(weight), -1, -2)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Mxfp4Layer:
+    """Layer `layer` of a stack of MXFP4 expert weights `[layers, experts, ...]`, not sliced out of it.
+
+    The model's layer loop hands packed expert weights to each layer this way: the experts' own loop then slices
+    out just the experts it multiplies, where a layer sliced out first would be copied whole (XLA makes the
+    operands of a loop into buffers) — a copy of every expert of the layer for a step that reads four.
+    """
+
+    stack: Mxfp4Weight
+    layer: jax.Array  # int32 scalar
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.stack.shape[1:]
+
+    def experts(self, index) -> Mxfp4Weight:
+        """The weights of expert(s) `index` of this layer."""
+        return Mxfp4Weight(self.stack.blocks[self.layer, index], self.stack.scales[self.layer, index])
+
+    def whole(self) -> Mxfp4Weight:
+        """The layer sliced out (a copy)."""
+        return Mxfp4Weight(self.stack.blocks[self.layer], self.stack.scales[self.layer])
+
+
+def is_packed(weight) -> bool:
+    return isinstance(weight, (Mxfp4Weight, Mxfp4Layer))
 
 
 def dequantize_rows(blocks: jax.Array, scales: jax.Array, dtype=jnp.float32) -> jax.Array:

@@ -139,9 +139,20 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: LogicalRules | None = None
     """Places every parameter in its sharding and lets the model's layers know the mesh (the MoE runs
     expert-parallel when the mesh has an `expert` axis)."""
     rules = rules or LogicalRules()
-    nnx.update(model, jax.tree.map(put, nnx.state(model), param_shardings(model, mesh, rules)))
+    nnx.update(model, jax.tree.map(_moved, nnx.state(model), param_shardings(model, mesh, rules)))
     model.use_mesh(mesh, rules)
     return model
+
+
+def _moved(value, sharding: jax.sharding.Sharding):
+    """`value` in `sharding`: unchanged when it is there already (a model loaded onto the mesh), moved between
+    this process's devices when it is an array, and placed from the host otherwise."""
+    if isinstance(value, jax.Array):
+        if value.sharding == sharding:
+            return value
+        if value.is_fully_addressable:  # (the same sharding, spelled otherwise, keeps its buffers)
+            return jax.device_put(value, sharding)
+    return put(value, sharding)
 
 
 def put(value, sharding: jax.sharding.Sharding | None, dtype=None) -> jax.Array:
@@ -155,10 +166,11 @@ def put(value, sharding: jax.sharding.Sharding | None, dtype=None) -> jax.Array:
 
 
 def zeros(shape: tuple[int, ...], dtype, sharding: jax.sharding.Sharding | None) -> jax.Array:
-    """Zeros in `sharding`, each process allocating only its own shards."""
+    """Zeros in `sharding`, made where they live: each device fills only its own shard (no host copy, which for a
+    stack of expert weights would be gigabytes twice over)."""
     if sharding is None:
         return jnp.zeros(shape, dtype)
-    return jax.make_array_from_callback(shape, sharding, lambda index: np.zeros(sharding.shard_shape(shape), dtype))
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
 
 def batch_spec(batch: int, mesh: Mesh | None) -> PartitionSpec:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from gptoss_jax.kernels.lowering import compiler_params
+from gptoss_jax.ops import attention_mask, attention_with_sinks
 
 
 class Options(NamedTuple):
@@ -316,7 +317,5 @@ def _decode_kernel(sinks_ref, q_ref, k_ref, v_ref, visible_ref, out_ref, *, bloc
 
 
 def reference(q, k, v, sinks, segment_ids, *, window=None):
-    """The model's XLA attention with the dense mask these arguments describe."""
-    from gptoss_jax.model import attention_mask, attention_with_sinks
-
+    """The model's dense XLA attention with the mask these arguments describe."""
     return attention_with_sinks(q, k, v, sinks, attention_mask(segment_ids, window))

@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 
 from gptoss_jax.kernels.lowering import compiler_params
 from gptoss_jax.mxfp4 import BLOCK_SIZE, Mxfp4Weight, dequantize_rows
+from gptoss_jax.ops import clamped_swiglu, grouped_matmul
 
 
 class Layout(NamedTuple):
@@ -93,14 +94,8 @@ def mxfp4_ragged_matmul(rows: jax.Array, weight: Mxfp4Weight, group_sizes: jax.A
 
 def reference(rows: jax.Array, weight: Mxfp4Weight, group_sizes: jax.Array, bias: jax.Array | None = None,
               *, swiglu: tuple[float, float] | None = None) -> jax.Array:
-    """The same product through XLA: dequantize every expert, `ragged_dot`, bias, SwiGLU."""
-    from gptoss_jax.model import clamped_swiglu
-
-    out = jax.lax.ragged_dot(rows, weight.dequantize(rows.dtype), group_sizes, preferred_element_type=jnp.float32)
-    if bias is not None:
-        groups = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows.shape[0]), side="right")
-        out += jnp.where((groups < len(group_sizes))[:, None],
-                         bias.astype(jnp.float32)[jnp.minimum(groups, len(group_sizes) - 1)], 0)
+    """The same product through XLA: the model's grouped matmul, then SwiGLU."""
+    out = grouped_matmul(rows, weight, group_sizes, bias)
     return out if swiglu is None else clamped_swiglu(out, *swiglu)
 
 
@@ -143,11 +138,7 @@ def _forward_kernel(tile_group_ref, used_ref, rows_ref, blocks_ref, scales_ref, 
         steps = rows_ref.shape[1] // options.block_k
         accumulator = jax.lax.fori_loop(0, steps, step, jnp.zeros((options.block_m, options.block_n), jnp.float32))
         accumulator += bias_ref[group, pl.ds(n_start, options.block_n)].astype(jnp.float32)[None, :]
-        if options.swiglu is None:
-            return accumulator
-        from gptoss_jax.model import clamped_swiglu
-
-        return clamped_swiglu(accumulator, *options.swiglu)
+        return accumulator if options.swiglu is None else clamped_swiglu(accumulator, *options.swiglu)
 
     _rows_or_zeros(tile_group_ref, used_ref, out_ref, compute)
 
@@ -221,8 +212,6 @@ def _tiled_matmul_forward(tiled, blocks, scales, bias, tile_group, used, options
 def _tiled_matmul_backward(options: Options, residuals, grad_out):
     tiled, blocks, scales, bias, tile_group, used = residuals
     if options.swiglu is not None:  # back through the epilogue, from the recomputed pre-activation
-        from gptoss_jax.model import clamped_swiglu
-
         before = _forward(tiled, blocks, scales, bias, tile_group, used, options._replace(swiglu=None))
         grad_out = jax.vjp(lambda h: clamped_swiglu(h, *options.swiglu), before)[1](grad_out)[0]
     grad_rows = _transposed(grad_out.astype(tiled.dtype), blocks, scales, tile_group, used, options, tiled.dtype)

@@ -5,6 +5,7 @@ import json
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -33,8 +34,13 @@ def main(checkpoint: str, meshes: list[str], output: str) -> None:
         if mesh is not None:
             shard_model(adapted, mesh)
         adapted_logits = nnx.jit(lambda m, t: m(t))(adapted, placed)
+        # the adapters' gradients: the dispatch's and the grouped matmul's custom VJPs under shard_map
+        graphdef, adapters, rest = nnx.split(adapted, gptoss_jax.model.LoRAParam, ...)
+        grads = jax.jit(jax.grad(lambda a, r, g=graphdef, t=placed: jnp.mean(nnx.merge(g, a, r)(t) ** 2)))(
+            adapters, rest)
         results[spec] = {"logits": _host(logits).tolist(), "adapted": _host(adapted_logits).tolist(),
-                         "generated": generated}
+                         "generated": generated,
+                         "grads": np.concatenate([_host(g).ravel() for g in jax.tree.leaves(grads)]).tolist()}
     if jax.process_index() == 0:
         with open(output, "w") as file:
             json.dump(results, file)

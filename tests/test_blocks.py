@@ -12,7 +12,8 @@ from flax import nnx
 from transformers.models.gpt_oss import modeling_gpt_oss as hf
 
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.model import MoE, apply_rope, attention_mask, attention_with_sinks, rope_cos_sin, rope_frequencies
+from gptoss_jax.model import MoE, apply_rope, rope_cos_sin, rope_frequencies
+from gptoss_jax.ops import attention_mask, attention_with_sinks
 
 from helpers import relative_error
 from hf_models import hf_config
@@ -216,23 +217,34 @@ def test_bfloat16_experts_follow_float32_reference():
     assert relative_error(out, reference) <= 2e-2
 
 
-@pytest.mark.parametrize("sizes", [(0, 5, 64, 0, 70), (3, 0, 0, 1, 1), (130, 2, 0, 64, 3)])
-def test_ragged_matmul_equals_ragged_dot_with_gradients(sizes):
-    """Empty groups, groups over and under a tile, and rows past the last group (which give zeros)."""
-    from gptoss_jax.model import ragged_matmul
+@pytest.mark.parametrize("num_tokens", [1, 40])  # gathered experts (decoding) and the grouped matmul
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "mxfp4"])
+def test_expert_gradients_match_the_loop_over_experts(num_tokens, packed):
+    """The dispatch's custom gradients (gathers both ways, the grouped matmul's loops, the adapters' products)
+    against autodiff of `loop_over_experts` with the adapters merged: tokens, routing weights and LoRA factors."""
+    from gptoss_jax.lora import LoraConfig, add_lora
+    from gptoss_jax.model import GptOss, LoRAParam
 
-    group_sizes = jnp.array(sizes[:-1], jnp.int32)
-    count = int(group_sizes.sum()) + sizes[-1]
-    rng = np.random.default_rng(sum(sizes))
-    rows = jnp.asarray(rng.normal(size=(count, 24)), jnp.float32)
-    weights = jnp.asarray(rng.normal(size=(len(group_sizes), 24, 16)), jnp.float32)
-    expected = jax.lax.ragged_dot(rows, weights, group_sizes)
-    assert relative_error(ragged_matmul(rows, weights, group_sizes, tile=64), expected) <= TOLERANCE
+    config = GptOssConfig.tiny().replace(num_hidden_layers=1, vocab_size=64)
+    model = GptOss(config, dtype="float32", mxfp4_experts=packed, rngs=nnx.Rngs(1))
+    add_lora(model, LoraConfig(rank=4, targets=("gate_up_proj", "down_proj")), rngs=nnx.Rngs(2))
+    state = nnx.state(model, LoRAParam)
+    nnx.update(model, jax.tree.map(lambda a: a + 0.05, state))  # b = 0 would hide errors
+    graphdef, stacked = nnx.split(model.banded_blocks.mlp)
+    moe = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], stacked))  # the (only) layer
+    rng = np.random.default_rng(num_tokens)
+    x = jnp.asarray(rng.normal(size=(num_tokens, 64)), jnp.float32)
+    weights, chosen, _ = moe.route(x)
+    graphdef, adapters, rest = nnx.split(moe, LoRAParam, ...)
+    cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
 
-    def loss(function):
-        return lambda r, w: jnp.sum(jnp.sin(function(r, w, group_sizes)))
+    def loss(method):
+        def value(x, weights, adapters):
+            module = nnx.merge(graphdef, adapters, rest)
+            return jnp.sum(getattr(module, method)(x, weights, chosen) * cotangent)
+        return jax.grad(value, argnums=(0, 1, 2))(x, weights, adapters)
 
-    ours = jax.grad(loss(lambda r, w, g: ragged_matmul(r, w, g, tile=64)), argnums=(0, 1))(rows, weights)
-    reference = jax.grad(loss(jax.lax.ragged_dot), argnums=(0, 1))(rows, weights)
-    for a, b in zip(ours, reference, strict=True):
-        assert relative_error(a, b) <= TOLERANCE
+    grouped, looped = loss("grouped_experts"), loss("loop_over_experts")
+    for mine, expected in zip(jax.tree.leaves(grouped), jax.tree.leaves(looped), strict=True):
+        assert np.abs(np.asarray(expected)).max() > 0
+        assert relative_error(mine, expected) <= TOLERANCE

@@ -6,6 +6,7 @@ import transformers
 from gptoss_jax.config import ConfigError, GptOssConfig
 
 from hf_models import hf_config
+from released import hub_config
 
 # original/config.json of gpt-oss-20b, as released.
 ORIGINAL_20B = {
@@ -15,22 +16,7 @@ ORIGINAL_20B = {
     "rope_theta": 150000, "rope_scaling_factor": 32.0, "rope_ntk_alpha": 1, "rope_ntk_beta": 32,
 }
 
-# config.json of openai/gpt-oss-120b on the hub (transformers 4.55 spelling: rope_scaling + rope_theta).
-HF_120B = {
-    "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
-    "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
-    "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
-    "layer_types": ["sliding_attention", "full_attention"] * 18, "max_position_embeddings": 131072,
-    "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 36,
-    "num_key_value_heads": 8, "num_local_experts": 128, "output_router_logits": False, "pad_token_id": 199999,
-    "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                                       "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"},
-    "rms_norm_eps": 1e-05,
-    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
-                     "rope_type": "yarn", "truncate": False},
-    "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
-    "tie_word_embeddings": False, "transformers_version": "4.55.0.dev0", "use_cache": True, "vocab_size": 201088,
-}
+HF_120B = hub_config(layers=36, experts=128)
 
 
 def test_presets_hold_the_published_architecture():

@@ -17,8 +17,9 @@ from gptoss_jax.generation import Generator
 from gptoss_jax.kernels import attention
 from gptoss_jax.kernels.mxfp4_matmul import mxfp4_ragged_matmul, reference
 from gptoss_jax.lora import LoraConfig, add_lora
-from gptoss_jax.model import GptOss, LoRAParam, attention_with_sinks
+from gptoss_jax.model import GptOss, LoRAParam
 from gptoss_jax.mxfp4 import Mxfp4Weight
+from gptoss_jax.ops import attention_with_sinks
 
 from helpers import relative_error
 

@@ -34,6 +34,8 @@ CASES = {
     ),
     # single layer: no full-attention layers at all
     "one_layer": (dict(num_hidden_layers=1), 1, 7),
+    # longer than an attention block (128): the blockwise path, with a partial last block
+    "blockwise": (dict(num_hidden_layers=2), 2, 300),
 }
 
 

@@ -1,4 +1,5 @@
-"""Sharded inference: meshes of 8 CPU devices (and two jax.distributed processes) give one device's results."""
+"""Sharded inference: meshes of 8 CPU devices (and two jax.distributed processes) give one device's results —
+logits, greedy tokens, and with adapters the logits and the adapters' gradients."""
 
 import json
 import os
@@ -38,6 +39,7 @@ def _compare(results):
     for spec, result in results.items():
         assert relative_error(result["logits"], reference["logits"]) <= 1e-5, spec
         assert relative_error(result["adapted"], reference["adapted"]) <= 1e-5, spec
+        assert relative_error(result["grads"], reference["grads"]) <= 1e-5, spec
         assert result["generated"] == reference["generated"], spec
     assert relative_error(reference["adapted"], reference["logits"]) > 1e-3  # the adapters matter
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -201,7 +202,8 @@ def test_every_config_file_loads(path):
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"unknown key 'stepz' under train; valid keys: \[.*'steps'"):
         load_config(DEMO, ["--config.train.stepz=3"])
-    with pytest.raises(ConfigError, match=r"config.model.remat: expected one of \('none', 'full', 'dots'\)"):
+    with pytest.raises(ConfigError,
+                       match=r"config.model.remat: expected one of \('none', 'full', 'dots', 'attention'\)"):
         load_config(DEMO, ["--config.model.remat=some"])
     with pytest.raises(ConfigError, match=r"config.train.steps: invalid literal"):
         load_config(DEMO, ["--config.train.steps=many"])
@@ -222,4 +224,74 @@ def test_plan_reports_per_device_memory():
     # Adam: two float32 moments per trained parameter, plus two step counters
     assert 0 <= report.optimizer_bytes - 2 * report.trainable_bytes <= 64
     assert report.batch_bytes == 5 * 128 * 4 and report.temporary_bytes > 0
+    assert report.cpu_copy_bytes == 0  # a float32 step has no bfloat16 to copy
     assert ("fits" if report.total_bytes <= 2**30 else "does NOT fit") + " in 1.0 GiB" in report.report()
+
+
+def test_plan_separates_the_cpu_copies_of_bfloat16_arrays():
+    """A bf16 step compiled on a CPU: the float32 copies XLA's CPU backend makes for its loops are found, are
+    at least one float32 copy of the bf16 attention weights the layer loop reads, and leave the GPU figure."""
+    from gptoss_jax.train.plan import plan
+
+    config = load_config(DEMO, ["--config.data.seq_len=128", "--config.data.batch_size=1",
+                                "--config.model.compute_dtype=bfloat16", "--config.lora.enabled=true",
+                                "--config.model.mxfp4=packed"])
+    report = plan(config, device_memory=2**30)
+    c = gptoss_jax.GptOssConfig.tiny()
+    attention = c.num_hidden_layers // 2 * c.hidden_size * c.head_dim * (
+        2 * c.num_attention_heads + 2 * c.num_key_value_heads)  # one stack's q, k, v, o weights
+    assert 4 * attention <= report.cpu_copy_bytes < report.temporary_bytes
+    assert report.gpu_bytes == report.total_bytes - report.cpu_copy_bytes
+    assert "total on a GPU" in report.report() and "float32 copies of bf16 arrays" in report.report()
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "attention"])
+def test_remat_policies_give_the_gradients_of_no_remat(remat):
+    """Recomputing the forward pass in the backward (per layer, each policy) changes nothing; sequences longer
+    than an attention block, so the blockwise attention's saved results are what the policy keeps."""
+    config = gptoss_jax.GptOssConfig.tiny().replace(vocab_size=512, attention_block=16)
+    model = gptoss_jax.GptOss(config, dtype="float32", rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = np.random.default_rng(0).integers(0, 512, (2, 40)).astype(np.int32)
+
+    def loss(params, remat):
+        model = nnx.merge(graphdef, params)
+        hidden, router = model.hidden_states(tokens, remat=remat)
+        return jnp.mean(model.logits(hidden) ** 2) + router.sum()
+
+    reference = jax.grad(loss)(params, "none")
+    for mine, expected in zip(jax.tree.leaves(jax.grad(loss)(params, remat)), jax.tree.leaves(reference),
+                              strict=True):
+        if np.abs(np.asarray(expected)).max() > 0:
+            assert relative_error(mine, expected) <= 1e-5
+        else:  # the embedding rows of tokens not in the batch
+            assert not np.asarray(mine).any()
+
+
+def test_chunked_cross_entropy_equals_a_plain_one():
+    """token_losses (chunks, counted tokens first, chunks of uncounted tokens skipped, custom VJP) against a
+    plain cross-entropy over the whole logits: the loss and the gradients of hidden states and unembedding."""
+    from gptoss_jax.train.trainer import token_losses
+
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(2, 700, 32)), jnp.float32)
+    unembedding = jnp.asarray(rng.normal(size=(300, 32)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 300, (2, 700)), jnp.int32)
+    weights = np.where(rng.random((2, 700)) < 0.2, rng.random((2, 700)), 0).astype(np.float32)
+    weights[1] = 0  # a whole row of prompt: all-uncounted chunks
+    weights = jnp.asarray(weights)
+
+    def plain(hidden, unembedding):
+        logits = jnp.einsum("btd,vd->btv", hidden, unembedding)
+        target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(weights * (jax.nn.logsumexp(logits, axis=-1) - target))
+
+    def chunked(hidden, unembedding):
+        return token_losses(hidden, unembedding, targets, weights)
+
+    assert relative_error(chunked(hidden, unembedding), plain(hidden, unembedding)) <= 1e-6
+    ours = jax.grad(chunked, argnums=(0, 1))(hidden, unembedding)
+    theirs = jax.grad(plain, argnums=(0, 1))(hidden, unembedding)
+    for mine, expected in zip(ours, theirs, strict=True):
+        assert relative_error(mine, expected) <= 1e-5
+    assert not np.asarray(ours[0][1]).any()  # uncounted tokens get no gradient

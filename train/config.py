@@ -16,7 +16,7 @@ _CHOICES = {
     "model.mxfp4": ("packed", "dequantize"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots"),
+    "model.remat": ("none", "full", "dots", "attention"),
     "model.kernels": ("xla", "pallas", "auto"),
     "data.train_on": ("assistant", "final", "all_assistant_turns"),
     "data.overlong": ("truncate", "drop"),
@@ -37,7 +37,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.mxfp4 = "dequantize"  # MXFP4 experts: "packed" (frozen base, LoRA) or "dequantize" (trainable)
     c.model.param_dtype = "float32"  # dtype of the trainable (master) parameters
     c.model.compute_dtype = "float32"  # dtype of the forward pass (float32 is the fast one on a CPU)
-    c.model.remat = "none"  # recompute in the backward pass: none | full (per layer) | dots
+    c.model.remat = "none"  # recompute in the backward pass: none | full (per layer) | dots | attention (keep it)
     c.model.kernels = "xla"  # packed MXFP4 experts: xla | pallas (the kernel; interpret mode off a GPU) | auto
 
     c.lora = ConfigDict()

@@ -32,7 +32,7 @@ from gptoss_jax.train.tensorboard import SummaryWriter
 
 log = logging.getLogger(__name__)
 
-LOSS_CHUNK = 1024  # at most this many tokens' logits exist at once in the loss
+LOSS_CHUNK_BYTES = 2**27  # a chunk of the loss holds at most this much of float32 logits (128 MiB: 160 tokens of 201k)
 
 
 class TrainingStopped(RuntimeError):
@@ -147,25 +147,84 @@ def token_losses(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array, 
     targets, weights = targets.reshape(-1), weights.reshape(-1)
     counted_first = jnp.argsort(weights == 0, stable=True)
     hidden, targets, weights = hidden[counted_first], targets[counted_first], weights[counted_first]
-    chunk = min(LOSS_CHUNK, max(64, len(targets) // 8))
+    largest = 1 << max(6, (LOSS_CHUNK_BYTES // (4 * unembedding.shape[0])).bit_length() - 1)  # a power of two
+    chunk = min(largest, max(64, len(targets) // 8))
     pad = -len(targets) % chunk
-    chunks = (
-        jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, hidden.shape[-1]),
-        jnp.pad(targets, (0, pad)).reshape(-1, chunk),
-        jnp.pad(weights, (0, pad)).reshape(-1, chunk),
-    )
 
-    @jax.checkpoint
+    def chunked(a):
+        return jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape(-1, chunk, *a.shape[1:])
+
+    return _chunked_cross_entropy(chunked(hidden), chunked(targets), chunked(weights), unembedding)
+
+
+def _chunk_logits(hidden, unembedding):
+    return jnp.einsum("nd,vd->nv", hidden, unembedding, preferred_element_type=jnp.float32)
+
+
+def _counted(chunk_weights):
+    return jnp.any(chunk_weights != 0)
+
+
+@jax.custom_vjp
+def _chunked_cross_entropy(hidden, targets, weights, unembedding):
+    """sum(weights * (logsumexp(logits) - logits[target])) over chunks [C, n, ...] of tokens. A custom VJP keeps
+    only each token's log-partition for the backward, which recomputes a chunk's logits once for both gradients
+    (nothing of size [tokens, vocab], and no per-chunk copy of the unembedding, is ever stored)."""
+    return _cross_entropy_forward(hidden, targets, weights, unembedding)[0]
+
+
+def _cross_entropy_forward(hidden, targets, weights, unembedding):
     def chunk_loss(chunk):
         h, t, w = chunk
-        logits = jnp.einsum("nd,vd->nv", h, unembedding, preferred_element_type=jnp.float32)
-        target_logits = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        return jnp.sum(w * (jax.nn.logsumexp(logits, axis=-1) - target_logits))
 
-    def counted_chunk_loss(chunk):
-        return jax.lax.cond(jnp.any(chunk[2] != 0), chunk_loss, lambda _: jnp.zeros((), jnp.float32), chunk)
+        def compute(_):
+            logits = _chunk_logits(h, unembedding)
+            partition = jax.nn.logsumexp(logits, axis=-1)
+            return jnp.sum(w * (partition - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0])), partition
 
-    return jnp.sum(jax.lax.map(counted_chunk_loss, chunks))
+        skipped = (jnp.zeros((), jnp.float32), jnp.zeros(t.shape, jnp.float32))
+        return jax.lax.cond(_counted(w), compute, lambda _: skipped, None)
+
+    losses, partitions = jax.lax.map(chunk_loss, (hidden, targets, weights))
+    return jnp.sum(losses), partitions
+
+
+def _cross_entropy_fwd(hidden, targets, weights, unembedding):
+    # symbolic_zeros: arguments come as (value, perturbed); a frozen unembedding (LoRA) gets no gradient buffer.
+    # Whether it trains travels in the residuals' structure: a marker array, or None.
+    trains = jnp.zeros(()) if unembedding.perturbed else None
+    hidden, targets, weights, unembedding = (p.value for p in (hidden, targets, weights, unembedding))
+    loss, partitions = _cross_entropy_forward(hidden, targets, weights, unembedding)
+    return loss, (hidden, targets, weights, unembedding, partitions, trains)
+
+
+def _cross_entropy_bwd(residuals, grad):
+    """Per chunk: d logits = grad * weight * (softmax - one-hot target); d hidden = d logits @ U; d U (only when
+    the unembedding trains) accumulates d logits^T @ hidden."""
+    hidden, targets, weights, unembedding, partitions, trains = residuals
+    train_unembedding = trains is not None
+
+    def chunk_grads(d_unembedding, chunk):
+        h, t, w, partition = chunk
+
+        def compute(d_unembedding):
+            probs = jnp.exp(_chunk_logits(h, unembedding) - partition[:, None])
+            d_logits = (grad * w)[:, None] * probs.at[jnp.arange(len(t)), t].add(-1.0)  # softmax - one-hot
+            d_hidden = jnp.dot(d_logits.astype(h.dtype), unembedding, preferred_element_type=jnp.float32)
+            if train_unembedding:
+                d_unembedding += jnp.einsum("nv,nd->vd", d_logits.astype(h.dtype), h,
+                                            preferred_element_type=jnp.float32)
+            return d_unembedding, d_hidden.astype(h.dtype)
+
+        return jax.lax.cond(_counted(w), compute, lambda d: (d, jnp.zeros_like(h)), d_unembedding)
+
+    start = jnp.zeros(unembedding.shape, jnp.float32) if train_unembedding else None
+    d_unembedding, d_hidden = jax.lax.scan(chunk_grads, start, (hidden, targets, weights, partitions))
+    return (d_hidden, None, None,
+            d_unembedding.astype(unembedding.dtype) if train_unembedding else None)
+
+
+_chunked_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd, symbolic_zeros=True)
 
 
 @dataclasses.dataclass
