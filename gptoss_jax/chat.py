@@ -27,11 +27,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh", default="", help="device mesh, e.g. expert=4,tensor=2 (default: one device)")
     parser.add_argument("--kernels", default="xla", choices=["xla", "pallas", "auto"],
                         help="MXFP4 experts through XLA or the Pallas kernel (auto: the kernel on a GPU)")
+    add_distributed_arguments(parser)
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """How this process joins a multi-host run (generate, chat, serve, train)."""
     parser.add_argument("--distributed", action="store_true",
                         help="join a multi-host run: jax.distributed.initialize() detects SLURM and other clusters")
     parser.add_argument("--coordinator", metavar="HOST:PORT", help="explicit coordinator (with the two below)")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
+
+
+def join(args: argparse.Namespace) -> None:
+    """Joins the distributed run the arguments name, if any."""
+    if args.coordinator:
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,10 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def start(args: argparse.Namespace) -> GptOss:
     """Joins the distributed run if asked and loads the model on the mesh."""
-    if args.coordinator:
-        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
-    elif args.distributed:
-        jax.distributed.initialize()
+    join(args)
     return load_for_inference(args.checkpoint, dtype=args.dtype, mesh=args.mesh, lora=getattr(args, "lora", None),
                               kernels=args.kernels)
 

@@ -445,15 +445,19 @@ def _write_hf(values, config: GptOssConfig, directory: Path, *, mxfp4: bool, dty
         raise CheckpointError(f"{directory}: already holds a checkpoint ({existing[0]}); write to a new directory")
     table = hf_layout(config, mxfp4=mxfp4)
     shards = _ShardWriter(directory, max_shard_size)
-    for path, layer, value in values:
-        entry = table[path] if layer is None else table[path][layer]
-        if isinstance(entry, Mxfp4Weight):
-            weight = value if isinstance(value, Mxfp4Weight) else Mxfp4Weight.quantize(value)
-            shards.add(entry.blocks.name, np.asarray(weight.blocks))
-            shards.add(entry.scales.name, np.asarray(weight.scales))
-        else:
-            dense = value.dequantize(dtype) if isinstance(value, Mxfp4Weight) else value
-            shards.add(entry.name, entry.from_param(np.asarray(dense)))
+    try:
+        for path, layer, value in values:
+            entry = table[path] if layer is None else table[path][layer]
+            if isinstance(entry, Mxfp4Weight):
+                weight = value if isinstance(value, Mxfp4Weight) else Mxfp4Weight.quantize(_finite(value, entry))
+                shards.add(entry.blocks.name, np.asarray(weight.blocks))
+                shards.add(entry.scales.name, np.asarray(weight.scales))
+            else:
+                dense = value.dequantize(dtype) if isinstance(value, Mxfp4Weight) else value
+                shards.add(entry.name, entry.from_param(np.asarray(dense)))
+    except BaseException:
+        shards.discard()
+        raise
     shards.finish()
     hf_config = config.to_hf_dict() | {"dtype": jnp.dtype(dtype).name}
     if mxfp4:
@@ -461,6 +465,17 @@ def _write_hf(values, config: GptOssConfig, directory: Path, *, mxfp4: bool, dty
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     log.info("wrote %s checkpoint to %s", HF_MXFP4 if mxfp4 else HF, directory)
     return directory
+
+
+def _finite(value, entry: Mxfp4Weight) -> np.ndarray:
+    """The dense expert weight about to become MXFP4, refused if it holds a NaN or an infinity: the format has
+    neither (they would be written as garbage blocks)."""
+    value = np.asarray(value)
+    bad = value.size - int(np.isfinite(value).sum())
+    if bad:
+        name = entry.blocks.name.removesuffix("_blocks")
+        raise CheckpointError(f"{name}: {bad} NaN or infinite value(s); MXFP4 cannot represent them, nothing written")
+    return value
 
 
 class _ShardWriter:
@@ -484,6 +499,11 @@ class _ShardWriter:
         safetensors.numpy.save_file(self.pending, file, metadata={"format": "pt"})
         self.shards.append((file, list(self.pending)))
         self.pending = {}
+
+    def discard(self) -> None:
+        """Removes the shards written so far (a failed write leaves no partial checkpoint)."""
+        for file, _ in self.shards:
+            file.unlink(missing_ok=True)
 
     def finish(self) -> None:
         self._flush()

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--slots", type=int, default=16, help="requests decoded together")
-    serve.add_argument("--max-context", type=int, default=8192, help="tokens per request, prompt included")
+    serve.add_argument("--max-context", type=int, help="tokens per request, prompt included (default: 8192, or the "
+                       "model's max_position_embeddings if smaller)")
     serve.add_argument("--served-model-name", help="the model id clients use (default: the checkpoint's name)")
 
     for name, help_text in (("train", "fine-tune (LoRA or full) from a config file"),
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--config", required=True, metavar="FILE", help=f"a configs/{folder}/*.py file")
         if name == "plan":
             command.add_argument("--device-memory", default="80GiB", help="memory of one device, e.g. 80GiB")
+        if name == "train":
+            chat.add_distributed_arguments(command)
 
     args, extra = parser.parse_known_args(argv)
     configured = args.command in ("train", "plan", "eval")
@@ -115,10 +118,12 @@ def _overrides(extra: list[str]) -> list[str]:
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from gptoss_jax import chat
     from gptoss_jax.train.config import load_config
     from gptoss_jax.train.trainer import TrainingStopped, train
 
     config = load_config(args.config, overrides)
+    chat.join(args)
     try:
         result = train(config)
     except TrainingStopped as stopped:

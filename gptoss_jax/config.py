@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -142,7 +145,7 @@ class GptOssConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
         try:
-            return cls.from_hf_dict(data) if "model_type" in data else cls.from_original_dict(data)
+            return cls.from_hf_dict(data, source=path) if "model_type" in data else cls.from_original_dict(data)
         except ConfigError as error:
             raise ConfigError(f"{path}: {error}") from None
 
@@ -157,9 +160,16 @@ class GptOssConfig:
         return cls(**_as_floats(fields))
 
     @classmethod
-    def from_hf_dict(cls, data: dict[str, Any]) -> GptOssConfig:
-        """A transformers `GptOssConfig` as `save_pretrained` writes it (the rope block in either spelling)."""
-        _reject_unknown(data, {**_HF_KEYS, **_HF_REQUIRED_VALUES, **{key: None for key in _HF_IGNORED_KEYS}})
+    def from_hf_dict(cls, data: dict[str, Any], source: str | Path = "config.json") -> GptOssConfig:
+        """A transformers `GptOssConfig` as `save_pretrained` writes it (the rope block in either spelling).
+
+        Like transformers, keys that describe no part of the architecture are accepted: the settings every
+        transformers config carries quietly, any other (another trainer's extras, a misspelt optional key) with
+        a warning naming it. Keys that shape the model are checked."""
+        unused = [key for key in data if key not in _HF_KEYS and key not in _HF_REQUIRED_VALUES
+                  and key not in _HF_IGNORED_KEYS and key not in _TRANSFORMERS_GENERIC_KEYS]
+        if unused:
+            log.warning("%s: ignoring %s: not part of the gpt-oss architecture", source, ", ".join(unused))
         for key, required in _HF_REQUIRED_VALUES.items():
             if key in data and data[key] != required:
                 raise ConfigError(f"{key}: gpt-oss requires {required!r}, got {data[key]!r}")
@@ -235,6 +245,7 @@ _REAL_MODEL = dict(
 _REQUIRED_FIELDS = {
     f.name for f in dataclasses.fields(GptOssConfig) if f.default is dataclasses.MISSING
 }
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GptOssConfig) if f.name not in _REQUIRED_FIELDS}
 
 # original/config.json key -> field
 _ORIGINAL_KEYS = {
@@ -307,6 +318,20 @@ _HF_IGNORED_KEYS = {
     "use_cache",
 }
 
+# Settings every transformers config carries (PreTrainedConfig's common attributes, in 4.x and 5.x releases).
+_TRANSFORMERS_GENERIC_KEYS = {
+    "add_cross_attention", "bad_words_ids", "begin_suppress_tokens", "chunk_size_feed_forward",
+    "cross_attention_hidden_size", "decoder_start_token_id", "diversity_penalty", "do_sample", "early_stopping",
+    "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty", "finetuning_task", "forced_bos_token_id",
+    "forced_eos_token_id", "id2label", "is_decoder", "is_encoder_decoder", "label2id", "length_penalty",
+    "max_length", "min_length", "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_labels",
+    "num_return_sequences", "output_attentions", "output_hidden_states", "output_scores", "prefix",
+    "problem_type", "pruned_heads", "remove_invalid_values", "repetition_penalty", "return_dict",
+    "return_dict_in_generate", "sep_token_id", "suppress_tokens", "task_specific_params", "temperature",
+    "tf_legacy_loss", "tie_encoder_decoder", "tokenizer_class", "top_k", "top_p", "torchscript",
+    "typical_p", "use_bfloat16",
+}
+
 _HF_ROPE_KEYS = {
     "rope_type": None,
     "type": None,
@@ -320,20 +345,32 @@ _HF_ROPE_KEYS = {
 
 
 def _hf_rope_fields(data: dict[str, Any]) -> dict[str, Any]:
-    """Reads `rope_parameters` (transformers >= 5) or `rope_scaling` + `rope_theta` (earlier releases)."""
-    key = "rope_parameters" if data.get("rope_parameters") is not None else "rope_scaling"
-    rope = data.get(key) or {}
-    if not isinstance(rope, dict):
-        raise ConfigError(f"{key}: expected an object, got {rope!r}")
+    """Reads `rope_parameters` (transformers >= 5) or `rope_scaling` + `rope_theta` (earlier releases) with
+    transformers' defaults: no block at all is gpt-oss's YaRN (factor 32 over 4096 positions); in a block, a
+    missing type is plain RoPE, and a YaRN block without `truncate` truncates, without
+    `original_max_position_embeddings` extends from `max_position_embeddings` (one without `factor` is refused)."""
+    given = [key for key in ("rope_parameters", "rope_scaling") if data.get(key) is not None]
+    if len(given) > 1:
+        raise ConfigError("rope_parameters and rope_scaling: both given; keep one (transformers reads rope_scaling)")
+    fields = {"rope_theta": data["rope_theta"]} if "rope_theta" in data else {}
+    if not given:
+        return fields
+    key = given[0]
+    rope = data[key]
+    if not isinstance(rope, dict) or not rope:
+        raise ConfigError(f"{key}: expected an object with a rope_type, got {rope!r}")
     _reject_unknown(rope, _HF_ROPE_KEYS, prefix=f"{key}.")
-    rope_type = rope.get("rope_type", rope.get("type", "yarn" if rope else "default"))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("yarn", "default"):
         raise ConfigError(f"{key}.rope_type: gpt-oss uses 'yarn' (or 'default' for plain RoPE), got {rope_type!r}")
-    fields = {field: rope[name] for name, field in _HF_ROPE_KEYS.items() if field and name in rope}
-    if "rope_theta" in data:
-        fields.setdefault("rope_theta", data["rope_theta"])
+    fields.update({field: rope[name] for name, field in _HF_ROPE_KEYS.items() if field and name in rope})
     if rope_type == "default":
-        fields["rope_scaling_factor"] = 1.0
+        return {**fields, "rope_scaling_factor": 1.0}
+    if "factor" not in rope:
+        raise ConfigError(f"{key}.factor: missing; a YaRN block needs its scaling factor")
+    fields.setdefault("rope_truncate", True)
+    fields.setdefault("initial_context_length",
+                      data.get("max_position_embeddings", _FIELD_DEFAULTS["max_position_embeddings"]))
     return fields
 
 

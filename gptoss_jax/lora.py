@@ -172,8 +172,13 @@ def load_peft_adapter(model: GptOss, directory: str | os.PathLike) -> GptOss:
         peft = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{config_file}: {error}") from None
-    if peft.get("peft_type") != "LORA" or peft.get("use_dora") or peft.get("use_rslora"):
-        raise CheckpointError(f"{config_file}: only plain LoRA adapters can be loaded")
+    if peft.get("peft_type") != "LORA":
+        raise CheckpointError(f"{config_file}: peft_type={peft.get('peft_type')!r}; only LoRA adapters can be loaded")
+    for field, plain in _PEFT_PLAIN.items():
+        value = peft.get(field, plain)
+        if value != plain and (value or plain):  # None, [], {} and False all mean "not used"
+            raise CheckpointError(f"{config_file}: {field}={value!r} is not supported (plain LoRA has "
+                                  f"{field}={plain!r}); loading it without would give other outputs")
     if not isinstance(peft.get("target_modules") or [], list):
         raise CheckpointError(f"{config_file}: target_modules must be a list of names (not a regex)")
     modules = [m.split(".")[-1] for m in peft.get("target_modules") or []]
@@ -183,18 +188,38 @@ def load_peft_adapter(model: GptOss, directory: str | os.PathLike) -> GptOss:
         raise CheckpointError(f"{config_file}: targets {modules + unknown} are not gpt-oss LoRA targets "
                               f"{sorted(TARGETS)}")
     names = modules + [parameters[p] for p in peft.get("target_parameters") or []]
-    lora = LoraConfig(rank=peft["r"], alpha=peft["lora_alpha"], dropout=peft.get("lora_dropout") or 0.0,
-                      targets=tuple(names))
+    # rank-stabilised LoRA scales by alpha / sqrt(r) where LoRA scales by alpha / r
+    alpha = peft["lora_alpha"] * math.sqrt(peft["r"]) if peft.get("use_rslora") else peft["lora_alpha"]
+    lora = LoraConfig(rank=peft["r"], alpha=alpha, dropout=peft.get("lora_dropout") or 0.0, targets=tuple(names))
     add_lora(model, lora, rngs=nnx.Rngs(0))
     files = TensorFiles(directory)
     ordered = [name for name in TARGETS if name in names]
+    read = set()
     for (name, layer), (stack_index, adapter) in _adapters(model).items():
         key = _peft_key(name, layer, ordered)
+        read |= {f"{key}.lora_A.weight", f"{key}.lora_B.weight"}
         a, b = (np.asarray(files.read(f"{key}.lora_{ab}.weight")) for ab in "AB")
         a, b = _our_factors(name, a, b, adapter.a.get_value().shape[1:], adapter.b.get_value().shape[1:])
         adapter.a[...] = adapter.a[...].at[stack_index].set(a)
         adapter.b[...] = adapter.b[...].at[stack_index].set(b)
+    unread = sorted(files.names() - read)
+    if unread:
+        raise CheckpointError(f"{files.file_of(unread[0])}: tensor '{unread[0]}' (and {len(unread) - 1} more) is not "
+                              f"a LoRA factor of the targets {names}; refusing to drop it")
     return model
+
+
+# adapter_config.json fields that make an adapter more than LoRA on whole target weights, with the value under which
+# they change nothing (PEFT's default). Any other value changes the outputs: refused, not ignored.
+_PEFT_PLAIN = {
+    "bias": "none",  # trained biases
+    "modules_to_save": None,  # whole modules trained and saved beside the adapter
+    "rank_pattern": {}, "alpha_pattern": {},  # per-module ranks and alphas
+    "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,  # adapters on a subset
+    "fan_in_fan_out": False, "use_dora": False, "lora_bias": False, "use_qalora": False, "use_bdlora": None,
+    "trainable_token_indices": None, "alora_invocation_tokens": None, "layer_replication": None,
+    "arrow_config": None, "kasa_config": None,
+}
 
 
 def _number(value: float) -> int | float:

@@ -47,8 +47,14 @@ def parse_request(body: Any, max_length: int) -> tuple[list[int], dict[str, Any]
         raise BadRequest("top_logprobs: only the chosen token's logprob is returned (logprobs=true)")
     if not isinstance(body.get("messages"), list) or not body["messages"]:
         raise BadRequest("messages: a non-empty list is required")
+    tools = body.get("tools") or []
+    calls_allowed = _tool_choice(body.get("tool_choice")) != "none"
+    if not calls_allowed:
+        tools = []  # the model is not told of them, and a call it makes anyway is not reported
+    if not isinstance(body.get("parallel_tool_calls", True), bool):
+        raise BadRequest("parallel_tool_calls: expected true or false")
     record = {"messages": [_message(m, i) for i, m in enumerate(body["messages"])],
-              "tools": body.get("tools") or [], "reasoning_effort": body.get("reasoning_effort") or "medium"}
+              "tools": tools, "reasoning_effort": body.get("reasoning_effort") or "medium"}
     try:
         prompt = harmony.encode_chat(record)
     except harmony.RecordError as error:
@@ -61,6 +67,7 @@ def parse_request(body: Any, max_length: int) -> tuple[list[int], dict[str, Any]
         "stream": bool(body.get("stream", False)),
         "stop": _stop_strings(body.get("stop")),
         "logprobs": bool(body.get("logprobs", False)),
+        "tool_calls": calls_allowed,
     }
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     room = max_length - len(prompt)
@@ -71,6 +78,20 @@ def parse_request(body: Any, max_length: int) -> tuple[list[int], dict[str, Any]
         f"the prompt is {len(prompt)} tokens, so at most {room} more fit in this server's {max_length}-token "
         "context"))
     return prompt, settings
+
+
+def _tool_choice(choice: Any) -> str:
+    """The tool choice, "auto" (the default: the model decides) or "none" (the tools are left out of the prompt).
+    Forcing a call
+    ("required", or one named function) needs decoding constrained to a call, which this server does not do:
+    refused rather than ignored. (`parallel_tool_calls` needs nothing: gpt-oss ends its turn at each call, so a
+    response holds at most one.)"""
+    if choice is None or choice in ("auto", "none"):
+        return choice or "auto"
+    if choice == "required" or isinstance(choice, dict):
+        raise BadRequest(f"tool_choice: {json.dumps(choice)} is not supported (a forced call needs constrained "
+                         "decoding); use \"auto\" or \"none\"")
+    raise BadRequest(f"tool_choice: expected \"auto\", \"none\", \"required\" or a function, got {choice!r}")
 
 
 def _message(message: Any, index: int) -> dict:
@@ -182,13 +203,14 @@ def create_app(engine: Engine, model_name: str):
         completion = Completion(settings["stop"])
         identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
-        cancelled, logprobs = [], []
+        cancelled, logprobs, finished = [], [], []
 
         async def outcome():
             """Yields each token's deltas, then (None, finish reason)."""
             while True:
                 kind, value = await events.get()
                 if kind == "done":
+                    finished.append(value)
                     yield None, value
                     return
                 token, logprob = value
@@ -204,11 +226,25 @@ def create_app(engine: Engine, model_name: str):
             return {"prompt_tokens": len(prompt), "completion_tokens": len(job.tokens),
                     "total_tokens": len(prompt) + len(job.tokens)}
 
+        def release():
+            """A client that leaves before the end frees its slot (the engine would decode on for nobody)."""
+            if not finished:
+                engine.cancel(job)
+
         if not settings["stream"]:
-            reason = [finish async for delta, finish in outcome() if delta is None][0]
+            async def leaving():
+                while not await request.is_disconnected():
+                    await asyncio.sleep(0.1)
+                release()
+
+            watcher = asyncio.create_task(leaving())
+            try:
+                reason = [finish async for delta, finish in outcome() if delta is None][0]
+            finally:
+                watcher.cancel()
             if reason.startswith("error"):
                 return error(500, f"generation failed: {reason}", "server_error")
-            calls = completion.tool_calls()
+            calls = completion.tool_calls() if settings["tool_calls"] else []
             message = {"role": "assistant", "content": completion.content or (None if calls else ""),
                        "reasoning_content": completion.reasoning or None}
             if calls:
@@ -224,18 +260,21 @@ def create_app(engine: Engine, model_name: str):
                            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
                 return f"data: {json.dumps(payload)}\n\n"
 
-            yield chunk({"role": "assistant", "content": ""})
-            async for delta, reason in outcome():
-                if delta is not None:
-                    yield chunk(delta)
-                    continue
-                calls = completion.tool_calls()
-                if calls:
-                    yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
-                final = _finish_reason(reason, calls, completion.stopped)
-                include_usage = (body.get("stream_options") or {}).get("include_usage")
-                yield chunk({}, final, **({"usage": usage()} if include_usage else {}))
-            yield "data: [DONE]\n\n"
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                async for delta, reason in outcome():
+                    if delta is not None:
+                        yield chunk(delta)
+                        continue
+                    calls = completion.tool_calls() if settings["tool_calls"] else []
+                    if calls:
+                        yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+                    final = _finish_reason(reason, calls, completion.stopped)
+                    include_usage = (body.get("stream_options") or {}).get("include_usage")
+                    yield chunk({}, final, **({"usage": usage()} if include_usage else {}))
+                yield "data: [DONE]\n\n"
+            finally:  # also when the client disconnects, which closes this generator
+                release()
 
         return StreamingResponse(events_stream(), media_type="text/event-stream")
 

@@ -29,6 +29,7 @@ from gptoss_jax.model import GptOss, KVCache
 log = logging.getLogger(__name__)
 
 MAX_STOP_TOKENS = 8
+DEFAULT_CONTEXT = 8192  # tokens per request, prompt included, unless the model holds fewer
 
 
 @dataclasses.dataclass
@@ -43,10 +44,13 @@ class Request:
     on_token: Callable[[int, float], None] = lambda token, logprob: None  # called on the engine thread
     on_done: Callable[[str], None] = lambda reason: None  # "stop", "length", "cancelled" or "error: ..."
     tokens: list[int] = dataclasses.field(default_factory=list)
+    cancelled: bool = False  # set by Engine.cancel: a request still queued is never admitted
 
 
 class Engine:
-    def __init__(self, model: GptOss, *, slots: int = 16, max_length: int = 4096):
+    def __init__(self, model: GptOss, *, slots: int = 16, max_length: int | None = None):
+        if max_length is None:
+            max_length = min(DEFAULT_CONTEXT, model.config.max_position_embeddings)
         if max_length > model.config.max_position_embeddings:
             raise ValueError(f"max_length {max_length} exceeds the model's {model.config.max_position_embeddings}")
         self.model, self.slots, self.max_length = model, slots, max_length
@@ -88,6 +92,7 @@ class Engine:
 
     def cancel(self, request: Request) -> None:
         """Ends a request early (its client left, or its text hit a stop string); its slot frees at the next step."""
+        request.cancelled = True
         self.cancelled.put(request)
         self._wake.set()
 
@@ -114,7 +119,11 @@ class Engine:
                 cancelled += [slot for slot, active in self.active.items() if active is request]
             admissions = []
             while len(self.active) - len(cancelled) + len(admissions) < self.slots and not self.pending.empty():
-                admissions.append((self._free_slot(admissions, cancelled), self.pending.get()))
+                request = self.pending.get()
+                if request.cancelled:
+                    request.on_done("cancelled")
+                else:
+                    admissions.append((self._free_slot(admissions, cancelled), request))
             if not (admissions or cancelled or self.active):
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -165,7 +174,10 @@ class Engine:
     # ---- the steps ------------------------------------------------------------------------------------------
 
     def _admit(self, slot: int, request: Request) -> None:
-        bucket = max(16, 1 << (len(request.prompt) - 1).bit_length())
+        # The prompt is left-padded to a power of two (few prefill shapes) and decoding writes after the padding:
+        # near the end of the context the bucket shrinks so that the new tokens still fit in the cache.
+        room = self.max_length - request.max_tokens + 1  # the last new token is returned, never written
+        bucket = min(max(16, 1 << (len(request.prompt) - 1).bit_length()), room)
         tokens = np.zeros((1, bucket), np.int32)
         tokens[0, bucket - len(request.prompt):] = request.prompt
         empty = self.model.init_cache(jnp.asarray([bucket - len(request.prompt)], jnp.int32), self.max_length)

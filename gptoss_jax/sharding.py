@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax.mxfp4 import Mxfp4Weight
@@ -150,8 +151,8 @@ def _moved(value, sharding: jax.sharding.Sharding):
     if isinstance(value, jax.Array):
         if value.sharding == sharding:
             return value
-        if value.is_fully_addressable:  # (the same sharding, spelled otherwise, keeps its buffers)
-            return jax.device_put(value, sharding)
+        if value.is_fully_addressable and sharding.is_fully_addressable:  # (the same sharding, spelled otherwise,
+            return jax.device_put(value, sharding)  # keeps its buffers)
     return put(value, sharding)
 
 
@@ -163,6 +164,17 @@ def put(value, sharding: jax.sharding.Sharding | None, dtype=None) -> jax.Array:
     if sharding is None:
         return jax.device_put(np.array(value, dtype=dtype))
     return jax.make_array_from_callback(value.shape, sharding, lambda index: np.array(value[index], dtype=dtype))
+
+
+def on_every_host(tree):
+    """Every array of `tree` whole on the host, as numpy, in every process: arrays spread over several processes
+    are gathered (a collective: every process must call this, in the same order)."""
+    def whole(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return leaf
+
+    return jax.tree.map(whole, tree)
 
 
 def zeros(shape: tuple[int, ...], dtype, sharding: jax.sharding.Sharding | None) -> jax.Array:

@@ -4,8 +4,18 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
+import pytest
+
+# What offline machines carry beside the checkout (DESIGN.md §5); a fresh clone has none of it.
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def needs_shared(relative: str):
+    """A skip mark for a test that reads `relative` from ../shared, naming the file it lacks."""
+    return pytest.mark.skipif(not (SHARED / relative).is_file(), reason=f"needs ../shared/{relative}")
 
 
 def relative_error(actual, expected) -> float:

@@ -41,3 +41,36 @@ def random_hf_model(seed: int = 0, **overrides) -> transformers.GptOssForCausalL
                 fan_in = param.shape[-2] if "experts" in name else param.shape[-1]
                 param.copy_(torch.randn_like(param) / fan_in**0.5)
     return model
+
+
+def bigram_hf_model(chain: list[int], **overrides) -> transformers.GptOssForCausalLM:
+    """A real gpt-oss checkpoint whose greedy continuation is known: its layers add nothing to the residual stream
+    (zero attention and expert outputs), so the logits depend on the current token alone, and after `chain[i]` the
+    largest is `chain[i + 1]`. For testing what is done with a given generation (e.g. a tool call the server must
+    report). The chain's tokens, the last aside, must differ from each other."""
+    if len(set(chain[:-1])) != len(chain) - 1:
+        raise ValueError("a bigram chain cannot revisit a token")
+    model = random_hf_model(seed=0, vocab_size=201088, **overrides)
+    width = model.config.hidden_size
+    if len(chain) > width:
+        raise ValueError(f"a chain of {len(chain)} tokens needs hidden_size >= {len(chain)}")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for param in (layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias, layer.mlp.experts.down_proj,
+                          layer.mlp.experts.down_proj_bias):
+                param.zero_()
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        for step, (token, following) in enumerate(zip(chain[:-1], chain[1:], strict=True)):
+            model.model.embed_tokens.weight[token] = torch.nn.functional.one_hot(torch.tensor(step), width)
+            model.lm_head.weight[following, step] = 10.0
+    return model
+
+
+def hf_and_ours(directory, seed: int, **overrides):
+    """A random transformers model saved to `directory`, and ours loaded from that checkpoint in float32."""
+    import gptoss_jax
+
+    hf = random_hf_model(seed=seed, **overrides)
+    hf.save_pretrained(directory)
+    return hf, gptoss_jax.load_model(directory, dtype="float32")

@@ -12,7 +12,7 @@ from flax import nnx
 import gptoss_jax
 from gptoss_jax.generation import Generator
 from gptoss_jax.lora import LoraConfig, add_lora
-from gptoss_jax.sharding import make_mesh, shard_model
+from gptoss_jax.sharding import make_mesh, on_every_host, shard_model
 
 
 def main(checkpoint: str, meshes: list[str], output: str) -> None:
@@ -47,11 +47,7 @@ def main(checkpoint: str, meshes: list[str], output: str) -> None:
 
 
 def _host(array):
-    if not array.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return np.asarray(array)
+    return np.asarray(on_every_host(array))
 
 
 if __name__ == "__main__":

@@ -144,3 +144,21 @@ def test_not_a_path_nor_a_repo_id():
 def test_bad_mxfp4_mode():
     with pytest.raises(ValueError, match="expected 'packed' or 'dequantize'"):
         gptoss_jax.load_model("/no/such/checkpoint", mxfp4="bf16")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_experts_are_refused_not_quantized(tmp_path, bad):
+    """MXFP4 has no NaN or infinity: quantizing them wrote near-zeros or 0.75s without a word."""
+    hf = random_hf_model(seed=3, num_hidden_layers=2, hidden_size=64, intermediate_size=32)
+    with torch.no_grad():
+        hf.model.layers[1].mlp.experts.down_proj[2, 5, 7] = bad
+    hf.save_pretrained(tmp_path / "dense")
+    message = r"^model\.layers\.1\.mlp\.experts\.down_proj: 1 NaN or infinite value\(s\); MXFP4 cannot represent"
+    with pytest.raises(CheckpointError, match=message):
+        gptoss_jax.convert(tmp_path / "dense", tmp_path / "converted", max_shard_size=20_000)
+    model = gptoss_jax.load_model(tmp_path / "dense", dtype="float32")
+    with pytest.raises(CheckpointError, match=message):
+        gptoss_jax.save_pretrained(model, tmp_path / "saved", max_shard_size=20_000)
+    for directory in (tmp_path / "converted", tmp_path / "saved"):  # the shards written before it are removed
+        assert list(directory.iterdir()) == []
+    gptoss_jax.save_pretrained(model, tmp_path / "unquantized", mxfp4=False)  # dense bf16/f32 can hold them

@@ -1,9 +1,12 @@
 import json
 
+import numpy as np
 import pytest
 import transformers
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
 
 from gptoss_jax.config import ConfigError, GptOssConfig
+from gptoss_jax.model import rope_frequencies
 
 from hf_models import hf_config
 from released import hub_config
@@ -53,6 +56,23 @@ def test_config_written_by_transformers_round_trips(tmp_path):
     assert GptOssConfig.from_pretrained(tmp_path / "again") == config
 
 
+def test_keys_transformers_ignores_are_accepted_and_others_named(tmp_path, caplog):
+    written = hf_config(num_hidden_layers=5, sliding_window=7)
+    written.save_pretrained(tmp_path)
+    expected = GptOssConfig.from_pretrained(tmp_path)
+    everything = written.to_dict()  # the generic keys save_pretrained leaves out: output_hidden_states, ...
+    assert {"output_hidden_states", "chunk_size_feed_forward", "return_dict"} <= set(everything)
+    (tmp_path / "config.json").write_text(json.dumps(everything))
+    with caplog.at_level("WARNING", logger="gptoss_jax.config"):
+        assert GptOssConfig.from_pretrained(tmp_path) == expected
+    assert not caplog.records
+    (tmp_path / "config.json").write_text(json.dumps({**everything, "unsloth_version": "2025.8", "moe_shared": 2}))
+    with caplog.at_level("WARNING", logger="gptoss_jax.config"):
+        assert GptOssConfig.from_pretrained(tmp_path) == expected
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{tmp_path / 'config.json'}: ignoring unsloth_version, moe_shared: not part of the gpt-oss architecture"]
+
+
 @pytest.mark.parametrize(
     "change, key",
     [
@@ -75,7 +95,6 @@ def test_invalid_values_name_the_field(change, key):
         (lambda d: d.update(num_key_value_heads=7), "num_attention_heads"),
         (lambda d: d["rope_scaling"].update(rope_type="longrope"), "rope_scaling.rope_type"),
         (lambda d: d["rope_scaling"].update(mscale=0.7), "unknown key rope_scaling.mscale"),
-        (lambda d: d.update(moe_shared_experts=2), "unknown key moe_shared_experts"),
         (lambda d: d.update(tie_word_embeddings=True), "tie_word_embeddings"),
         (lambda d: d.update(layer_types=["full_attention"] * 36), "layer_types"),
         (lambda d: d.update(num_experts_per_tok=2), "experts_per_token"),
@@ -89,6 +108,44 @@ def test_bad_hf_config_files_name_file_and_key(tmp_path, edit, message):
     with pytest.raises(ConfigError, match=message) as error:
         GptOssConfig.from_pretrained(tmp_path)
     assert str(tmp_path / "config.json") in str(error.value)
+
+
+YARN_BLOCK = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+              "original_max_position_embeddings": 4096}
+
+
+@pytest.mark.parametrize("rope", [
+    {},  # no rope block: transformers' gpt-oss default is YaRN, not plain RoPE
+    {"rope_theta": 10000},
+    {"rope_scaling": None, "rope_theta": 150000},
+    {"rope_scaling": YARN_BLOCK},  # no `truncate`: transformers truncates
+    {"rope_scaling": {**YARN_BLOCK, "truncate": False}},
+    {"rope_parameters": {**YARN_BLOCK, "truncate": False, "rope_theta": 150000.0}},
+    {"rope_scaling": {"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 4096, "truncate": False}},
+    {"rope_scaling": {"rope_type": "yarn", "factor": 32.0}},  # extends from max_position_embeddings
+    {"rope_theta": 10000, "rope_scaling": {**YARN_BLOCK, "rope_theta": 20000}},  # the block's theta wins
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 150000.0}},
+    {"rope_scaling": {"factor": 32.0, "original_max_position_embeddings": 4096}},  # no type: plain RoPE
+], ids=lambda rope: json.dumps(rope))
+def test_rope_block_reads_as_transformers_reads_it(tmp_path, rope):
+    data = {key: value for key, value in hub_config(layers=2, experts=4).items() if "rope" not in key}
+    (tmp_path / "config.json").write_text(json.dumps({**data, **rope}))
+    reference = GptOssRotaryEmbedding(transformers.AutoConfig.from_pretrained(tmp_path))
+    inv_freq, concentration = rope_frequencies(GptOssConfig.from_pretrained(tmp_path))
+    assert np.abs(inv_freq - reference.inv_freq.numpy()).max() <= 1e-6 * np.abs(inv_freq).max()  # float32 rounding
+    assert concentration == pytest.approx(reference.attention_scaling, rel=1e-12)
+
+
+@pytest.mark.parametrize("rope, message", [
+    ({"rope_scaling": YARN_BLOCK, "rope_parameters": {"rope_type": "default"}}, "both given"),
+    ({"rope_parameters": {}}, "rope_parameters: expected an object with a rope_type"),
+    ({"rope_scaling": {"rope_type": "yarn"}}, "rope_scaling.factor: missing"),  # transformers: KeyError
+])
+def test_ambiguous_rope_blocks_are_refused(tmp_path, rope, message):
+    data = {key: value for key, value in HF_120B.items() if "rope" not in key}
+    (tmp_path / "config.json").write_text(json.dumps({**data, **rope}))
+    with pytest.raises(ConfigError, match=message):
+        GptOssConfig.from_pretrained(tmp_path)
 
 
 def test_bad_original_config_names_the_key(tmp_path):

@@ -17,9 +17,9 @@ from gptoss_jax import GptOss, GptOssConfig, tokenizer
 from gptoss_jax.train import data, gsm8k
 
 from harmony_cases import RECORDS
-from helpers import relative_error
+from helpers import SHARED, needs_shared, relative_error
 
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+GSM8K = "data/gsm8k/train.jsonl"
 
 
 def _write_jsonl(path: Path, rows) -> Path:
@@ -142,9 +142,9 @@ def test_hf_dataset_id_from_the_cache_offline(tmp_path):
     assert result.stdout.split() == ["5", "5"], result.stderr[-2000:]
 
 
-@pytest.mark.skipif(not GSM8K.is_file(), reason="the shared GSM8K copy is beside the checkout")
+@needs_shared(GSM8K)
 def test_gsm8k_records(tmp_path):
-    lines = GSM8K.read_text().splitlines()[:50]
+    lines = (SHARED / GSM8K).read_text().splitlines()[:50]
     source = tmp_path / "gsm8k.jsonl"
     source.write_text("\n".join(lines) + "\n")
     assert gsm8k.convert(source, tmp_path / "out.jsonl") == 50

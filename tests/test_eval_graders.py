@@ -2,7 +2,6 @@
 
 import json
 from fractions import Fraction
-from pathlib import Path
 
 import ml_collections
 import pytest
@@ -12,7 +11,9 @@ from gptoss_jax.eval.graders import boxed, grade, math_equal, numbers
 from gptoss_jax.eval.sweep import defaults
 from gptoss_jax.eval.tasks import BOX_INSTRUCTION, MCQ_INSTRUCTION, TaskError, load_task
 
-GSM8K = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl")
+from helpers import SHARED, needs_shared
+
+GSM8K = "data/gsm8k/test.jsonl"
 
 
 @pytest.mark.parametrize("reply, reference, parsed, correct", [
@@ -138,8 +139,9 @@ def _data(**sources):
     return data
 
 
+@needs_shared(GSM8K)
 def test_gsm8k_from_the_shared_copy():
-    problems = load_task("gsm8k", _data(gsm8k=GSM8K), limit=3)
+    problems = load_task("gsm8k", _data(gsm8k=str(SHARED / GSM8K)), limit=3)
     assert len(problems) == 3 and problems[0].answer == "18" and problems[0].grader == "numeric"
     assert problems[0].prompt.startswith("Janet") and "####" not in problems[0].prompt
 

@@ -2,9 +2,9 @@
 
 import os
 import re
-import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -14,19 +14,18 @@ import torch
 from flax import nnx
 
 import gptoss_jax
+from gptoss_jax import GptOssConfig
 from gptoss_jax.generation import Generator, generate, sample
+from gptoss_jax.serving import Engine, Request, _sample_rows
 
-from helpers import relative_error
-from hf_models import random_hf_model
+from helpers import free_ports, relative_error
+from hf_models import hf_and_ours, random_hf_model
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """A random transformers model (window 5) and ours loaded from its checkpoint, float32."""
-    directory = tmp_path_factory.mktemp("gen")
-    hf = random_hf_model(seed=21, num_hidden_layers=3, sliding_window=5)
-    hf.save_pretrained(directory)
-    return hf, gptoss_jax.load_model(directory, dtype="float32")
+    return hf_and_ours(tmp_path_factory.mktemp("gen"), seed=21, num_hidden_layers=3, sliding_window=5)
 
 
 def test_greedy_generation_equals_transformers(pair):
@@ -95,6 +94,35 @@ def test_sampling_settings():
     np.testing.assert_array_equal(all_four, np.asarray(sample(logits, key, temperature=1.0, top_p=1.0, top_k=0)))
 
 
+def test_server_sampler_draws_what_generation_sample_draws():
+    """The server samples each row with its own settings and key (seed, step): the same draws as
+    `generation.sample` given that row, settings and key; and over many steps, the frequencies of the
+    distribution that temperature, top_k and top_p leave (bound: 5 standard errors)."""
+    rng = np.random.default_rng(6)
+    logits = jnp.asarray(rng.normal(scale=2.0, size=(5, 50)), jnp.float32)
+    settings = {"temperature": jnp.asarray([0.7, 1.0, 1.3, 0.0, 1.0]), "top_p": jnp.asarray([0.9, 1.0, 0.5, 1.0, 0.8]),
+                "top_k": jnp.asarray([0, 5, 0, 0, 3]), "seed": jnp.asarray([1, 2, 3, 4, 5])}
+    steps = jnp.asarray([0, 3, 7, 2, 9])
+    drawn = np.asarray(_sample_rows(logits, steps=steps, **settings))
+    for row in range(5):
+        key = jax.random.fold_in(jax.random.key(int(settings["seed"][row])), int(steps[row]))
+        one = {name: value[row].item() for name, value in settings.items() if name != "seed"}
+        assert drawn[row] == int(sample(logits[row:row + 1], key, **one)[0]), row
+
+    draws = 4000
+    row = jnp.asarray([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]])
+    many = np.asarray(_sample_rows(jnp.repeat(row, draws, axis=0), steps=jnp.arange(draws),
+                                   temperature=jnp.full(draws, 0.8), top_p=jnp.full(draws, 0.9),
+                                   top_k=jnp.full(draws, 4, jnp.int32), seed=jnp.full(draws, 7, jnp.int32)))
+    kept = np.exp(np.asarray(row[0, :4]) / 0.8)
+    kept /= kept.sum()  # top_k = 4, then the smallest head of them reaching top_p = 0.9
+    head = int(np.searchsorted(np.cumsum(kept), 0.9)) + 1
+    expected = np.zeros(6)
+    expected[:head] = kept[:head] / kept[:head].sum()
+    frequencies = np.bincount(many, minlength=6) / draws
+    assert np.all(np.abs(frequencies - expected) <= 5 * np.sqrt(expected * (1 - expected) / draws) + 1e-12)
+
+
 def test_seeded_sampling_is_reproducible(pair):
     _, model = pair
     generator = Generator(model)
@@ -125,6 +153,60 @@ def test_bad_requests(pair):
         generator.generate([[1, 300]], 4)
 
 
+# (prompt tokens, new tokens) for a 64-position server cache: each side of the prefill buckets' edges (16, 32, 64),
+# and requests that fill the context exactly, where a prompt padded to its bucket leaves too little room.
+EDGES = [(15, 8), (17, 8), (32, 8), (33, 8), (40, 20), (40, 24), (17, 47), (63, 1), (1, 63)]
+
+
+def test_server_engine_decodes_like_generate_at_every_bucket_and_context_edge(pair):
+    _, model = pair
+    generator, engine = Generator(model), Engine(model, slots=2, max_length=64).start()
+    rng = np.random.default_rng(5)
+    requests = [Request(rng.integers(0, 300, n).tolist(), new) for n, new in EDGES]
+    finished = []
+    try:
+        for request in requests:
+            request.on_done = finished.append
+            engine.submit(request)
+        deadline = time.time() + 300
+        while len(finished) < len(requests) and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        engine.stop()
+    assert finished == ["length"] * len(requests)
+    for (length, new), request in zip(EDGES, requests, strict=True):
+        expected = generator.generate([request.prompt], new, stop_tokens=[])[0]
+        assert request.tokens == expected, (length, new)
+    with pytest.raises(ValueError, match="asks for up to 25 more, but this server's context holds 64 tokens"):
+        engine.submit(Request(list(range(40)), 25))
+
+
+def test_a_request_cancelled_while_queued_is_never_run(pair):
+    _, model = pair
+    engine = Engine(model, slots=1, max_length=64)
+    first, second, ends = Request([1, 2, 3], 8), Request([4, 5], 8), {}
+    first.on_done, second.on_done = (lambda reason: ends.update(first=reason)), (lambda r: ends.update(second=r))
+    engine.submit(first)
+    engine.submit(second)
+    engine.cancel(second)  # the client left while its request waited for a slot
+    engine.start()
+    try:
+        deadline = time.time() + 120
+        while len(ends) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        engine.stop()
+    assert ends == {"first": "length", "second": "cancelled"} and len(first.tokens) == 8 and second.tokens == []
+
+
+def test_server_context_defaults_to_the_smaller_of_8192_and_the_model():
+    config = GptOssConfig.tiny().replace(vocab_size=300, num_hidden_layers=2, max_position_embeddings=64)
+    model = gptoss_jax.GptOss(config, dtype="float32", rngs=nnx.Rngs(0))
+    assert Engine(model, slots=1).max_length == 64
+    with pytest.raises(ValueError, match="max_length 128 exceeds the model's 64"):
+        Engine(model, slots=1, max_length=128)
+
+
 def _harmony_checkpoint(directory):
     """A random model with the real vocabulary, so harmony prompts fit."""
     random_hf_model(seed=2, num_hidden_layers=2, vocab_size=201088).save_pretrained(directory)
@@ -140,22 +222,26 @@ def test_generate_command_prints_the_answer_and_speed(tmp_path):
     assert re.search(r"\[6 tokens in [\d.]+s, [\d.]+ tokens/s", result.stderr), result.stderr[-2000:]
 
 
-def test_chat_and_generate_run_across_two_processes(tmp_path):
-    """The same command on two jax.distributed processes (127.0.0.1, gloo): one mesh, output from process 0."""
-    checkpoint = _harmony_checkpoint(tmp_path / "ckpt")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+def test_chat_runs_across_two_processes_as_in_one(demo_model_dir):
+    """A two-turn chat with the demo model on two jax.distributed processes (127.0.0.1, gloo) over one 4-device
+    mesh, and in one process over the same mesh: process 0 prints the analysis and answers the single process
+    prints, token for token; the other process prints nothing."""
+    port, = free_ports(1)
+    command = [sys.executable, "-m", "gptoss_jax.cli", "chat", "--checkpoint", str(demo_model_dir),
+               "--max-new-tokens", "60", "--temperature", "0", "--dtype", "float32", "--mesh", "fsdp=4",
+               "--show-analysis"]
+    conversation = "Start with 3. Add 4. What is the result?\nStart with 8. Subtract 5. What is the result?\n/exit\n"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
     processes = [subprocess.Popen(
-        [sys.executable, "-m", "gptoss_jax.cli", "chat", "--checkpoint", str(checkpoint), "--max-new-tokens", "5",
-         "--temperature", "0", "--dtype", "float32", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-         "--process-id", str(i), "--mesh", "fsdp=4"],
+        [*command, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [p.communicate(input="Hello there\n/exit\n" if i == 0 else "", timeout=600)
-               for i, p in enumerate(processes)]
+    outputs = [p.communicate(input=conversation if i == 0 else "", timeout=600) for i, p in enumerate(processes)]
     for process, (_, errors) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, errors[-3000:]
-    assert "assistant>" in outputs[0][0] and "assistant>" not in outputs[1][0]
-    assert "[5 tokens in" in outputs[0][1]
+    single = subprocess.run(command, input=conversation, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert single.returncode == 0, single.stderr[-3000:]
+    printed = [re.sub(r"\[Gloo\][^\n]*\n", "", out) for out, _ in outputs]  # gloo's connection notices
+    assert single.stdout.count("assistant>") == 2 and single.stdout.count("[final]") == 2
+    assert printed[0] == single.stdout and printed[1] == ""

@@ -2,12 +2,15 @@
 
 import jax
 import numpy as np
+import peft
 import pytest
+import safetensors.numpy
 import torch
 from flax import nnx
 from peft import PeftModel
 
 import gptoss_jax
+from gptoss_jax import CheckpointError
 from gptoss_jax.lora import LoraConfig, add_lora, load_peft_adapter, merge_lora, save_peft_adapter
 from gptoss_jax.model import LoRAParam
 
@@ -75,3 +78,49 @@ def test_bad_lora_configs():
     with pytest.raises(ValueError, match="dropout: must be 0 when the router or experts are targeted"):
         LoraConfig(dropout=0.1, targets=("*",)).names()
     assert LoraConfig(dropout=0.1).names() == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _peft_written(tmp_path, **settings):
+    """An adapter that PEFT itself trains-initialises (random non-zero B) and saves, on a random base."""
+    random_hf_model(seed=1, num_hidden_layers=2).save_pretrained(tmp_path / "base")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                             **settings)
+    peft_model = peft.get_peft_model(random_hf_model(seed=1, num_hidden_layers=2), config).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return peft_model
+
+
+@pytest.mark.parametrize("settings", [{}, {"use_rslora": True}])
+def test_adapters_written_by_peft_load_to_peft_logits(tmp_path, settings):
+    peft_model = _peft_written(tmp_path, **settings)
+    tokens = np.random.default_rng(0).integers(0, 300, (2, 9))
+    with torch.no_grad():
+        expected = peft_model(torch.tensor(tokens)).logits.numpy()
+    model = load_peft_adapter(gptoss_jax.load_model(tmp_path / "base", dtype="float32"), tmp_path / "adapter")
+    assert relative_error(np.asarray(model(tokens.astype(np.int32))), expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("settings, field", [
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"alpha_pattern": {"v_proj": 32}}, "alpha_pattern"),
+    ({"rank_pattern": {"q_proj": 2}}, "rank_pattern"),
+    ({"bias": "lora_only"}, "bias"),
+    ({"bias": "all"}, "bias"),
+    ({"layers_to_transform": [0]}, "layers_to_transform"),
+    ({"use_dora": True}, "use_dora"),
+])
+def test_peft_fields_we_do_not_honour_are_refused(tmp_path, settings, field):
+    _peft_written(tmp_path, **settings)
+    with pytest.raises(CheckpointError, match=rf"adapter_config\.json: {field}=.* is not supported"):
+        load_peft_adapter(gptoss_jax.load_model(tmp_path / "base", dtype="float32"), tmp_path / "adapter")
+
+
+def test_adapter_tensors_nothing_reads_are_refused(tmp_path):
+    _peft_written(tmp_path)
+    file = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = safetensors.numpy.load_file(file)
+    tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"] = np.ones((4, 48), np.float32)
+    safetensors.numpy.save_file(tensors, file)
+    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: tensor 'base_model\.model\.model\.layers"
+                                              r"\.0\.self_attn\.k_proj\.lora_A\.weight' \(and 0 more\) is not a LoRA"):
+        load_peft_adapter(gptoss_jax.load_model(tmp_path / "base", dtype="float32"), tmp_path / "adapter")

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -12,14 +13,18 @@ import jax
 import numpy as np
 import openai
 import pytest
+from flax import nnx
 
 import gptoss_jax
 from gptoss_jax import harmony
 from gptoss_jax import tokenizer as tok
 from gptoss_jax.generation import Generator
+from gptoss_jax.lora import LoraConfig, add_lora, save_peft_adapter
+from gptoss_jax.model import LoRAParam
 from gptoss_jax.server import Completion
 
 from helpers import free_ports, serving, wait_until_healthy
+from hf_models import bigram_hf_model, random_hf_model
 
 QUESTION = "Start with 3. Add 4, then multiply by 2. What is the result?"
 
@@ -140,6 +145,120 @@ def test_generated_tool_calls_come_back_as_tool_calls():
     assert encoding.decode(tokens[:2]) == "<|channel|>analysis"
 
 
+# A call the bigram model below makes whatever it is asked: arguments whose tokens do not repeat.
+CALL = '{"n":7}'
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "Adds.", "parameters": {
+    "type": "object", "properties": {"n": {"type": "number"}}, "required": ["n"]}}}]
+
+
+@pytest.fixture(scope="module")
+def tool_caller(tmp_path_factory):
+    """A server on a model that answers every prompt with a call to functions.add (greedy)."""
+    directory = tmp_path_factory.mktemp("caller")
+    assistant = harmony.encode_chat({"messages": [{"role": "user", "content": "x"}]})[-1]
+    call = harmony.render_message(harmony.Message("assistant", CALL, "commentary", "functions.add",
+                                                  "<|constrain|>json"))[0][2:]  # after <|start|>assistant
+    bigram_hf_model([assistant, *call], num_hidden_layers=2).save_pretrained(directory)
+    with serving(directory, "--slots", "2", "--max-context", "256") as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_a_generated_call_comes_back_as_tool_calls(tool_caller):
+    messages = [{"role": "user", "content": "Add seven."}]
+    for parallel in (True, False):  # one call per turn either way: gpt-oss ends its turn at a call
+        choice = tool_caller.chat.completions.create(model="m", messages=messages, tools=TOOLS, temperature=0,
+                                                     max_tokens=40, parallel_tool_calls=parallel).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert (call.type, call.function.name, call.function.arguments) == ("function", "add", CALL)
+    chunks = list(tool_caller.chat.completions.create(model="m", messages=messages, tools=TOOLS, temperature=0,
+                                                      max_tokens=40, stream=True))
+    streamed = [c for chunk in chunks for c in (chunk.choices[0].delta.tool_calls or [])]
+    assert [(c.function.name, c.function.arguments) for c in streamed] == [("add", CALL)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_none_is_honoured_and_forced_calls_are_refused(tool_caller):
+    messages = [{"role": "user", "content": "Add seven."}]
+    response = tool_caller.chat.completions.create(model="m", messages=messages, tools=TOOLS, temperature=0,
+                                                   max_tokens=40, tool_choice="none")
+    assert response.usage.prompt_tokens == len(harmony.encode_chat({"messages": messages}))  # no tools rendered
+    assert not response.choices[0].message.tool_calls and response.choices[0].finish_reason == "stop"
+    for choice in ("required", {"type": "function", "function": {"name": "add"}}):
+        with pytest.raises(openai.BadRequestError, match="tool_choice: .* is not supported"):
+            tool_caller.chat.completions.create(model="m", messages=messages, tools=TOOLS, tool_choice=choice)
+    with pytest.raises(openai.BadRequestError, match="parallel_tool_calls: expected true or false"):
+        tool_caller.chat.completions.create(model="m", messages=messages, tools=TOOLS,
+                                            extra_body={"parallel_tool_calls": "yes"})
+
+
+def test_stop_strings_cut_the_content_and_end_the_request(client):
+    whole = _ask(client, QUESTION).choices[0].message.content
+    stop = whole[len(whole) // 2:len(whole) // 2 + 2]
+    expected = whole[:whole.index(stop)]
+    response = _ask(client, QUESTION, stop=[stop, "never-seen"])
+    assert (response.choices[0].message.content, response.choices[0].finish_reason) == (expected, "stop")
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in _ask(client, QUESTION, stop=stop,
+                                                                                    stream=True))
+    assert streamed == expected
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory):
+    """`serve --lora` on a random base (real vocabulary: its tokens seldom stop) with a random PEFT adapter, and
+    the same model in this process, adapter attached."""
+    root = tmp_path_factory.mktemp("adapted")
+    random_hf_model(seed=5, num_hidden_layers=2, vocab_size=201088).save_pretrained(root / "base")
+    model = gptoss_jax.load_model(root / "base", dtype="float32")
+    add_lora(model, LoraConfig(rank=4, alpha=8, targets=("*",)), rngs=nnx.Rngs(1))
+    state = nnx.state(model, LoRAParam)
+    nnx.update(model, jax.tree.map(lambda a: a + 0.3 * np.random.default_rng(0).normal(size=a.shape), state))
+    save_peft_adapter(model, root / "adapter")
+    with serving(root / "base", "--lora", str(root / "adapter"), "--slots", "2", "--max-context", "2048") as url:
+        yield url, Generator(model), Generator(gptoss_jax.load_model(root / "base", dtype="float32"))
+
+
+def _tokens(url, messages, **settings):
+    status, reply = _post(url, json.dumps({"messages": messages, "logprobs": True, **settings}).encode())
+    assert status == 200, reply
+    return [bytes(item["bytes"]) for item in reply["choices"][0]["logprobs"]["content"]]
+
+
+def test_served_adapter_and_sampling_equal_generate(adapted):
+    """`serve --lora` answers with the adapted model; sampled decoding (temperature, top_p, top_k, seed) draws
+    the tokens `Generator.generate` draws with the same settings."""
+    url, generator, base = adapted
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    prompt = harmony.encode_chat({"messages": messages})
+
+    def expected(generator, **settings):
+        tokens = generator.generate([prompt], 12, **settings)[0]
+        return [tok.get_encoding().decode_single_token_bytes(t) for t in tokens]
+
+    assert _tokens(url, messages, temperature=0, max_tokens=12) == expected(generator)
+    assert expected(generator) != expected(base)  # the adapter changes the answer
+    sampled = {"temperature": 0.9, "top_p": 0.95, "top_k": 40, "seed": 11}
+    assert _tokens(url, messages, max_tokens=12, **sampled) == expected(generator, **sampled)
+    assert expected(generator, **sampled) != expected(generator, **{**sampled, "seed": 12})
+
+
+def test_a_client_that_leaves_frees_its_slot(adapted):
+    """A streamed request for 1900 tokens (minutes of decoding here) whose client disconnects while it decodes is
+    cancelled: its slot frees within seconds."""
+    url, _, _ = adapted
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Go on."}],
+                                            temperature=1.0, max_tokens=1900, stream=True)
+    next(iter(stream))  # the first chunk: the request is in
+    time.sleep(2)
+    assert json.loads(urllib.request.urlopen(url + "/health").read())["busy_slots"] == 1
+    stream.close()
+    deadline = time.time() + 10
+    while json.loads(urllib.request.urlopen(url + "/health").read())["busy_slots"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert json.loads(urllib.request.urlopen(url + "/health").read())["busy_slots"] == 0
+
+
 def _post(server, body: bytes):
     request = urllib.request.Request(server + "/v1/chat/completions", data=body, method="POST")
     try:
@@ -167,8 +286,6 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
 
 def test_two_process_server_answers_like_one_process(tmp_path):
     """Process 0 serves HTTP and broadcasts each step; process 1 follows (127.0.0.1, gloo, one 4-device mesh)."""
-    from hf_models import random_hf_model
-
     random_hf_model(seed=2, num_hidden_layers=2, vocab_size=201088).save_pretrained(tmp_path / "ckpt")
     ports = free_ports(2)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",

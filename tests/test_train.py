@@ -2,6 +2,8 @@
 the NaN guard and SIGTERM, PEFT and HF exports checked against transformers + PEFT, configs and plan."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +23,10 @@ from safetensors.numpy import load_file
 import gptoss_jax
 from gptoss_jax.model import LoRAParam
 from gptoss_jax.train.config import ConfigError, load_config
-from gptoss_jax.train.trainer import TrainingStopped, train
+from gptoss_jax.train.data import DataStats
+from gptoss_jax.train.trainer import Batches, TrainingStopped, load_examples, train
 
-from helpers import relative_error
+from helpers import free_ports, relative_error
 from layouts import model_with_mxfp4_experts, write_hf_mxfp4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +135,20 @@ def test_full_fine_tuning_trains_every_parameter(mxfp4_base, tmp_path):
     assert all(changed)
 
 
+def test_three_epochs_run_to_the_end_on_whole_batches(mxfp4_base, tmp_path):
+    """Each shuffle packs its own number of rows (here 22, 21, 20 rows of 256 tokens): every step of every epoch
+    still takes whole batches (it used to slice a short one at the end of a smaller epoch, and fail)."""
+    config = _config(tmp_path / "epochs", mxfp4_base / "mxfp4", **{
+        **LORA, "data.seq_len": 256, "data.synthetic.num_train": 40, "data.batch_size": 1, "optimizer.grad_accum": 2,
+        "train.steps": 31, "train.eval_every": 1000, "train.checkpoint_every": 1000, "export.merged": False})
+    stats = DataStats()
+    batches = Batches(load_examples(config, config.data.train, split="train", stats=stats), config, stats)
+    assert [batches.steps_in_epoch(epoch) for epoch in range(3)] == [11, 10, 10]  # 31 steps: three epochs
+    assert {batches.batch(step).inputs.shape for step in range(31)} == {(2, 256)}
+    result = train(config, progress=False)
+    assert len(result.losses) == 31 and result.compiles == 1 and all(np.isfinite(result.losses))
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mxfp4_base, tmp_path):
     config = _config(tmp_path / "nan", mxfp4_base / "mxfp4", **{**LORA, "optimizer.learning_rate": 1e30,
                                                                 "optimizer.clip_norm": 1e30,
@@ -191,6 +208,67 @@ def test_sigterm_checkpoints_and_exits(mxfp4_base, tmp_path):
     steps = [int(p.name) for p in (tmp_path / "term" / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(steps) == 1 and 1 <= steps[0] < 400
     assert "SIGTERM: saved step" in output
+
+
+def _train_on_8_devices(output: Path, processes: int, **overrides) -> list[float]:
+    """`gptoss-jax train` of the tiny demo preset on a data=2 x fsdp=4 mesh of 8 CPU devices: one process with 8,
+    or two jax.distributed processes (127.0.0.1, gloo) with 4 each. Returns the logged loss of each step."""
+    settings = {"train.output_dir": output, "train.steps": 4, "train.log_every": 1, "train.checkpoint_every": 2,
+                "train.async_checkpoints": False, "data.eval": "", "data.synthetic.num_train": 150,
+                "data.seq_len": 128, "data.batch_size": 8, "mesh.data": 2, "mesh.fsdp": 4, "export.merged": False,
+                "optimizer.warmup_steps": 1,
+                **overrides}
+    command = [sys.executable, "-m", "gptoss_jax.cli", "train", "--config", str(DEMO),
+               *(f"--config.{key}={value}" for key, value in settings.items())]
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}",
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    if processes > 1:
+        port, = free_ports(1)
+        command += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes)]
+    runs = [subprocess.Popen(command + (["--process-id", str(i)] if processes > 1 else []), env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+    for run in runs:
+        log, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, log[-4000:]
+    return [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def _tensors(directory: Path) -> dict:
+    return {name: value for file in sorted(directory.glob("*.safetensors")) for name, value in load_file(file).items()}
+
+
+def _same_tensors(ours: dict, reference: dict) -> None:
+    assert ours.keys() == reference.keys()
+    for name, value in reference.items():
+        assert relative_error(ours[name], value) <= 1e-5, name
+
+
+def test_two_processes_train_like_one_and_share_checkpoints(tmp_path):
+    """LoRA on two processes gives the losses and adapters of one process on as many devices (each process packs
+    the same rows and feeds only its share); a checkpoint written by either resumes in the other."""
+    lora = {"lora.enabled": True, "lora.targets": "*", "model.mxfp4": "packed", "optimizer.learning_rate": 1e-2}
+    one, two = tmp_path / "one", tmp_path / "two"
+    losses_one = _train_on_8_devices(one, 1, **lora)
+    losses_two = _train_on_8_devices(two, 2, **lora)
+    assert len(losses_one) == 4 and relative_error(losses_two, losses_one) <= 1e-5
+    _same_tensors(_tensors(two / "adapter"), _tensors(one / "adapter"))
+    # resume each run's step-4 checkpoint in the other arrangement, for two more steps
+    shutil.copytree(one / "checkpoints", tmp_path / "one_then_two" / "checkpoints")
+    shutil.copytree(two / "checkpoints", tmp_path / "two_then_one" / "checkpoints")
+    after_two = _train_on_8_devices(tmp_path / "one_then_two", 2, **lora, **{"train.steps": 6})
+    after_one = _train_on_8_devices(tmp_path / "two_then_one", 1, **lora, **{"train.steps": 6})
+    assert len(after_one) == 2 and relative_error(after_two, after_one) <= 1e-5
+    _same_tensors(_tensors(tmp_path / "one_then_two" / "adapter"), _tensors(tmp_path / "two_then_one" / "adapter"))
+
+
+def test_two_processes_fine_tune_fully_like_one(tmp_path):
+    """Full fine-tuning: the losses and every parameter (the exported checkpoint) of one process."""
+    full = {"export.merged": True, "train.steps": 3}
+    losses_one = _train_on_8_devices(tmp_path / "one", 1, **full)
+    losses_two = _train_on_8_devices(tmp_path / "two", 2, **full)
+    assert len(losses_one) == 3 and relative_error(losses_two, losses_one) <= 1e-5
+    _same_tensors(_tensors(tmp_path / "two" / "merged"), _tensors(tmp_path / "one" / "merged"))
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "train").glob("*.py")), ids=lambda p: p.name)

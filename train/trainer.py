@@ -22,6 +22,7 @@ import ml_collections
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gptoss_jax import GptOss, GptOssConfig, load_model, lora, save_pretrained, sharding
@@ -78,7 +79,10 @@ def load_examples(config: ml_collections.ConfigDict, source: str, *, split: str,
         spec = config.data.synthetic
         count = spec.num_train if split == "train" else spec.num_eval
         records = synthetic.arithmetic_records(count, seed=spec.seed + (split != "train"))
-        source = synthetic.write_jsonl(records, Path(config.train.output_dir) / f"synthetic_{split}.jsonl")
+        source = Path(config.train.output_dir) / f"synthetic_{split}.jsonl"
+        if jax.process_index() == 0:
+            synthetic.write_jsonl(records, source)
+        multihost_utils.sync_global_devices(f"{source} written")  # the processes may share output_dir
     rows = data_lib.read_records(source, split=split)
     return data_lib.encode_examples(rows, train_on=config.data.train_on, skip_invalid=config.data.skip_invalid,
                                     stats=stats)
@@ -86,16 +90,20 @@ def load_examples(config: ml_collections.ConfigDict, source: str, *, split: str,
 
 class Batches:
     """The rows of step `s`: epoch `e` is the examples packed after a shuffle by `seed + e`, and steps take
-    consecutive rows, so a resumed run sees exactly the rows it would have."""
+    consecutive rows, so a resumed run sees exactly the rows it would have. Each shuffle packs a few rows more or
+    fewer, so each epoch has its own number of whole steps; the rows left after its last step are not used."""
 
     def __init__(self, examples, config: ml_collections.ConfigDict, read_stats: data_lib.DataStats):
         self.examples, self.config, self.read_stats = examples, config, read_stats
-        self.rows_per_step = config.data.batch_size * config.optimizer.grad_accum
+        rows, processes = config.data.batch_size * config.optimizer.grad_accum, jax.process_count()
+        if rows % processes:
+            raise ValueError(f"config.data.batch_size x optimizer.grad_accum: {rows} rows a step do not split evenly "
+                             f"over {processes} processes")
+        self.rows_per_step = rows // processes  # this process's share of every step
         self._epoch, self._rows = None, None
+        self._steps: list[int] = []  # whole steps of epochs 0, 1, ..., as far as packed
         self.stats = read_stats
-        if self.steps_per_epoch(0) == 0:
-            raise ValueError(f"config.data: one step takes {self.rows_per_step} rows of {config.data.seq_len} "
-                             f"tokens; the training data fills only {len(self._epoch_rows(0))}")
+        self.steps_in_epoch(0)
 
     def _epoch_rows(self, epoch: int) -> data_lib.PackedRows:
         if epoch != self._epoch:
@@ -106,14 +114,22 @@ class Batches:
             self._epoch = epoch
         return self._rows
 
-    def steps_per_epoch(self, epoch: int) -> int:
-        return len(self._epoch_rows(epoch)) // self.rows_per_step
+    def steps_in_epoch(self, epoch: int) -> int:
+        while len(self._steps) <= epoch:
+            rows = len(self._epoch_rows(len(self._steps)))
+            if rows < self.rows_per_step:
+                raise ValueError(f"config.data: one step takes {self.rows_per_step} rows of {self.config.data.seq_len}"
+                                 f" tokens; the training data fills only {rows} (epoch {len(self._steps)})")
+            self._steps.append(rows // self.rows_per_step)
+        return self._steps[epoch]
 
     def batch(self, step: int) -> data_lib.PackedRows:
-        per_epoch = self.steps_per_epoch(0)  # packing sizes vary a little by shuffle; epoch 0's count is the rule
-        epoch, index = divmod(step, per_epoch)
+        epoch = 0
+        while step >= self.steps_in_epoch(epoch):
+            step -= self.steps_in_epoch(epoch)
+            epoch += 1
         rows = self._epoch_rows(epoch)
-        take = slice(index * self.rows_per_step, (index + 1) * self.rows_per_step)
+        take = slice(step * self.rows_per_step, (step + 1) * self.rows_per_step)
         return data_lib.PackedRows(*(getattr(rows, f.name)[take] for f in dataclasses.fields(rows)))
 
 
@@ -233,6 +249,7 @@ class Step:
 
     train: callable
     evaluate: callable
+    gradients: callable  # what `train` applies: (master, frozen, batch, step) -> (gradients, loss, router losses)
     traces: list
 
 
@@ -252,8 +269,10 @@ def make_steps(config: ml_collections.ConfigDict, graphdef, dtypes, transform, s
         summed = token_losses(hidden, model.unembedding[...], batch["targets"], batch["weights"])
         return summed, router
 
-    def train_step(master, opt_state, frozen, batch, step):
-        traces.append(step)  # runs only while tracing: counts compilations
+    def gradients(master, frozen, batch, step):
+        """(gradients, mean token loss, router losses) of the whole batch: the objective is the mean loss over all
+        its counted tokens plus the weighted router losses averaged over the `grad_accum` micro-batches, whose
+        gradients are summed."""
         count = jnp.maximum(batch["weights"].sum(), 1.0)
         micro = jax.tree.map(lambda a: a.reshape(accum, -1, *a.shape[1:]), batch)
         key = jax.random.fold_in(base_key, step)
@@ -272,18 +291,23 @@ def make_steps(config: ml_collections.ConfigDict, graphdef, dtypes, transform, s
 
         zeros = jax.tree.map(jnp.zeros_like, master)
         (grads, summed, router), _ = jax.lax.scan(accumulate, (zeros, 0.0, jnp.zeros(2)), (micro, jnp.arange(accum)))
+        return grads, summed / count, router
+
+    def train_step(master, opt_state, frozen, batch, step):
+        traces.append(step)  # runs only while tracing: counts compilations
+        grads, loss, router = gradients(master, frozen, batch, step)
         updates, opt_state = transform.update(grads, opt_state, master)
         master = optax.apply_updates(master, updates)
-        metrics = {"loss": summed / count, "router_z_loss": router[0], "load_balance": router[1],
+        metrics = {"loss": loss, "router_z_loss": router[0], "load_balance": router[1],
                    "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(step),
-                   "tokens": (batch["segment_ids"] > 0).sum(), "trained_tokens": count}
+                   "tokens": (batch["segment_ids"] > 0).sum(), "trained_tokens": batch["weights"].sum()}
         return master, opt_state, metrics
 
     def eval_step(master, frozen, batch):
         summed, _ = forward(master, frozen, batch, None)
         return summed, batch["weights"].sum()
 
-    return Step(jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_step), traces)
+    return Step(jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_step), jax.jit(gradients), traces)
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
@@ -302,7 +326,9 @@ class Result:
 def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result:
     output = Path(config.train.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    leader = jax.process_index() == 0  # the one process that writes logs and exports (checkpoints: all of them)
+    if leader:
+        (output / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     mesh = make_mesh(config)
     model = build_model(config, mesh)
     trainable = LoRAParam if config.lora.enabled else nnx.Param
@@ -312,7 +338,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
     transform, schedule = make_optimizer(config, master)
     # Counters and other scalars replicated on the mesh, as the step returns them (else a second compile).
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_state = jax.tree.map(lambda a: a if isinstance(a.sharding, NamedSharding) else jax.device_put(a, replicated),
+    opt_state = jax.tree.map(lambda a: a if isinstance(a.sharding, NamedSharding) else sharding.put(a, replicated),
                              transform.init(master))
     steps = make_steps(config, graphdef, dtypes, transform, schedule)
 
@@ -343,10 +369,10 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda number, frame: stop.update(signal=number))
-    metrics_file = open(output / "metrics.jsonl", "a")
-    writer = SummaryWriter(output / "tensorboard")
+    metrics_file = open(output / "metrics.jsonl", "a") if leader else None
+    writer = SummaryWriter(output / "tensorboard") if leader else None
     losses, eval_losses = [], {}
-    bar = _progress(progress, config.train.steps, start)
+    bar = _progress(progress and leader, config.train.steps, start)
     try:
         step, started, tokens_since = start, time.perf_counter(), 0.0
         while step < config.train.steps:
@@ -383,8 +409,9 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
         manager.wait_until_finished()
         manager.close()
         bar.close()
-        writer.close()
-        metrics_file.close()
+        if leader:
+            writer.close()
+            metrics_file.close()
         signal.signal(signal.SIGTERM, previous)
 
     params = jax.tree.map(lambda p, d: p.astype(d), master, dtypes)
@@ -395,8 +422,8 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
 
 
 def evaluate(steps: Step, master, frozen, rows: data_lib.PackedRows, config, sharding) -> float:
-    """Mean token loss over the first `eval_batches` batches of the held-out rows."""
-    size = config.data.batch_size
+    """Mean token loss over the first `eval_batches` batches of the held-out rows (this process's share of each)."""
+    size = config.data.batch_size // jax.process_count()
     summed = count = 0.0
     for start in range(0, min(len(rows), size * config.train.eval_batches), size):
         piece = data_lib.PackedRows(*(getattr(rows, f.name)[start:start + size] for f in dataclasses.fields(rows)))
@@ -408,8 +435,14 @@ def evaluate(steps: Step, master, frozen, rows: data_lib.PackedRows, config, sha
 
 
 def export(model: GptOss, config: ml_collections.ConfigDict) -> dict:
-    """The adapter (PEFT format) and/or the merged HF checkpoint, as the config asks."""
+    """The adapter (PEFT format) and/or the merged HF checkpoint, as the config asks. Under jax.distributed every
+    process gathers what is exported (a collective) and the first one writes it."""
     output, written = Path(config.train.output_dir), {}
+    if jax.process_count() > 1:
+        exported = nnx.state(model) if config.export.merged else nnx.state(model, LoRAParam)
+        nnx.update(model, sharding.on_every_host(exported))
+        if jax.process_index() != 0:
+            return written
     if config.lora.enabled and config.export.adapter:
         written["adapter"] = lora.save_peft_adapter(model, output / "adapter",
                                                     base_model_name_or_path=config.model.checkpoint or None)
@@ -430,7 +463,9 @@ def _global_batch(rows: data_lib.PackedRows, sharding: NamedSharding) -> dict[st
             for f in dataclasses.fields(rows)}
 
 
-def _log(metrics_file, writer: SummaryWriter, step: int, values: dict) -> None:
+def _log(metrics_file, writer: SummaryWriter | None, step: int, values: dict) -> None:
+    if writer is None:  # not the leader
+        return
     metrics_file.write(json.dumps({"step": step, **values}) + "\n")
     metrics_file.flush()
     writer.scalars(step, values)
