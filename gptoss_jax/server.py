@@ -132,10 +132,12 @@ class Completion:
         self.parser = harmony.StreamParser(role="assistant")
         self.stops = stops
         self.reasoning, self.content = "", ""
+        self.sent = 0  # how much of the content has been handed out
         self.stopped = False  # a stop string was reached
 
     def feed(self, token: int) -> dict[str, str]:
-        """The new text of this token by field (reasoning_content, content), up to any stop string."""
+        """The new text of this token by field (reasoning_content, content), up to any stop string. Content that
+        may be the start of a stop string is held back until the next tokens tell (then, or at `rest`)."""
         self.parser.feed(token)
         current, delta = self.parser.current, self.parser.delta
         if not delta or current is None or self.stopped:
@@ -145,12 +147,21 @@ class Completion:
             return {"reasoning_content": delta}
         if current.recipient is not None:  # a tool call's arguments: reported whole at the end
             return {}
-        before = len(self.content)
         self.content += delta
         for stop in self.stops:
             if stop in self.content:
                 self.content, self.stopped = self.content[: self.content.index(stop)], True
-        return {"content": self.content[before:]} if len(self.content) > before else {}
+        held = 0 if self.stopped else max((k for stop in self.stops for k in range(1, len(stop))
+                                          if self.content.endswith(stop[:k])), default=0)
+        return self._hand_out(len(self.content) - held)
+
+    def rest(self) -> dict[str, str]:
+        """The content still held back, once generation has ended."""
+        return self._hand_out(len(self.content))
+
+    def _hand_out(self, end: int) -> dict[str, str]:
+        text, self.sent = self.content[self.sent:end], max(self.sent, end)
+        return {"content": text} if text else {}
 
     def tool_calls(self) -> list[dict]:
         result = self.parser.result()
@@ -266,6 +277,8 @@ def create_app(engine: Engine, model_name: str):
                     if delta is not None:
                         yield chunk(delta)
                         continue
+                    if rest := completion.rest():
+                        yield chunk(rest)
                     calls = completion.tool_calls() if settings["tool_calls"] else []
                     if calls:
                         yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})

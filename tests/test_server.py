@@ -259,6 +259,20 @@ def test_a_client_that_leaves_frees_its_slot(adapted):
     assert json.loads(urllib.request.urlopen(url + "/health").read())["busy_slots"] == 0
 
 
+@pytest.mark.parametrize("stops, content", [(["o w"], "Hell"), (["fine!"], "Hello world, this is fine."),
+                                             (["is f", "s fine"], "Hello world, this "), ([], None)])
+def test_streamed_content_never_runs_past_a_stop_string(stops, content):
+    """A stop string may span tokens: text that could begin one is held back until the next tokens tell, so the
+    deltas add up to the content before the stop (or, at the end, to all of it)."""
+    text = "Hello world, this is fine."
+    tokens = harmony.render_message(harmony.Message("assistant", text, "final"))[0][2:]
+    completion = Completion(stops)
+    streamed = "".join(completion.feed(token).get("content", "") for token in tokens)
+    streamed += completion.rest().get("content", "")
+    assert streamed == completion.content == (content or text)
+    assert completion.stopped == (content is not None and content != text)
+
+
 def _post(server, body: bytes):
     request = urllib.request.Request(server + "/v1/chat/completions", data=body, method="POST")
     try:
