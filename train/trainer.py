@@ -95,11 +95,11 @@ class Batches:
 
     def __init__(self, examples, config: ml_collections.ConfigDict, read_stats: data_lib.DataStats):
         self.examples, self.config, self.read_stats = examples, config, read_stats
-        rows, processes = config.data.batch_size * config.optimizer.grad_accum, jax.process_count()
-        if rows % processes:
-            raise ValueError(f"config.data.batch_size x optimizer.grad_accum: {rows} rows a step do not split evenly "
-                             f"over {processes} processes")
-        self.rows_per_step = rows // processes  # this process's share of every step
+        if config.data.batch_size % jax.process_count():
+            raise ValueError(f"config.data.batch_size: {config.data.batch_size} rows do not split evenly over "
+                             f"{jax.process_count()} processes")
+        # this process's share of every step (also of every held-out batch)
+        self.rows_per_step = config.data.batch_size // jax.process_count() * config.optimizer.grad_accum
         self._epoch, self._rows = None, None
         self._steps: list[int] = []  # whole steps of epochs 0, 1, ..., as far as packed
         self.stats = read_stats
