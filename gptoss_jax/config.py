@@ -245,7 +245,6 @@ _REAL_MODEL = dict(
 _REQUIRED_FIELDS = {
     f.name for f in dataclasses.fields(GptOssConfig) if f.default is dataclasses.MISSING
 }
-_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GptOssConfig) if f.name not in _REQUIRED_FIELDS}
 
 # original/config.json key -> field
 _ORIGINAL_KEYS = {
@@ -370,7 +369,7 @@ def _hf_rope_fields(data: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"{key}.factor: missing; a YaRN block needs its scaling factor")
     fields.setdefault("rope_truncate", True)
     fields.setdefault("initial_context_length",
-                      data.get("max_position_embeddings", _FIELD_DEFAULTS["max_position_embeddings"]))
+                      data.get("max_position_embeddings", GptOssConfig.max_position_embeddings))
     return fields
 
 

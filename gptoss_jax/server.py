@@ -50,7 +50,7 @@ def parse_request(body: Any, max_length: int) -> tuple[list[int], dict[str, Any]
     tools = body.get("tools") or []
     calls_allowed = _tool_choice(body.get("tool_choice")) != "none"
     if not calls_allowed:
-        tools = []  # the model is not told of them, and a call it makes anyway is not reported
+        tools = []  # the model is not told of them (and `Completion` reports no call)
     if not isinstance(body.get("parallel_tool_calls", True), bool):
         raise BadRequest("parallel_tool_calls: expected true or false")
     record = {"messages": [_message(m, i) for i, m in enumerate(body["messages"])],
@@ -82,10 +82,9 @@ def parse_request(body: Any, max_length: int) -> tuple[list[int], dict[str, Any]
 
 def _tool_choice(choice: Any) -> str:
     """The tool choice, "auto" (the default: the model decides) or "none" (the tools are left out of the prompt).
-    Forcing a call
-    ("required", or one named function) needs decoding constrained to a call, which this server does not do:
-    refused rather than ignored. (`parallel_tool_calls` needs nothing: gpt-oss ends its turn at each call, so a
-    response holds at most one.)"""
+    Forcing a call ("required", or one named function) needs decoding constrained to a call, which this server
+    does not do: refused rather than ignored. (`parallel_tool_calls` needs nothing: gpt-oss ends its turn at each
+    call, so a response holds at most one.)"""
     if choice is None or choice in ("auto", "none"):
         return choice or "auto"
     if choice == "required" or isinstance(choice, dict):
@@ -128,9 +127,10 @@ def _stop_strings(stop: Any) -> list[str]:
 class Completion:
     """One request's output as it is generated: the harmony parser, the text per channel, and stop strings."""
 
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: list[str], calls_allowed: bool = True):
         self.parser = harmony.StreamParser(role="assistant")
         self.stops = stops
+        self.calls_allowed = calls_allowed  # tool_choice "none": a call the model makes anyway is not reported
         self.reasoning, self.content = "", ""
         self.sent = 0  # how much of the content has been handed out
         self.stopped = False  # a stop string was reached
@@ -164,6 +164,8 @@ class Completion:
         return {"content": text} if text else {}
 
     def tool_calls(self) -> list[dict]:
+        if not self.calls_allowed:
+            return []
         result = self.parser.result()
         calls = [m for m in result.messages if m.role == "assistant" and (m.recipient or "").startswith("functions.")]
         return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
@@ -211,7 +213,7 @@ def create_app(engine: Engine, model_name: str):
                           events.put_nowait, ("token", (token, logprob))),
                       on_done=lambda reason: loop.call_soon_threadsafe(events.put_nowait, ("done", reason)))
         engine.submit(job)
-        completion = Completion(settings["stop"])
+        completion = Completion(settings["stop"], settings["tool_calls"])
         identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
         cancelled, logprobs, finished = [], [], []
@@ -255,7 +257,7 @@ def create_app(engine: Engine, model_name: str):
                 watcher.cancel()
             if reason.startswith("error"):
                 return error(500, f"generation failed: {reason}", "server_error")
-            calls = completion.tool_calls() if settings["tool_calls"] else []
+            calls = completion.tool_calls()
             message = {"role": "assistant", "content": completion.content or (None if calls else ""),
                        "reasoning_content": completion.reasoning or None}
             if calls:
@@ -279,7 +281,7 @@ def create_app(engine: Engine, model_name: str):
                         continue
                     if rest := completion.rest():
                         yield chunk(rest)
-                    calls = completion.tool_calls() if settings["tool_calls"] else []
+                    calls = completion.tool_calls()
                     if calls:
                         yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
                     final = _finish_reason(reason, calls, completion.stopped)

@@ -151,8 +151,8 @@ def _moved(value, sharding: jax.sharding.Sharding):
     if isinstance(value, jax.Array):
         if value.sharding == sharding:
             return value
-        if value.is_fully_addressable and sharding.is_fully_addressable:  # (the same sharding, spelled otherwise,
-            return jax.device_put(value, sharding)  # keeps its buffers)
+        if value.is_fully_addressable and sharding.is_fully_addressable:
+            return jax.device_put(value, sharding)  # (the same sharding, spelled otherwise, keeps its buffers)
     return put(value, sharding)
 
 
@@ -167,8 +167,8 @@ def put(value, sharding: jax.sharding.Sharding | None, dtype=None) -> jax.Array:
 
 
 def on_every_host(tree):
-    """Every array of `tree` whole on the host, as numpy, in every process: arrays spread over several processes
-    are gathered (a collective: every process must call this, in the same order)."""
+    """`tree` with every array spread over several processes gathered whole, as numpy, into every process (a
+    collective: every process must call this, in the same order); the other leaves are left as they are."""
     def whole(leaf):
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
             return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))

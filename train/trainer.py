@@ -95,11 +95,7 @@ class Batches:
 
     def __init__(self, examples, config: ml_collections.ConfigDict, read_stats: data_lib.DataStats):
         self.examples, self.config, self.read_stats = examples, config, read_stats
-        if config.data.batch_size % jax.process_count():
-            raise ValueError(f"config.data.batch_size: {config.data.batch_size} rows do not split evenly over "
-                             f"{jax.process_count()} processes")
-        # this process's share of every step (also of every held-out batch)
-        self.rows_per_step = config.data.batch_size // jax.process_count() * config.optimizer.grad_accum
+        self.rows_per_step = rows_per_process(config) * config.optimizer.grad_accum  # this process's share
         self._epoch, self._rows = None, None
         self._steps: list[int] = []  # whole steps of epochs 0, 1, ..., as far as packed
         self.stats = read_stats
@@ -131,6 +127,15 @@ class Batches:
         rows = self._epoch_rows(epoch)
         take = slice(step * self.rows_per_step, (step + 1) * self.rows_per_step)
         return data_lib.PackedRows(*(getattr(rows, f.name)[take] for f in dataclasses.fields(rows)))
+
+
+def rows_per_process(config: ml_collections.ConfigDict) -> int:
+    """This process's share of a (micro-)batch: `data.batch_size` rows are the global batch, split evenly over the
+    processes of a jax.distributed run."""
+    if config.data.batch_size % jax.process_count():
+        raise ValueError(f"config.data.batch_size: {config.data.batch_size} rows do not split evenly over "
+                         f"{jax.process_count()} processes")
+    return config.data.batch_size // jax.process_count()
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: nnx.State):
@@ -423,7 +428,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
 
 def evaluate(steps: Step, master, frozen, rows: data_lib.PackedRows, config, sharding) -> float:
     """Mean token loss over the first `eval_batches` batches of the held-out rows (this process's share of each)."""
-    size = config.data.batch_size // jax.process_count()
+    size = rows_per_process(config)
     summed = count = 0.0
     for start in range(0, min(len(rows), size * config.train.eval_batches), size):
         piece = data_lib.PackedRows(*(getattr(rows, f.name)[start:start + size] for f in dataclasses.fields(rows)))
