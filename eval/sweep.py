@@ -37,7 +37,7 @@ _GENERATION_KEYS = ("backend", "model.checkpoint", "model.dtype", "model.lora", 
 
 def defaults() -> ml_collections.ConfigDict:
     """Every eval setting, with what it means; the values are the embedded tiny demo's (configs/eval/tiny_demo.py):
-    the model `gptoss-jax train --config configs/train/tiny_demo.py` exports, on its held-out arithmetic."""
+    the model `gptoss-jax train --config configs/train/tiny_demo.py` exports, on its held-out counting questions."""
     ConfigDict = ml_collections.ConfigDict
     c = ConfigDict()
     c.backend = "jax"  # jax: the model in this process | openai: an OpenAI-compatible endpoint (endpoint.*)

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from gptoss_jax import GptOss, GptOssConfig, tokenizer
-from gptoss_jax.train import data, gsm8k
+from gptoss_jax.train import data, gsm8k, synthetic
 
 from harmony_cases import RECORDS
 from helpers import SHARED, needs_shared, relative_error
@@ -159,3 +159,32 @@ def test_gsm8k_records(tmp_path):
     source.write_text('{"question": "q", "answer": "no marker"}\n')
     with pytest.raises(ValueError, match=rf"{source}:1: not a GSM8K row"):
         gsm8k.convert(source, tmp_path / "bad.jsonl")
+
+
+def test_synthetic_counts_restart_at_every_x_and_each_letter_takes_two_tokens():
+    """The demo's task: the answer is the number of r's after the last x (checked against a regular expression),
+    every written tally is the count so far, and each letter takes two tokens in the question and in the
+    high-effort analysis (the property that makes every step's copy the same distance back)."""
+    import re
+
+    encoding = tokenizer.get_encoding()
+    records = synthetic.counting_records(90, seed=3)
+    assert [r["reasoning_effort"] for r in records[:3]] == ["low", "medium", "high"]
+    assert len({r["answer"] for r in records}) >= 6  # answers spread over many counts, not one guessable value
+    for record in records:
+        question, reply = record["messages"]
+        letters = re.search(r": (.*)\. What", question["content"]).group(1).split(", ")
+        assert len(letters) == synthetic.LETTERS and record["answer"] == reply["content"]
+        assert int(record["answer"]) == len(re.findall("r", "".join(letters).rsplit("x", 1)[-1]))
+        tallies = [(letter, int(n)) for letter, n in re.findall(r"([a-z])(\d+)", reply["thinking"])]
+        if record["reasoning_effort"] == "low":
+            assert reply["thinking"] == f"Answer: {record['answer']}."
+            continue
+        per_step = {"medium": 2, "high": 1}[record["reasoning_effort"]]
+        expected_at = [seen for seen in range(1, len(letters) + 1) if seen % per_step == 0 or seen == len(letters)]
+        assert tallies == [(letters[seen - 1], synthetic.count(letters[:seen])) for seen in expected_at]
+        assert tallies[-1][1] == int(record["answer"])
+        if per_step == 1:
+            listed = encoding.encode(question["content"].split(":")[1])  # " r, s, ..., e. What is the count?"
+            written = encoding.encode(reply["thinking"].split(":")[1])  # " r1 s1 ... e2"
+            assert len(listed) == 2 * len(letters) + 5 and len(written) == 2 * len(letters)

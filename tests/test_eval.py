@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from flax import nnx
 
 import gptoss_jax
 from gptoss_jax import harmony
@@ -107,12 +108,32 @@ def test_resume_after_sigkill_gives_the_uninterrupted_summary(demo_model_dir, tm
     assert sorted(map(key, _samples(tmp_path / "killed"))) == sorted(map(key, _samples(tmp_path / "whole")))
 
 
+def test_demo_model_is_right_more_often_when_it_writes_the_count_out(demo_model_dir, tmp_path):
+    """The README's first command, evaluated as shipped (60 held-out problems, greedy): the fine-tuned model keeps
+    a running count at medium and high effort and answers at once at low; writing the count out is what makes it
+    right (goal: high >= 60% and >= 30 points above low). The untrained model answers none."""
+    accuracy = {row["effort"]: row["accuracy"] for row in
+                sweep.run(sweep.load_config(CONFIG, [f"--config.model.checkpoint={demo_model_dir}",
+                                                     f"--config.output_dir={tmp_path / 'trained'}"]),
+                          progress=False).summary["results"]}
+    assert accuracy["high"] >= 0.6 and accuracy["high"] >= accuracy["low"] + 0.3, accuracy
+    assert accuracy["medium"] >= accuracy["low"] + 0.3, accuracy
+    untrained = tmp_path / "untrained"
+    model = gptoss_jax.GptOss(gptoss_jax.GptOssConfig.tiny(), dtype="float32", rngs=nnx.Rngs(0))  # as training starts
+    gptoss_jax.save_pretrained(model, untrained, mxfp4=False)
+    baseline = sweep.run(sweep.load_config(CONFIG, [f"--config.model.checkpoint={untrained}", "--config.limit=20",
+                                                    f"--config.output_dir={tmp_path / 'baseline'}"]),
+                         progress=False).summary["results"]
+    assert max(row["accuracy"] for row in baseline) <= 0.15 < accuracy["high"] - 0.3
+
+
 def test_endpoint_backend_against_the_server_equals_in_process(demo_model_dir, tmp_path):
     """`gptoss-jax serve` in its own process, asked through the openai client: the same samples at temperature 0.
     A prompt longer than the server's context is answered 400: that sample is recorded as failed, the rest run."""
     custom = tmp_path / "custom.jsonl"
-    custom.write_text(json.dumps({"prompt": "Start with 2. Add 3, then add 1. What is the result?", "answer": "6",
-                                  "grader": "numeric"}) + "\n"
+    question = ("Count the rs, starting again from zero at every x: r, r, x, r, s, r, a, o, r, t, i, e. "
+                "What is the count?")
+    custom.write_text(json.dumps({"prompt": question, "answer": "3", "grader": "numeric"}) + "\n"
                       + json.dumps({"prompt": "word " * 600, "answer": "1", "grader": "numeric", "id": "long"}) + "\n")
     in_process = sweep.run(_config(tmp_path / "jax", demo_model_dir), progress=False)
     with serving(demo_model_dir, "--slots", "8", "--max-context", "512") as url:
@@ -126,7 +147,7 @@ def test_endpoint_backend_against_the_server_equals_in_process(demo_model_dir, t
         rerun = sweep.run(config, progress=False)  # a rerun retries the failed samples only
         assert rerun.generated == 3
         lines = custom.read_text().splitlines()  # a problem edited since: its old samples are not reused
-        custom.write_text(lines[0].replace('"answer": "6"', '"answer": "7"') + "\n" + lines[1] + "\n")
+        custom.write_text(lines[0].replace('"answer": "3"', '"answer": "7"') + "\n" + lines[1] + "\n")
         edited = sweep.run(config, progress=False)
         assert edited.generated == 6
         assert {r["answer"] for r in _samples(tmp_path / "endpoint")[-6:] if r["problem"] == "0"} == {"7"}

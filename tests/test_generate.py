@@ -17,6 +17,7 @@ import gptoss_jax
 from gptoss_jax import GptOssConfig
 from gptoss_jax.generation import Generator, generate, sample
 from gptoss_jax.serving import Engine, Request, _sample_rows
+from gptoss_jax.train import synthetic
 
 from helpers import free_ports, relative_error
 from hf_models import hf_and_ours, random_hf_model
@@ -230,7 +231,8 @@ def test_chat_runs_across_two_processes_as_in_one(demo_model_dir):
     command = [sys.executable, "-m", "gptoss_jax.cli", "chat", "--checkpoint", str(demo_model_dir),
                "--max-new-tokens", "60", "--temperature", "0", "--dtype", "float32", "--mesh", "fsdp=4",
                "--show-analysis"]
-    conversation = "Start with 3. Add 4. What is the result?\nStart with 8. Subtract 5. What is the result?\n/exit\n"
+    questions = [record["messages"][0]["content"] for record in synthetic.counting_records(2)]
+    conversation = "\n".join([*questions, "/exit"]) + "\n"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
     processes = [subprocess.Popen(

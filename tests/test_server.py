@@ -22,11 +22,12 @@ from gptoss_jax.generation import Generator
 from gptoss_jax.lora import LoraConfig, add_lora, save_peft_adapter
 from gptoss_jax.model import LoRAParam
 from gptoss_jax.server import Completion
+from gptoss_jax.train import synthetic
 
 from helpers import free_ports, serving, wait_until_healthy
 from hf_models import bigram_hf_model, random_hf_model
 
-QUESTION = "Start with 3. Add 4, then multiply by 2. What is the result?"
+QUESTION = "Count the rs, starting again from zero at every x: r, s, x, r, r, a, t, r, o, x, r, e. What is the count?"
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_each_reasoning_effort_reaches_the_prompt(client, generator):
 
 
 def test_sixteen_concurrent_requests_are_all_answered_correctly(client, generator):
-    questions = [f"Start with {i % 9 + 1}. Add {i % 7 + 1}, then subtract 2. What is the result?" for i in range(16)]
+    questions = [record["messages"][0]["content"] for record in synthetic.counting_records(16, seed=2)]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda q: _ask(client, q).choices[0].message, questions))
     for question, message in zip(questions, responses, strict=True):

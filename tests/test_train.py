@@ -136,17 +136,17 @@ def test_full_fine_tuning_trains_every_parameter(mxfp4_base, tmp_path):
 
 
 def test_three_epochs_run_to_the_end_on_whole_batches(mxfp4_base, tmp_path):
-    """Each shuffle packs its own number of rows (here 22, 21, 20 rows of 256 tokens): every step of every epoch
-    still takes whole batches (it used to slice a short one at the end of a smaller epoch, and fail)."""
+    """Each shuffle packs its own number of rows (here 8, 8 and 7 steps of two 384-token rows): every step of every
+    epoch still takes whole batches (it used to slice a short one at the end of a smaller epoch, and fail)."""
     config = _config(tmp_path / "epochs", mxfp4_base / "mxfp4", **{
-        **LORA, "data.seq_len": 256, "data.synthetic.num_train": 40, "data.batch_size": 1, "optimizer.grad_accum": 2,
-        "train.steps": 31, "train.eval_every": 1000, "train.checkpoint_every": 1000, "export.merged": False})
+        **LORA, "data.seq_len": 384, "data.synthetic.num_train": 41, "data.batch_size": 1, "optimizer.grad_accum": 2,
+        "train.steps": 23, "train.eval_every": 1000, "train.checkpoint_every": 1000, "export.merged": False})
     stats = DataStats()
     batches = Batches(load_examples(config, config.data.train, split="train", stats=stats), config, stats)
-    assert [batches.steps_in_epoch(epoch) for epoch in range(3)] == [11, 10, 10]  # 31 steps: three epochs
-    assert {batches.batch(step).inputs.shape for step in range(31)} == {(2, 256)}
+    assert [batches.steps_in_epoch(epoch) for epoch in range(3)] == [8, 8, 7]  # 23 steps: three epochs
+    assert {batches.batch(step).inputs.shape for step in range(23)} == {(2, 384)}
     result = train(config, progress=False)
-    assert len(result.losses) == 31 and result.compiles == 1 and all(np.isfinite(result.losses))
+    assert len(result.losses) == 23 and result.compiles == 1 and all(np.isfinite(result.losses))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mxfp4_base, tmp_path):

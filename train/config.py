@@ -77,7 +77,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.loss.aux_loss_weight = 0.0  # router load-balancing loss weight
 
     c.train = ConfigDict()
-    c.train.steps = 400  # optimizer steps (the demo model follows the reasoning effort from about here)
+    c.train.steps = 700  # optimizer steps (the demo model counts reliably from about here)
     c.train.seed = 0  # parameter init, adapter init and dropout seed
     c.train.log_every = 10  # steps between metric lines (JSONL + TensorBoard)
     c.train.eval_every = 100  # steps between held-out evaluations

@@ -1,11 +1,16 @@
-"""A synthetic harmony reasoning set, generated deterministically: chained single-digit arithmetic.
+"""A synthetic harmony reasoning set, generated deterministically: a count that an x sets back to zero.
 
-"Start with 7. Add 5, then multiply by 3, then subtract 4. What is the result?" — the final answer is the
-number; the analysis depends on the reasoning effort in the system message, as gpt-oss's does:
-  low:    the answer alone            ("Answer: 32.")
-  medium: one line per step           ("7+5=12. 12*3=36. 36-4=32.")
-  high:   the steps, then a check back to the start.
-A small model learns the format in minutes, and its accuracy can be compared across efforts.
+"Count the rs, starting again from zero at every x: r, s, r, x, r, t, r, r, a, x, r, o. What is the count?" — the
+final answer is the number of r's after the last x ("1"). The analysis depends on the reasoning effort in the
+system message, as gpt-oss's does:
+  low:    the answer alone                                ("Answer: 1.")
+  medium: the running count after every second letter     ("Tally: r, s1 r, x0 r, t1 r, r3 a, x0 r, o1")
+  high:   the running count after every letter            ("Tally: r1 s1 r2 x0 r1 t1 r2 r3 a3 x0 r1 o1")
+Why writing the steps helps a small model: each written step adds 0 or 1 to the count just before it, or writes 0
+at an x, a rule the tiny model learns in minutes. Answering at once (low) needs, in one forward pass, the last x's
+position and the r's after it, which it does not learn in that time (a plain count it would: a count is an
+average that one attention head computes, so the reset is what makes order matter). Every letter takes two tokens
+in the question and in the analysis, so each step finds its letter the same distance back, a copy learned quickly.
 """
 
 from __future__ import annotations
@@ -17,54 +22,55 @@ from pathlib import Path
 from typing import Any
 
 EFFORTS = ("low", "medium", "high")
-_OPERATIONS = {"add": ("Add {n}", "+"), "subtract": ("subtract {n}", "-"), "multiply": ("multiply by {n}", "*")}
-_INVERSE = {"+": "-", "-": "+", "*": "/"}
+TARGET, RESET, OTHERS = "r", "x", "saetoi"  # r adds one, x sets the count to zero, the others change nothing
+LETTERS = 12
+SHARES = {TARGET: 0.5, RESET: 0.1}  # the chance that a letter is the target or the reset; an other otherwise
 
 
-def arithmetic_problem(rng: random.Random) -> tuple[str, list[tuple[int, str, int, int]], int]:
-    """(question, steps as (left, op, operand, result), answer) with 2-3 operations, at most one multiplication."""
-    value = rng.randint(1, 9)
-    question = [f"Start with {value}."]
-    steps, phrases = [], []
-    operations = rng.sample(["add", "subtract", "add", "multiply"], rng.randint(2, 3))
-    for name in operations:
-        operand = rng.randint(1, 9)
-        phrase, symbol = _OPERATIONS[name]
-        result = {"+": value + operand, "-": value - operand, "*": value * operand}[symbol]
-        steps.append((value, symbol, operand, result))
-        phrases.append(phrase.format(n=operand))
-        value = result
-    question.append(", then ".join(phrases).capitalize() + ". What is the result?")
-    return " ".join(question), steps, value
+def counting_problem(rng: random.Random) -> tuple[str, list[str]]:
+    """(question, letters)."""
+    letters = []
+    for _ in range(LETTERS):
+        draw = rng.random()
+        letters.append(TARGET if draw < SHARES[TARGET] else RESET if draw < sum(SHARES.values()) else
+                       rng.choice(OTHERS))
+    return (f"Count the {TARGET}s, starting again from zero at every {RESET}: {', '.join(letters)}. "
+            "What is the count?", letters)
 
 
-def analysis(steps: list[tuple[int, str, int, int]], answer: int, effort: str) -> str:
+def count(letters: list[str]) -> int:
+    """The count after the letters: one per target, back to zero at every reset."""
+    total = 0
+    for letter in letters:
+        total = 0 if letter == RESET else total + (letter == TARGET)
+    return total
+
+
+def analysis(letters: list[str], effort: str) -> str:
+    """The effort's written steps: the running count after every `per_step` letters (only the answer for low)."""
     if effort == "low":
-        return f"Answer: {answer}."
-    lines = [f"{left}{op}{operand}={result}." for left, op, operand, result in steps]
-    if effort == "medium":
-        return " ".join(lines)
-    check, value = [], answer
-    for left, op, operand, _ in reversed(steps):
-        check.append(f"{value}{_INVERSE[op]}{operand}={left}")
-        value = left
-    return "Step by step. " + " ".join(lines) + " Check: " + ", ".join(check) + f". Answer {answer}."
+        return f"Answer: {count(letters)}."
+    per_step = {"medium": 2, "high": 1}[effort]
+    steps = [letter + (str(count(letters[:seen])) if seen % per_step == 0 or seen == len(letters) else ",")
+             for seen, letter in enumerate(letters, start=1)]
+    return "Tally: " + " ".join(steps)
 
 
-def arithmetic_records(count: int, *, seed: int = 0) -> list[dict[str, Any]]:
-    """`count` records cycling through the three efforts; the same (count, seed) always gives the same records."""
+def counting_records(number: int, *, seed: int = 0) -> list[dict[str, Any]]:
+    """`number` records cycling through the three efforts; the same (number, seed) always gives the same records."""
     rng = random.Random(seed)
     records = []
-    for index in range(count):
+    for index in range(number):
         effort = EFFORTS[index % 3]
-        question, steps, answer = arithmetic_problem(rng)
+        question, letters = counting_problem(rng)
+        answer = str(count(letters))
         records.append({
             "reasoning_effort": effort,
             "messages": [
                 {"role": "user", "content": question},
-                {"role": "assistant", "thinking": analysis(steps, answer, effort), "content": str(answer)},
+                {"role": "assistant", "thinking": analysis(letters, effort), "content": answer},
             ],
-            "answer": str(answer),
+            "answer": answer,
         })
     return records
 

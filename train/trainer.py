@@ -73,12 +73,12 @@ def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:
 
 
 def load_examples(config: ml_collections.ConfigDict, source: str, *, split: str, stats: data_lib.DataStats):
-    """Rendered examples of a JSONL path, dataset directory or hub id; "synthetic" writes the arithmetic set
+    """Rendered examples of a JSONL path, dataset directory or hub id; "synthetic" writes the counting set
     (train and eval halves) under output_dir first."""
     if source == "synthetic":
         spec = config.data.synthetic
         count = spec.num_train if split == "train" else spec.num_eval
-        records = synthetic.arithmetic_records(count, seed=spec.seed + (split != "train"))
+        records = synthetic.counting_records(count, seed=spec.seed + (split != "train"))
         source = Path(config.train.output_dir) / f"synthetic_{split}.jsonl"
         if jax.process_index() == 0:
             synthetic.write_jsonl(records, source)
