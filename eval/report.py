@@ -102,8 +102,11 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         x = [row["analysis_tokens_mean"] for row in rows]
         y = [row["accuracy"] for row in rows]
         axes.errorbar(x, y, yerr=[row["stderr"] for row in rows], marker="o", capsize=3, label=task)
+        efforts_at = {}  # efforts that land on the same point share one label instead of printing over each other
         for row, xi, yi in zip(rows, x, y, strict=True):
-            axes.annotate(row["effort"], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            efforts_at.setdefault((xi, yi), []).append(row["effort"])
+        for point, efforts in efforts_at.items():
+            axes.annotate(", ".join(efforts), point, textcoords="offset points", xytext=(4, 4), fontsize=8)
     axes.set_xlabel("mean analysis tokens per sample")
     axes.set_ylabel("accuracy")
     axes.set_title(f"Accuracy against reasoning effort: {summary['model']}", fontsize=10)
