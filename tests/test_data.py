@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -165,8 +166,6 @@ def test_synthetic_counts_restart_at_every_x_and_each_letter_takes_two_tokens():
     """The demo's task: the answer is the number of r's after the last x (checked against a regular expression),
     every written tally is the count so far, and each letter takes two tokens in the question and in the
     high-effort analysis (the property that makes every step's copy the same distance back)."""
-    import re
-
     encoding = tokenizer.get_encoding()
     records = synthetic.counting_records(90, seed=3)
     assert [r["reasoning_effort"] for r in records[:3]] == ["low", "medium", "high"]
