@@ -13,7 +13,7 @@ import os
 import zlib
 from collections.abc import Sequence
 
-from gptoss_jax import harmony
+from gptoss_jax import constrain, harmony
 from gptoss_jax import tokenizer as tok
 
 
@@ -22,6 +22,7 @@ class Request:
     prompt: str  # the user message
     effort: str  # low | medium | high
     seed: int  # sampling seed of this sample
+    response_format: dict | None = None  # OpenAI's response_format for the final answer (None: free text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +63,13 @@ class JaxBackend:
 
     def __call__(self, requests: Sequence[Request]) -> list[Reply]:
         prompts = [harmony.encode_chat({"messages": [{"role": "user", "content": r.prompt}],
-                                        "reasoning_effort": r.effort}) for r in requests]
+                                        "reasoning_effort": r.effort, "response_format": r.response_format})
+                   for r in requests]
+        finals = [constrain.for_response_format(r.response_format) for r in requests]
         try:
             outputs = self.generator.generate(prompts, self.max_tokens, temperature=self.temperature,
-                                              top_p=self.top_p, seed=[r.seed for r in requests])
+                                              top_p=self.top_p, seed=[r.seed for r in requests],
+                                              constraints=constrain.RowConstraints(finals) if any(finals) else None)
         except Exception as error:  # noqa: BLE001 - one bad sample must not sink the chunk: retry one by one
             if len(requests) == 1:
                 return [Reply(error=f"{type(error).__name__}: {error}")]
@@ -113,7 +117,8 @@ class OpenAIBackend:
             response = self.client.chat.completions.create(
                 model=self.model, messages=[{"role": "user", "content": request.prompt}],
                 reasoning_effort=request.effort, max_tokens=self.max_tokens, temperature=self.temperature,
-                top_p=self.top_p, seed=request.seed)
+                top_p=self.top_p, seed=request.seed,
+                **({"response_format": request.response_format} if request.response_format else {}))
             choice = response.choices[0]
             message = choice.message
             # vLLM and gptoss-jax call the analysis reasoning_content; some servers call it reasoning

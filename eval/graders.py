@@ -20,6 +20,7 @@ whether that equals the reference.
 
 from __future__ import annotations
 
+import json
 import re
 from fractions import Fraction
 from typing import NamedTuple
@@ -32,10 +33,39 @@ class Grade(NamedTuple):
     correct: bool
 
 
-def grade(grader: str, reply: str, reference: str) -> Grade:
-    """Grades the final-channel `reply` against `reference` with the named grader."""
+# What a grader's answer is, as a JSON schema, when the eval asks for answers as {"answer": ...}. Every one is
+# bounded in length (a number's digits by its range and step), so a constrained answer always ends.
+ANSWER_SCHEMAS = {"numeric": {"type": "number", "minimum": -10**15, "maximum": 10**15, "multipleOf": 1e-6},
+                  "boxed_integer": {"type": "integer", "minimum": -10**15, "maximum": 10**15},
+                  "mcq": {"type": "string", "enum": ["A", "B", "C", "D"]}}
+TEXT_ANSWER_SCHEMA = {"type": "string", "maxLength": 256}  # the other graders' answers
+
+
+def answer_format(grader: str) -> dict:
+    """The response format that asks for the answer alone, as {"answer": ...} typed for the grader."""
+    answer = ANSWER_SCHEMAS.get(grader, TEXT_ANSWER_SCHEMA)
+    schema = {"type": "object", "properties": {"answer": answer}, "required": ["answer"],
+              "additionalProperties": False}
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+
+
+def answer_text(grader: str, final: str) -> str | None:
+    """The text the grader reads from a final answer written in `answer_format` (a boxed value for the graders
+    that read boxes); None when the final is not such an object."""
+    try:
+        value = json.loads(final)["answer"]
+    except (json.JSONDecodeError, TypeError, KeyError):
+        return None
+    text = value if isinstance(value, str) else json.dumps(value)
+    return f"\\boxed{{{text}}}" if grader in ("boxed_integer", "math") else text
+
+
+def grade(grader: str, reply: str | None, reference: str) -> Grade:
+    """Grades the final-channel `reply` against `reference` with the named grader (None: no answer to read)."""
     if grader not in GRADERS:
         raise ValueError(f"unknown grader {grader!r}; expected one of {', '.join(GRADERS)}")
+    if reply is None:
+        return Grade(None, False)
     return _GRADERS[grader](reply, str(reference))
 
 

@@ -62,6 +62,10 @@ def summarise(cells: list[tuple[str, str, list[dict]]], samples: int, *, setting
     return {"model": model, "samples_per_problem": samples, "settings": settings, "results": rows}
 
 
+_FORMATS = {"": "free text (the grader reads the final answer)",
+            "json": 'JSON {"answer": ...} held to its schema by constrained decoding'}
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The results as a markdown table, one row per task x effort."""
     rows = summary["results"]
@@ -80,7 +84,8 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     settings = summary["settings"]
     return (f"# Eval of {summary['model']}\n\n{summary['samples_per_problem']} sample(s) per problem, max_tokens "
-            f"{settings['max_tokens']}, temperature {settings['temperature']}, top_p {settings['top_p']}. "
+            f"{settings['max_tokens']}, temperature {settings['temperature']}, top_p {settings['top_p']}, "
+            f"response format: {_FORMATS[settings.get('response_format') or '']}. "
             f"Accuracy ± standard error over problems.\n\n" + "\n".join(lines) + "\n\n"
             f"Every sample (prompt, harmony output, parsed answer, grade): `samples.jsonl`. "
             f"Accuracy against reasoning length: `{PLOT_FILE}`.\n")

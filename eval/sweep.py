@@ -22,7 +22,7 @@ from gptoss_jax import harmony
 from gptoss_jax import tokenizer as tok
 from gptoss_jax.eval import report
 from gptoss_jax.eval.backends import JaxBackend, OpenAIBackend, Request, seed_of
-from gptoss_jax.eval.graders import grade
+from gptoss_jax.eval.graders import answer_format, answer_text, grade
 from gptoss_jax.eval.tasks import Problem, load_task, task_name
 from gptoss_jax.train.config import ConfigError, read_config, setting
 
@@ -32,7 +32,7 @@ SAMPLES_FILE, SETTINGS_FILE = "samples.jsonl", "settings.json"
 # Settings that change what a sample's generation is; a rerun into the same output_dir must keep them. (A changed
 # problem — prompt, answer or grader — is caught per sample: its old record is not reused.)
 _GENERATION_KEYS = ("backend", "model.checkpoint", "model.dtype", "model.lora", "endpoint.base_url", "endpoint.model",
-                    "max_tokens", "temperature", "top_p", "seed")
+                    "max_tokens", "temperature", "top_p", "seed", "response_format")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -62,6 +62,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.max_tokens = 160  # tokens generated per sample (analysis + final); more is a truncation
     c.temperature = 0.0  # 0: greedy (the gpt-oss evals sample at 1.0)
     c.top_p = 1.0
+    c.response_format = ""  # "": free text | "json": the final answer as {"answer": ...}, held to it by the sampler
     c.seed = 0  # sampling seed (each sample derives its own from it) and the GPQA choice-shuffling seed
     c.batch_size = 60  # samples generated together: one batched generation, or concurrent requests
     c.output_dir = "runs/tiny_demo/eval"  # samples.jsonl, summary.json, report.md, accuracy_vs_reasoning.png
@@ -100,6 +101,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("samples", "max_tokens", "batch_size"):
         if config[key] < 1:
             raise ConfigError(f"config.{key}: must be positive, got {config[key]}")
+    if config.response_format not in ("", "json"):
+        raise ConfigError(f"config.response_format: expected '' or 'json', got {config.response_format!r}")
     if config.limit < 0 or config.temperature < 0 or not 0 < config.top_p <= 1:
         raise ConfigError(f"config: limit >= 0, temperature >= 0 and top_p in (0, 1] are required; got "
                           f"{config.limit}, {config.temperature}, {config.top_p}")
@@ -149,13 +152,14 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True) -> Sweep:
         with open(samples_file, "a", encoding="utf-8") as out, \
                 tqdm(total=generated, desc="eval", unit="sample", disable=not progress) as bar:
             for name, effort, chunk in todo:
-                requests = [Request(problem.prompt, effort, seed_of(config.seed, name, effort, problem.id, k))
+                requests = [Request(problem.prompt, effort, seed_of(config.seed, name, effort, problem.id, k),
+                                    answer_format(problem.grader) if config.response_format else None)
                             for problem, k in chunk]
                 start = time.perf_counter()
                 replies = backend(requests)
                 seconds = (time.perf_counter() - start) / len(chunk)
                 for (problem, k), reply in zip(chunk, replies, strict=True):
-                    record = _record(name, effort, problem, k, reply, seconds)
+                    record = _record(name, effort, problem, k, reply, seconds, config.response_format)
                     out.write(json.dumps(record, ensure_ascii=False) + "\n")
                     records[_key(name, effort, problem.id, k)] = record
                 out.flush()
@@ -179,9 +183,11 @@ def _chunks(problems: list[Problem], samples: int, size: int) -> list[list[tuple
     return [pairs[i:i + size] for i in range(0, len(pairs), size)]
 
 
-def _record(task: str, effort: str, problem: Problem, sample: int, reply, seconds: float) -> dict[str, Any]:
+def _record(task: str, effort: str, problem: Problem, sample: int, reply, seconds: float,
+            response_format: str) -> dict[str, Any]:
     encoding = tok.get_encoding()
-    graded = grade(problem.grader, reply.final, problem.answer) if reply.error is None else None
+    answer = answer_text(problem.grader, reply.final) if response_format else reply.final
+    graded = grade(problem.grader, answer, problem.answer) if reply.error is None else None
     return {
         "task": task, "effort": effort, "problem": problem.id, "sample": sample,
         "prompt": problem.prompt, "answer": problem.answer, "grader": problem.grader,

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gptoss_jax import sharding
+from gptoss_jax import constrain, sharding
 from gptoss_jax import tokenizer as tok
 from gptoss_jax.model import GptOss, KVCache
 
@@ -67,6 +67,8 @@ class Generator:
         self.graphdef, self.state = nnx.split(model)
         self._prefill, self._decode = compiled_steps(self.graphdef)
         self._sample = jax.jit(sample, static_argnames=("temperature", "top_p", "top_k"))
+        self._sample_masked = jax.jit(lambda logits, key, bitmask, **settings: sample(
+            constrain.apply(logits, bitmask), key, **settings), static_argnames=("temperature", "top_p", "top_k"))
 
     def generate(
         self,
@@ -80,6 +82,7 @@ class Generator:
         stop_tokens: Sequence[int] | None = None,
         stream: Callable[[int, int], None] | None = None,
         cache_length: int | None = None,
+        constraints: constrain.RowConstraints | None = None,
     ) -> list[list[int]]:
         """New tokens of each prompt, up to `max_new_tokens` or through the first stop token (included).
 
@@ -87,6 +90,8 @@ class Generator:
         seed: one seed for the batch, or one per prompt (a row's draws then do not depend on the other rows).
         stream(row, token) is called with every token as soon as it is sampled.
         cache_length: the cache capacity (default: longest prompt + max_new_tokens).
+        constraints: per row, a grammar for the final answer and strict tools' arguments, and a reasoning budget
+            (`gptoss_jax.constrain`); rows without one sample exactly as they would without it.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, and no empty prompt")
@@ -118,19 +123,46 @@ class Generator:
             raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
         outputs = [[] for _ in prompts]
         done = np.zeros(len(prompts), bool)
+        states = constraints.states(prompts) if constraints is not None else None
+        bitmask = constrain.allocate(len(prompts), vocab) if states is not None else None
+        masked = self._fill(states, done, bitmask)
+        settings = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
         for step in range(max_new_tokens):
-            chosen = _on_host(self._sample(logits, fold(key, step), temperature=temperature,
-                                           top_p=top_p, top_k=top_k))
+            if masked:
+                chosen = self._sample_masked(logits, fold(key, step), self._replicated(bitmask), **settings)
+            else:
+                chosen = self._sample(logits, fold(key, step), **settings)
+            chosen = _on_host(chosen)
+            last = step == max_new_tokens - 1
             for row, token in enumerate(chosen.tolist()):
                 if not done[row]:
                     outputs[row].append(token)
                     done[row] = token in stops
                     if stream is not None:
                         stream(row, token)
-            if done.all() or step == max_new_tokens - 1:
+            if done.all() or last:
                 break
             logits, cache = self._decode(self.state, self._replicated(chosen), cache)
+            if states is not None:  # the next masks, on the host while the device decodes
+                for row, token in enumerate(chosen.tolist()):
+                    if not done[row]:
+                        states[row].advance(token)
+                masked = self._fill(states, done, bitmask)
         return outputs
+
+    @staticmethod
+    def _fill(states, done, bitmask) -> bool:
+        """Each constrained row's allowed next tokens into `bitmask`; whether any row is restricted."""
+        if states is None:
+            return False
+        restricted = False
+        for row, state in enumerate(states):
+            if not done[row] and state.active:
+                state.fill(bitmask, row)
+                restricted = True
+            else:
+                bitmask[row] = -1
+        return restricted
 
     def _replicated(self, array: np.ndarray):
         """Host values as every device's copy (the same value on every host, as jax.distributed requires)."""

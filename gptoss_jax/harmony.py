@@ -4,7 +4,8 @@ training) and parsing generated tokens back into messages, token for token as th
 A conversation arrives as a *record*, the JSONL shape of OpenAI chat data and HF's Multilingual-Thinking:
 
     {"messages": [...], "tools": [{"type": "function", "function": {"name", "description", "parameters"}}],
-     "reasoning_effort": "low" | "medium" | "high", "current_date": "YYYY-MM-DD"}
+     "reasoning_effort": "low" | "medium" | "high", "current_date": "YYYY-MM-DD",
+     "response_format": {"type": "json_schema", "json_schema": {"name", "description", "schema"}}}
 
 Messages: `system` / `developer` (leading; their texts become the developer message's `# Instructions`),
 `user`, `assistant` (`thinking` -> analysis channel, `content` -> final channel, or a commentary preamble when
@@ -13,7 +14,9 @@ the message also has `tool_calls`; each tool call -> a commentary message to `fu
 Harmony-native messages, with an explicit `channel` (and optionally `recipient`, `content_type`), are taken as
 they are. The system message is generated: identity, knowledge cutoff, current date (when the record has one),
 reasoning effort (default medium), the valid channels, and the line routing function calls to commentary when the
-record has tools.
+record has tools. A `json_schema` response format becomes the developer message's `# Response Formats` section
+(`## NAME`, `// DESCRIPTION`, the schema as compact JSON), after the instructions and tools, as the harmony format
+documents; `json_object` and `text` formats add nothing (only the sampler can hold the model to them).
 
 Chain of thought: the analysis of every assistant turn that ended on the final channel is dropped, except the
 analysis of the turn being trained; the turn in progress (no final yet, e.g. a tool-call loop) keeps its
@@ -80,6 +83,7 @@ def to_messages(record: Mapping[str, Any]) -> list[Message]:
         except (TypeError, ValueError):
             raise RecordError(f"current_date: expected YYYY-MM-DD, got {date!r}") from None
     tools = [_tool(i, t) for i, t in enumerate(record.get("tools") or [])]
+    schema_format = response_format(record.get("response_format"))
 
     conversation = record["messages"]
     instructions = []
@@ -88,9 +92,9 @@ def to_messages(record: Mapping[str, Any]) -> list[Message]:
         instructions.append(_text(conversation[0], f"messages[{len(instructions)}]"))
         conversation = conversation[1:]
     messages = [Message("system", system_text(effort, date, has_functions=bool(tools)))]
-    if instructions or tools:
+    if instructions or tools or schema_format:
         messages.append(Message("developer", developer_text("\n\n".join(instructions) if instructions else None,
-                                                            tools)))
+                                                            tools, schema_format)))
     call_names: dict[str, str] = {}
     for index, message in enumerate(conversation, start=len(instructions)):
         messages.extend(_convert(message, f"messages[{index}]", call_names))
@@ -199,7 +203,30 @@ def system_text(effort: str = "medium", date: str | None = None, *, has_function
     return "\n\n".join(["\n".join(top), f"Reasoning: {effort}", channels])
 
 
-def developer_text(instructions: str | None, tools: Sequence[Mapping[str, Any]]) -> str:
+def response_format(value: Any, where: str = "response_format") -> dict[str, Any] | None:
+    """A record's response format as {"name", "description", "schema"} when it names a JSON schema; None for
+    `text`, `json_object` or none. OpenAI's shape: {"type": "json_schema", "json_schema": {"name", "description",
+    "schema", "strict"}}."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, Mapping) else None
+    if kind in ("text", "json_object"):
+        return None
+    if kind != "json_schema":
+        raise RecordError(f"{where}: expected {{'type': 'text' | 'json_object' | 'json_schema', ...}}, got {value!r}")
+    inner = value.get("json_schema")
+    if not isinstance(inner, Mapping) or not isinstance(inner.get("schema"), Mapping):
+        raise RecordError(f"{where}.json_schema: expected {{'name', 'schema': {{...}}}} with the schema an object")
+    name = inner.get("name", "response")
+    if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+        raise RecordError(f"{where}.json_schema.name: expected a name without spaces, got {name!r}")
+    description = inner.get("description") or ""
+    return {"name": name, "description": _str(description, f"{where}.json_schema.description"),
+            "schema": inner["schema"]}
+
+
+def developer_text(instructions: str | None, tools: Sequence[Mapping[str, Any]],
+                   schema_format: Mapping[str, Any] | None = None) -> str:
     sections = ["# Instructions", instructions] if instructions is not None else []
     if tools:
         lines = ["## functions\n", "namespace functions {\n"]
@@ -210,6 +237,10 @@ def developer_text(instructions: str | None, tools: Sequence[Mapping[str, Any]])
             lines.append(f"type {tool['name']} = {signature} => any;\n")
         lines.append("} // namespace functions")
         sections.append("# Tools\n\n" + "\n".join(lines))
+    if schema_format:
+        comment = "".join(f"// {line}\n" for line in _lines(schema_format["description"]))
+        schema = json.dumps(schema_format["schema"], ensure_ascii=False, separators=(",", ":"))
+        sections.append(f"# Response Formats\n\n## {schema_format['name']}\n\n{comment}{schema}")
     return "\n\n".join(sections)
 
 

@@ -4,6 +4,9 @@ HTTP stack: Starlette on uvicorn (the `serve` extra) — a small, widely used AS
 Starlette routes and streams server-sent events, and the engine runs in its own thread. Endpoints:
 `POST /v1/chat/completions` (streaming or not), `GET /v1/models`, `GET /health`. The assistant's analysis comes
 back as `reasoning_content` (vLLM's field) and never in `content`; tool calls as `tool_calls` with JSON arguments.
+Structured outputs: `response_format` (`json_object`, or `json_schema` — also shown to the model as the developer
+message's `# Response Formats`) holds the final answer to it, and `strict: true` function tools hold their calls'
+arguments to their parameters; the analysis stays free (`gptoss_jax.constrain`).
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from gptoss_jax import harmony
+from gptoss_jax import constrain, harmony
 from gptoss_jax import tokenizer as tok
 from gptoss_jax.generation import DEFAULT_STOP_TOKENS
 from gptoss_jax.serving import Engine, Request
 
 _FIELDS = {"model", "messages", "tools", "tool_choice", "parallel_tool_calls", "reasoning_effort", "temperature",
            "top_p", "top_k", "max_tokens", "max_completion_tokens", "seed", "stop", "stream", "stream_options", "n",
-           "user", "logprobs", "top_logprobs"}
+           "user", "logprobs", "top_logprobs", "response_format"}
 DEFAULT_MAX_TOKENS = 2048
 
 
@@ -54,10 +57,12 @@ def parse_request(body: Any, max_length: int) -> tuple[list[int], dict[str, Any]
     if not isinstance(body.get("parallel_tool_calls", True), bool):
         raise BadRequest("parallel_tool_calls: expected true or false")
     record = {"messages": [_message(m, i) for i, m in enumerate(body["messages"])],
-              "tools": tools, "reasoning_effort": body.get("reasoning_effort") or "medium"}
+              "tools": tools, "reasoning_effort": body.get("reasoning_effort") or "medium",
+              "response_format": body.get("response_format")}
     try:
         prompt = harmony.encode_chat(record)
-    except harmony.RecordError as error:
+        final, strict = constrain.for_response_format(record["response_format"]), constrain.strict_tools(tools)
+    except (harmony.RecordError, constrain.ConstraintError) as error:
         raise BadRequest(str(error)) from None
     settings = {
         "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
@@ -68,6 +73,7 @@ def parse_request(body: Any, max_length: int) -> tuple[list[int], dict[str, Any]
         "stop": _stop_strings(body.get("stop")),
         "logprobs": bool(body.get("logprobs", False)),
         "tool_calls": calls_allowed,
+        "constraint": constrain.start(prompt, final, strict) if final or strict else None,
     }
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     room = max_length - len(prompt)
@@ -211,8 +217,12 @@ def create_app(engine: Engine, model_name: str):
                       settings["seed"], DEFAULT_STOP_TOKENS,
                       on_token=lambda token, logprob: loop.call_soon_threadsafe(
                           events.put_nowait, ("token", (token, logprob))),
-                      on_done=lambda reason: loop.call_soon_threadsafe(events.put_nowait, ("done", reason)))
-        engine.submit(job)
+                      on_done=lambda reason: loop.call_soon_threadsafe(events.put_nowait, ("done", reason)),
+                      constraint=settings["constraint"])
+        try:
+            engine.submit(job)
+        except ValueError as exc:
+            return error(400, str(exc))
         completion = Completion(settings["stop"], settings["tool_calls"])
         identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 

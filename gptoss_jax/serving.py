@@ -3,8 +3,11 @@ a time, and a finished request's slot refilled by the next request while the oth
 
 A request is prefilled alone (its prompt left-padded to a power-of-two bucket, so few shapes compile) and its
 cache row copied into its slot; every step then decodes all slots at once, each row at its own position, and
-samples each row with its own settings. Under `jax.distributed`, process 0 makes every decision and broadcasts
-it as a plan before each step; the other processes run the same jitted steps on their shards (`Engine.follow`).
+samples each row with its own settings. A request may carry a constraint (`gptoss_jax.constrain`, a structured
+output): its allowed next tokens are written into a bitmask on the host while the device decodes, and the step's
+logits are masked only when some row is restricted. Under `jax.distributed`, process 0 makes every decision and
+broadcasts it as a plan before each step; the other processes run the same jitted steps on their shards
+(`Engine.follow`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gptoss_jax import sharding
+from gptoss_jax import constrain, sharding
 from gptoss_jax.generation import compiled_steps
 from gptoss_jax.model import GptOss, KVCache
 
@@ -45,6 +48,7 @@ class Request:
     on_done: Callable[[str], None] = lambda reason: None  # "stop", "length", "cancelled" or "error: ..."
     tokens: list[int] = dataclasses.field(default_factory=list)
     cancelled: bool = False  # set by Engine.cancel: a request still queued is never admitted
+    constraint: constrain.RowState | None = None  # a structured output (single-process servers)
 
 
 class Engine:
@@ -60,6 +64,7 @@ class Engine:
         self.pending: queue.Queue[Request] = queue.Queue()
         self.cancelled: queue.Queue[Request] = queue.Queue()
         self.last_tokens = np.zeros(slots, np.int32)
+        self.bitmask = constrain.allocate(slots, model.config.vocab_size)
         self.steps = np.zeros(slots, np.int32)
         self.settings = {"temperature": np.zeros(slots, np.float32), "top_p": np.ones(slots, np.float32),
                          "top_k": np.zeros(slots, np.int32), "seed": np.zeros(slots, np.int32)}
@@ -74,6 +79,7 @@ class Engine:
         self._prefill, self._decode = compiled_steps(self.graphdef)
         self._insert = insert
         self._sample = jax.jit(_sample_rows)
+        self._mask = jax.jit(constrain.apply)
         self._argmax = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
         self._logprob = jax.jit(lambda logits, tokens: jnp.take_along_axis(
             jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), tokens[:, None], axis=-1)[:, 0])
@@ -87,6 +93,9 @@ class Engine:
                              f"more, but this server's context holds {self.max_length} tokens")
         if len(request.stop_tokens) > MAX_STOP_TOKENS:
             raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens")
+        if request.constraint is not None and jax.process_count() > 1:
+            raise ValueError("structured outputs (response_format, strict tools) are served by single-process "
+                             "servers only: the other processes would need every step's token masks")
         self.pending.put(request)
         self._wake.set()
 
@@ -194,6 +203,8 @@ class Engine:
         rows = np.asarray(slots, np.int32)
         if logits.shape[0] != len(slots):
             logits = logits[self._replicated(rows)]
+        if any([self._restrict(slot) for slot in slots]):  # on the host, while the device computes the logits
+            logits = self._mask(logits, self._replicated(self.bitmask[rows]))
         if self.settings["temperature"][rows].any():
             settings = {name: self._replicated(values[rows]) for name, values in self.settings.items()}
             tokens = self._sample(logits, steps=self._replicated(self.steps[rows]), **settings)
@@ -208,6 +219,17 @@ class Engine:
             if token in request.stop_tokens or len(request.tokens) >= request.max_tokens:
                 del self.active[slot]
                 request.on_done("stop" if token in request.stop_tokens else "length")
+            elif request.constraint is not None:
+                request.constraint.advance(token)
+
+    def _restrict(self, slot: int) -> bool:
+        """Writes the slot's allowed next tokens into its bitmask row; whether any token is ruled out."""
+        state = self.active[slot].constraint
+        if state is None or not state.active:
+            self.bitmask[slot] = -1
+            return False
+        state.fill(self.bitmask, slot)
+        return True
 
     def _replicated(self, array: np.ndarray) -> jax.Array:
         mesh = self.model.mesh

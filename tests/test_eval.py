@@ -7,8 +7,10 @@ import signal
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
+import jsonschema
 import pytest
 from flax import nnx
 
@@ -17,7 +19,7 @@ from gptoss_jax import harmony
 from gptoss_jax.cli import main
 from gptoss_jax.eval import report, sweep
 from gptoss_jax.eval.backends import BackendError
-from gptoss_jax.eval.graders import grade
+from gptoss_jax.eval.graders import answer_format, grade
 from gptoss_jax.generation import Generator
 from gptoss_jax.train.config import ConfigError
 
@@ -162,6 +164,34 @@ def test_endpoint_backend_against_the_server_equals_in_process(demo_model_dir, t
     assert _untimed(through_server.summary)[:3] == _untimed(in_process.summary)
     custom_rows = [row for row in through_server.summary["results"] if row["task"] == "custom"]
     assert [row["failed_rate"] for row in custom_rows] == [0.5] * 3
+
+
+def test_answers_asked_as_json_always_parse_in_process_and_through_the_server(demo_model_dir, tmp_path):
+    """With response_format "json" the demo model (trained to answer in words) writes {"answer": <number>} every
+    time, held to the numeric grader's schema, and the endpoint backend asks the server for the same format."""
+    # JSON numbers are decimals: read as Decimal, 1.566016 is a multiple of 1e-06 (as floats it is not)
+    schema = json.loads(json.dumps(answer_format("numeric")["json_schema"]["schema"]), parse_float=Decimal)
+    in_process = sweep.run(_config(tmp_path / "jax", demo_model_dir, response_format="json",
+                                   efforts=("low", "high")), progress=False)
+    for row in in_process.summary["results"]:
+        assert (row["parse_failure_rate"], row["truncated_rate"], row["failed_rate"]) == (0, 0, 0)
+    records = _samples(tmp_path / "jax")
+    for record in records:
+        jsonschema.validate(json.loads(record["final"], parse_float=Decimal), schema)
+        assert record["parsed"] is not None
+    assert 'JSON {"answer": ...}' in in_process.report.read_text()
+    free = _samples(Path(sweep.run(_config(tmp_path / "free", demo_model_dir, efforts=("low",)),
+                                   progress=False).output_dir))
+    assert not any(r["final"].startswith("{") for r in free)  # in words when not asked
+    with serving(demo_model_dir, "--slots", "8", "--max-context", "512") as url:
+        config = _config(tmp_path / "endpoint", demo_model_dir, backend="openai", response_format="json",
+                         efforts=("low", "high"))
+        config.endpoint.base_url = url + "/v1"
+        sweep.run(config, progress=False)
+    expected = {(r["effort"], r["problem"]): r for r in records}
+    for record in _samples(tmp_path / "endpoint"):
+        mine = expected[(record["effort"], record["problem"])]
+        assert {k: record[k] for k in COMPARED} == {k: mine[k] for k in COMPARED}
 
 
 def test_unreachable_endpoint_is_a_clear_error(tmp_path, capsys):

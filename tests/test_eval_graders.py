@@ -7,7 +7,7 @@ import ml_collections
 import pytest
 
 from gptoss_jax.eval import report
-from gptoss_jax.eval.graders import boxed, grade, math_equal, numbers
+from gptoss_jax.eval.graders import answer_format, answer_text, boxed, grade, math_equal, numbers
 from gptoss_jax.eval.sweep import defaults
 from gptoss_jax.eval.tasks import BOX_INSTRUCTION, MCQ_INSTRUCTION, TaskError, load_task
 
@@ -210,3 +210,24 @@ def test_unknown_task_and_missing_data(tmp_path):
     with pytest.raises(TaskError, match="data.gsm8k.source"):
         load_task("gsm8k", data)
     assert isinstance(data, ml_collections.ConfigDict)
+
+
+@pytest.mark.parametrize("grader, final, reference, correct", [
+    ("mcq", '{"answer":"B"}', "B", True),
+    ("mcq", '{"answer":"C"}', "B", False),
+    ("numeric", '{"answer":3.5}', "3.5", True),
+    ("numeric", '{"answer":-12}', "-12", True),
+    ("boxed_integer", '{"answer":42}', "42", True),
+    ("math", '{"answer":"\\\\frac{1}{2}"}', "\\frac12", True),
+    ("exact", '{"answer":"Paris"}', "Paris", True),
+])
+def test_answers_written_in_the_json_answer_format_are_graded_by_their_grader(grader, final, reference, correct):
+    assert grade(grader, answer_text(grader, final), reference).correct is correct
+    properties = answer_format(grader)["json_schema"]["schema"]["properties"]
+    assert list(properties) == ["answer"]
+
+
+@pytest.mark.parametrize("final", ["3.5", '{"value": 3}', "{not json", '["answer"]'])
+def test_a_final_that_is_not_the_json_answer_format_is_a_parse_failure(final):
+    assert answer_text("numeric", final) is None
+    assert grade("numeric", None, "3.5") == (None, False)

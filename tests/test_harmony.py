@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from gptoss_jax import harmony
 from gptoss_jax import tokenizer as tok
 
-from harmony_cases import RECORDS, drop_finished_analysis, reference_conversation
+from harmony_cases import RECORDS, WEATHER, drop_finished_analysis, reference_conversation
 
 KEEP_ANALYSIS = oh.RenderConversationConfig(auto_drop_analysis=False)
 
@@ -168,3 +168,47 @@ def test_bad_records_name_the_field(record, message):
 def test_training_needs_an_assistant_message():
     with pytest.raises(harmony.RecordError, match="no assistant message to train on"):
         harmony.encode_for_training({"messages": [{"role": "user", "content": "hi"}]})
+
+
+SHOPPING = {"type": "json_schema", "json_schema": {
+    "name": "shopping_list", "description": "What to buy.\nOne entry per item.",
+    "schema": {"properties": {"items": {"type": "array", "description": "entries", "items": {"type": "string"}}},
+               "type": "object"}}}
+
+
+@pytest.mark.parametrize("instructions, tools", [(None, False), ("Be brief.", False), ("Be brief.", True)])
+def test_a_json_schema_response_format_ends_the_developer_message(encoding, instructions, tools):
+    """The harmony format documents `# Response Formats` / `## NAME` / `// DESCRIPTION` / the schema at the end of
+    the developer message; openai-harmony has no API for it, so the reference is its render of the same record
+    without the format, with the section added before the developer message's <|end|>."""
+    record = {"messages": ([{"role": "developer", "content": instructions}] if instructions else [])
+              + [{"role": "user", "content": "I need coffee and eggs."}],
+              "tools": [WEATHER] if tools else [], "reasoning_effort": "high"}
+    plain = tok.get_encoding().decode(encoding.render_conversation_for_completion(
+        oh.Conversation.from_messages(reference_conversation(record)), oh.Role.ASSISTANT))
+    section = ('# Response Formats\n\n## shopping_list\n\n// What to buy.\n// One entry per item.\n'
+               '{"properties":{"items":{"type":"array","description":"entries","items":{"type":"string"}}},'
+               '"type":"object"}')
+    if instructions or tools:
+        head, tail = plain.split("<|end|><|start|>user", 1)
+        expected = f"{head}\n\n{section}<|end|><|start|>user{tail}"
+    else:
+        head, tail = plain.split("<|start|>user", 1)
+        expected = f"{head}<|start|>developer<|message|>{section}<|end|><|start|>user{tail}"
+    tokens = harmony.encode_chat({**record, "response_format": SHOPPING})
+    assert tok.get_encoding().decode(tokens) == expected
+    assert tokens == tok.get_encoding().encode(expected, allowed_special="all")
+    developer = [m for m in harmony.parse(tokens).messages if m.role == "developer"]
+    assert developer[0].text.endswith(section)  # and it parses back
+    for plain_format in ({"type": "text"}, {"type": "json_object"}):  # formats without a schema add nothing
+        assert harmony.encode_chat({**record, "response_format": plain_format}) == harmony.encode_chat(record)
+
+
+@pytest.mark.parametrize("response_format, message", [
+    ({"type": "yaml"}, r"response_format: expected \{'type': 'text' \| 'json_object' \| 'json_schema'"),
+    ({"type": "json_schema"}, r"response_format.json_schema: expected"),
+    ({"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}, "name: expected a name without spaces"),
+])
+def test_bad_response_formats_name_the_field(response_format, message):
+    with pytest.raises(harmony.RecordError, match=message):
+        harmony.encode_chat({"messages": [{"role": "user", "content": "x"}], "response_format": response_format})

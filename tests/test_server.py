@@ -10,13 +10,14 @@ import urllib.error
 import urllib.request
 
 import jax
+import jsonschema
 import numpy as np
 import openai
 import pytest
 from flax import nnx
 
 import gptoss_jax
-from gptoss_jax import harmony
+from gptoss_jax import constrain, harmony
 from gptoss_jax import tokenizer as tok
 from gptoss_jax.generation import Generator
 from gptoss_jax.lora import LoraConfig, add_lora, save_peft_adapter
@@ -179,6 +180,24 @@ def test_a_generated_call_comes_back_as_tool_calls(tool_caller):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_strict_tool_arguments_are_held_to_the_parameters(tool_caller):
+    """The model calls add with {"n":7}; a strict tool whose n is at most 5 gets arguments that validate."""
+    parameters = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 5}},
+                  "required": ["n"], "additionalProperties": False}
+    messages = [{"role": "user", "content": "Add seven."}]
+    for strict in (True, False):
+        tools = [{"type": "function", "function": {"name": "add", "description": "Adds.", "parameters": parameters,
+                                                   "strict": strict}}]
+        choice = tool_caller.chat.completions.create(model="m", messages=messages, tools=tools, temperature=0,
+                                                     max_tokens=40).choices[0]
+        (call,) = choice.message.tool_calls
+        if strict:
+            jsonschema.validate(json.loads(call.function.arguments), parameters)
+            assert choice.finish_reason == "tool_calls"
+        else:
+            assert call.function.arguments == CALL  # not strict: what the model writes
+
+
 def test_tool_choice_none_is_honoured_and_forced_calls_are_refused(tool_caller):
     messages = [{"role": "user", "content": "Add seven."}]
     response = tool_caller.chat.completions.create(model="m", messages=messages, tools=TOOLS, temperature=0,
@@ -191,6 +210,39 @@ def test_tool_choice_none_is_honoured_and_forced_calls_are_refused(tool_caller):
     with pytest.raises(openai.BadRequestError, match="parallel_tool_calls: expected true or false"):
         tool_caller.chat.completions.create(model="m", messages=messages, tools=TOOLS,
                                             extra_body={"parallel_tool_calls": "yes"})
+
+
+COUNT_SCHEMA = {"type": "object", "properties": {"count": {"type": "integer", "minimum": 0, "maximum": 12}},
+                "required": ["count"], "additionalProperties": False}
+COUNT_FORMAT = {"type": "json_schema", "json_schema": {"name": "count", "schema": COUNT_SCHEMA, "strict": True}}
+
+
+def test_response_format_holds_the_answer_and_leaves_the_reasoning_free(client, generator):
+    """The demo model answers in words; asked for a JSON schema it answers in it, with the analysis it writes
+    anyway, exactly as `Generator.generate` constrains it (greedy), streamed or not."""
+    record = {"messages": [{"role": "user", "content": QUESTION}], "reasoning_effort": "medium",
+              "response_format": COUNT_FORMAT}
+    prompt = harmony.encode_chat(record)
+    free = harmony.parse(generator.generate([prompt], 120)[0], role="assistant").messages
+    held = harmony.parse(generator.generate([prompt], 120, constraints=constrain.RowConstraints(
+        [constrain.for_response_format(COUNT_FORMAT)]))[0], role="assistant").messages
+    assert [m.channel for m in free] == [m.channel for m in held] == ["analysis", "final"]
+    assert free[0].text == held[0].text  # the analysis is the model's own
+    with pytest.raises((json.JSONDecodeError, jsonschema.ValidationError)):  # free, the answer is not JSON
+        jsonschema.validate(json.loads(free[1].text), COUNT_SCHEMA)
+
+    response = _ask(client, QUESTION, max_tokens=120, response_format=COUNT_FORMAT)
+    message = response.choices[0].message
+    jsonschema.validate(json.loads(message.content), COUNT_SCHEMA)
+    assert (message.content, message.model_extra["reasoning_content"]) == (held[1].text, held[0].text)
+    assert response.choices[0].finish_reason == "stop"
+    assert response.usage.prompt_tokens == len(prompt)  # the format is in the developer message
+
+    chunks = list(_ask(client, QUESTION, max_tokens=120, response_format=COUNT_FORMAT, stream=True))
+    deltas = [chunk.choices[0].delta for chunk in chunks]
+    assert "".join(d.content or "" for d in deltas) == message.content
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == held[0].text
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_stop_strings_cut_the_content_and_end_the_request(client):
@@ -294,6 +346,14 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
         _ask(client, "word " * 300, max_tokens=400)
     with pytest.raises(openai.BadRequestError, match="this server's context holds 512"):
         _ask(client, "word " * 600)
+    with pytest.raises(openai.BadRequestError, match=r"response_format.json_schema.schema: .*strng"):
+        _ask(client, QUESTION, response_format={"type": "json_schema", "json_schema": {
+            "name": "a", "schema": {"type": "object", "properties": {"a": {"type": "strng"}}}}})
+    with pytest.raises(openai.BadRequestError, match="response_format: expected"):
+        _ask(client, QUESTION, response_format={"type": "yaml"})
+    with pytest.raises(openai.BadRequestError, match=r"tools\[0\].function.parameters: .*uniqueItems"):
+        _ask(client, QUESTION, tools=[{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+            "type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}}}])
     assert _ask(client, QUESTION).choices[0].message.content  # still serving
     with urllib.request.urlopen(server + "/v1/models") as response:
         assert json.loads(response.read())["data"][0]["object"] == "model"
