@@ -4,9 +4,9 @@ Model: the inference benchmark's (4 layers, hidden 512, 16 experts, the real 201
 random weights), decoding 48 tokens greedily after prompts (a different question per row) that have opened the
 final channel, so that every step of a constrained row is masked. The constraint: a JSON schema (an array of at
 least 100 objects with a bounded string and a number) that a random model cannot finish in 48 tokens, so no row
-stops early; strings are the costly case for the engine (most of the vocabulary is allowed inside one). The mixed batch constrains every other row;
-its free rows must come out token for token as in the unconstrained run. Host-side mask time per row and token is
-measured on its own too (llguidance filling one bitmask row).
+stops early; strings are the costly case for the engine (most of the vocabulary is allowed inside one). The
+mixed batch constrains every other row; its free rows must come out token for token as in the unconstrained run.
+Host-side mask time per row and token is measured on its own too (llguidance filling one bitmask row).
 
     python benchmarks/constrained.py
 """

@@ -189,7 +189,8 @@ def _on_host(array: jax.Array) -> np.ndarray:
 
 def generate(model: GptOss, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_tokens: Sequence[int] | None = None,
-             stream: Callable[[int, int], None] | None = None) -> list[list[int]]:
+             stream: Callable[[int, int], None] | None = None,
+             constraints: constrain.RowConstraints | None = None) -> list[list[int]]:
     """New tokens for a batch of prompts (token ids); see `Generator.generate`."""
     return Generator(model).generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                     seed=seed, stop_tokens=stop_tokens, stream=stream)
+                                     seed=seed, stop_tokens=stop_tokens, stream=stream, constraints=constraints)
