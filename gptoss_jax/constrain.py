@@ -20,6 +20,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import llguidance
 import llguidance.numpy as llg_numpy
 import numpy as np
@@ -35,7 +36,7 @@ class ConstraintError(ValueError):
     """A schema, expression or grammar the engine cannot compile; the message says why."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashable by identity although the spec is a dict
 class Constraint:
     """What a final answer must match. kind: json (any JSON object) | json_schema (spec: the schema, a dict) |
     regex (spec: a regular expression the whole answer matches) | grammar (spec: a Lark grammar)."""
@@ -90,7 +91,7 @@ def matcher_tokenizer() -> llguidance.LLTokenizer:
 
 def compiled(constraint: Constraint) -> str:
     """The llguidance grammar of a constraint, checked against the vocabulary."""
-    return _compiled(constraint.kind, json.dumps(constraint.spec, sort_keys=True))
+    return _compiled(constraint.kind, json.dumps(constraint.spec))  # key order kept: it is the answer's order
 
 
 @functools.lru_cache(maxsize=256)
@@ -127,14 +128,15 @@ def final_opening() -> tuple[int, ...]:
 
 
 class RowState:
-    """One row's place in the harmony output: which message and channel it is in, the matcher of a constrained
-    span, and tokens the sampler must write next (a reasoning budget's closing)."""
+    """One row's place in the harmony output: whether it is in a header or in which channel's message, the
+    matcher of a constrained span, and the tokens the sampler must write next (a reasoning budget's closing)."""
 
     def __init__(self, final: Constraint | None, strict_tools: dict[str, Constraint], reasoning_budget: int | None):
         self.final, self.strict_tools, self.budget = final, strict_tools, reasoning_budget
         self.header: list[int] = []  # the current message's header tokens, until <|message|>
         self.in_header = True  # a completion starts inside the assistant's header
-        self.channel_kind = None  # "analysis" | "final" | "commentary" once the header is read
+        self.channel: str | None = None  # the open message's channel; None between messages
+        self.after_analysis = False  # the last message closed was an analysis
         self.matcher: llguidance.LLMatcher | None = None
         self.stop_token = tok.RETURN
         self.analysis_tokens = 0
@@ -146,13 +148,16 @@ class RowState:
         return bool(self.forced) or self.matcher is not None or self._budget_spent()
 
     def _budget_spent(self) -> bool:
-        return (self.budget is not None and not self.in_header and self.channel_kind == "analysis"
-                and self.analysis_tokens >= self.budget)
+        """The analysis has used its budget and the row is still in it, or has just closed it."""
+        if self.budget is None or self.in_header or self.analysis_tokens < self.budget:
+            return False
+        return self.channel == "analysis" or (self.channel is None and self.after_analysis)
 
     def fill(self, bitmask: np.ndarray, row: int) -> None:
         """Write the allowed next tokens of this row into bitmask[row] (all tokens when it is free)."""
         if self._budget_spent() and not self.forced:
-            self.forced = list(final_opening())
+            opening = final_opening()  # <|end|> first unless the model has just written it
+            self.forced = list(opening if self.channel == "analysis" else opening[1:])
         if self.forced:
             _only(bitmask, row, self.forced[0])
         elif self.matcher is not None:
@@ -170,32 +175,37 @@ class RowState:
         if self.forced:
             self.forced.pop(0)
         if self.matcher is not None:
-            if token == self.stop_token or self.matcher.is_stopped():
-                self.matcher = None
+            if token == self.stop_token:
+                self.matcher, self.channel, self.after_analysis = None, None, False
             elif not self.matcher.consume_token(token):
-                raise RuntimeError(f"constrained decoding: token {token} left the grammar: {self.matcher.get_error()}")
+                raise ConstraintError(f"token {token} left the grammar: {self.matcher.get_error()}")
             return
         if token == tok.START:
-            self.in_header, self.header, self.channel_kind = True, [], None
+            self.in_header, self.header, self.channel = True, [], None
         elif self.in_header:
             if token == tok.MESSAGE:
                 self._open_message()
             else:
                 self.header.append(token)
-        elif self.channel_kind == "analysis":
+        elif token in (tok.END, tok.RETURN, tok.CALL):
+            self.after_analysis, self.channel = self.channel == "analysis", None
+        elif self.channel == "analysis":
             self.analysis_tokens += 1
 
     def _open_message(self) -> None:
+        """Read the header as the harmony parser does; a final, or a call to a strict function, is constrained."""
         self.in_header = False
-        header = tok.get_encoding().decode(self.header)
-        channel = header.split("<|channel|>", 1)[1] if "<|channel|>" in header else ""
-        self.channel_kind = channel.split()[0] if channel.split() else ""
+        header = harmony.parse_header(self.header, None)
+        if isinstance(header, str):  # a malformed header: the parser reports it; nothing to hold to a grammar
+            self.channel = ""
+            return
+        self.channel = header.channel or ""
         constraint = None
-        if self.channel_kind == "final":
+        if header.channel == "final" and header.recipient is None:
             constraint, self.stop_token = self.final, tok.RETURN
-        elif "to=functions." in header:
-            name = header.split("to=functions.", 1)[1].split()[0].split("<|")[0]
-            constraint, self.stop_token = self.strict_tools.get(name), tok.CALL
+        elif (header.recipient or "").startswith("functions."):
+            constraint = self.strict_tools.get(header.recipient.removeprefix("functions."))
+            self.stop_token = tok.CALL
         if constraint is not None:
             self.matcher = llguidance.LLMatcher(matcher_tokenizer(), compiled(constraint))
 
@@ -245,10 +255,18 @@ def allocate(rows: int, vocab: int) -> np.ndarray:
     return bitmask
 
 
+def fill(state: RowState | None, bitmask: np.ndarray, row: int) -> bool:
+    """Writes a row's allowed next tokens into bitmask[row] (all, for a row without a state or a free step);
+    whether any token is ruled out."""
+    if state is None or not state.active:
+        bitmask[row] = -1
+        return False
+    state.fill(bitmask, row)
+    return True
+
+
 def apply(logits, bitmask):
     """Logits [B, V] with the tokens whose bit is 0 set to -inf (inside jit)."""
-    import jax.numpy as jnp
-
     bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
     allowed = bits.reshape(bitmask.shape[0], -1)[:, :logits.shape[-1]].astype(bool)
     return jnp.where(allowed, logits, -jnp.inf)

@@ -155,14 +155,7 @@ class Generator:
         """Each constrained row's allowed next tokens into `bitmask`; whether any row is restricted."""
         if states is None:
             return False
-        restricted = False
-        for row, state in enumerate(states):
-            if not done[row] and state.active:
-                state.fill(bitmask, row)
-                restricted = True
-            else:
-                bitmask[row] = -1
-        return restricted
+        return any([constrain.fill(None if done[row] else state, bitmask, row) for row, state in enumerate(states)])
 
     def _replicated(self, array: np.ndarray):
         """Host values as every device's copy (the same value on every host, as jax.distributed requires)."""

@@ -493,7 +493,7 @@ class StreamParser:
                 self._fail(f"token {position}: expected <|start|>, got {token}")
         elif self._state == "header":
             if token == tok.MESSAGE:
-                header = _parse_header(self._header, self._role)
+                header = parse_header(self._header, self._role)
                 if isinstance(header, str):
                     self._fail(f"token {position}: {header}")
                 else:
@@ -556,7 +556,7 @@ def _token_bytes(token: int) -> bytes:
         return "\ufffd".encode()
 
 
-def _parse_header(tokens: list[int], role: str | None) -> Message | str:
+def parse_header(tokens: list[int], role: str | None) -> Message | str:
     """A header's role, name, recipient, channel and content type, or the reason it does not parse."""
     text = b"".join(_token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
     channel = None
@@ -581,15 +581,14 @@ def _parse_header(tokens: list[int], role: str | None) -> Message | str:
     elif parts and parts[0] == role:
         parts.pop(0)
     recipient = content_type = None
+    if parts and parts[-1].startswith("<|constrain|>"):  # `final <|constrain|>json`: a type, not a recipient
+        content_type = parts.pop()
     if parts:
         last = parts.pop()
-        if last.startswith("to="):
-            recipient = last[3:]
-        elif not parts:
-            recipient = last
+        if last.startswith("to=") or content_type or not parts:
+            recipient = last.removeprefix("to=")
         else:
-            content_type = last
-            recipient = parts.pop().removeprefix("to=")
+            content_type, recipient = last, parts.pop().removeprefix("to=")
     if parts:
         return f"unexpected text in the message header: {' '.join(parts)!r}"
     return Message(role, "", channel, recipient, content_type, name)

@@ -74,6 +74,7 @@ def parse_request(body: Any, max_length: int) -> tuple[list[int], dict[str, Any]
         "logprobs": bool(body.get("logprobs", False)),
         "tool_calls": calls_allowed,
         "constraint": constrain.start(prompt, final, strict) if final or strict else None,
+        "formatted": final is not None,
     }
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     room = max_length - len(prompt)
@@ -133,10 +134,11 @@ def _stop_strings(stop: Any) -> list[str]:
 class Completion:
     """One request's output as it is generated: the harmony parser, the text per channel, and stop strings."""
 
-    def __init__(self, stops: list[str], calls_allowed: bool = True):
+    def __init__(self, stops: list[str], calls_allowed: bool = True, final_only: bool = False):
         self.parser = harmony.StreamParser(role="assistant")
         self.stops = stops
         self.calls_allowed = calls_allowed  # tool_choice "none": a call the model makes anyway is not reported
+        self.final_only = final_only  # a response format: content is the (constrained) final channel alone
         self.reasoning, self.content = "", ""
         self.sent = 0  # how much of the content has been handed out
         self.stopped = False  # a stop string was reached
@@ -152,6 +154,8 @@ class Completion:
             self.reasoning += delta
             return {"reasoning_content": delta}
         if current.recipient is not None:  # a tool call's arguments: reported whole at the end
+            return {}
+        if self.final_only and current.channel != "final":  # a preamble would break the formatted answer
             return {}
         self.content += delta
         for stop in self.stops:
@@ -223,7 +227,7 @@ def create_app(engine: Engine, model_name: str):
             engine.submit(job)
         except ValueError as exc:
             return error(400, str(exc))
-        completion = Completion(settings["stop"], settings["tool_calls"])
+        completion = Completion(settings["stop"], settings["tool_calls"], settings["formatted"])
         identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
         cancelled, logprobs, finished = [], [], []

@@ -203,14 +203,16 @@ class Engine:
         rows = np.asarray(slots, np.int32)
         if logits.shape[0] != len(slots):
             logits = logits[self._replicated(rows)]
-        if any([self._restrict(slot) for slot in slots]):  # on the host, while the device computes the logits
+        model_logits = logits  # logprobs are the model's, also for tokens the constraint chose among
+        restricted = [constrain.fill(self.active[slot].constraint, self.bitmask, slot) for slot in slots]
+        if any(restricted):  # masks filled on the host while the device computes the logits
             logits = self._mask(logits, self._replicated(self.bitmask[rows]))
         if self.settings["temperature"][rows].any():
             settings = {name: self._replicated(values[rows]) for name, values in self.settings.items()}
             tokens = self._sample(logits, steps=self._replicated(self.steps[rows]), **settings)
         else:  # all greedy: no sorting of the vocabulary
             tokens = self._argmax(logits)
-        logprobs = _on_host(self._logprob(logits, tokens)).tolist()
+        logprobs = _on_host(self._logprob(model_logits, tokens)).tolist()
         for slot, token, logprob in zip(slots, _on_host(tokens).tolist(), logprobs, strict=True):
             request = self.active[slot]
             self.last_tokens[slot] = token
@@ -220,16 +222,11 @@ class Engine:
                 del self.active[slot]
                 request.on_done("stop" if token in request.stop_tokens else "length")
             elif request.constraint is not None:
-                request.constraint.advance(token)
-
-    def _restrict(self, slot: int) -> bool:
-        """Writes the slot's allowed next tokens into its bitmask row; whether any token is ruled out."""
-        state = self.active[slot].constraint
-        if state is None or not state.active:
-            self.bitmask[slot] = -1
-            return False
-        state.fill(self.bitmask, slot)
-        return True
+                try:
+                    request.constraint.advance(token)
+                except constrain.ConstraintError as error:  # fails this request alone
+                    del self.active[slot]
+                    request.on_done(f"error: {error}")
 
     def _replicated(self, array: np.ndarray) -> jax.Array:
         mesh = self.model.mesh

@@ -145,6 +145,64 @@ def test_any_json_object_allows_exactly_the_continuations_of_an_object(generator
     assert [t for t in range(generator.model.config.vocab_size) if allowed(t)] == [tok.RETURN]
 
 
+def _allowed(state, token, vocab=201088):
+    bitmask = constrain.allocate(1, vocab)
+    state.fill(bitmask, 0)
+    return bool(bitmask.view(np.uint32)[0, token // 32] >> np.uint32(token % 32) & 1)
+
+
+def _feed(state, text):
+    for token in tok.get_encoding().encode(text, allowed_special="all"):
+        state.advance(token)
+
+
+def test_the_budget_counts_analysis_text_across_messages_and_closes_it_once():
+    final = constrain.Constraint("regex", "ok")
+    prompt = harmony.encode_chat({"messages": [{"role": "user", "content": "Hi"}]})
+    state = constrain.start(prompt, final, reasoning_budget=3)
+    _feed(state, "<|channel|>analysis<|message|>Hi<|end|>")  # the model closes its own analysis, 1 token in
+    assert not state.active and _allowed(state, tok.START)
+    _feed(state, "<|start|>assistant<|channel|>analysis<|message|> there")
+    assert not state.active  # 2 tokens of 3
+    _feed(state, " now")  # the third: the budget is spent inside an analysis
+    forced = []
+    while state.matcher is None:
+        assert state.active
+        forced.append(next(t for t in (tok.END, tok.START, tok.CHANNEL, tok.MESSAGE,
+                                       *tok.get_encoding().encode_ordinary("assistant"),
+                                       *tok.get_encoding().encode_ordinary("final")) if _allowed(state, t)))
+        state.advance(forced[-1])
+    assert tok.get_encoding().decode(forced) == "<|end|><|start|>assistant<|channel|>final<|message|>"
+
+    closed = constrain.start(prompt + tok.get_encoding().encode(
+        "<|channel|>analysis<|message|>Hi there now<|end|>", allowed_special="all"), final, reasoning_budget=3)
+    assert _allowed(closed, tok.START) and not _allowed(closed, tok.END)  # already closed: no second <|end|>
+
+
+@pytest.mark.parametrize("header", ["<|channel|>final <|constrain|>json<|message|>",
+                                    "<|channel|>final<|constrain|>json<|message|>"])
+def test_a_final_header_written_with_its_content_type_is_constrained_too(header):
+    prompt = harmony.encode_chat({"messages": [{"role": "user", "content": "Hi"}]})
+    state = constrain.start(prompt + tok.get_encoding().encode(header, allowed_special="all"),
+                            constrain.Constraint("regex", "ok"))
+    assert state.matcher is not None and not _allowed(state, tok.get_encoding().encode_ordinary("no")[0])
+    (message,) = harmony.parse(tok.get_encoding().encode(header + "ok<|return|>", allowed_special="all"),
+                               role="assistant").messages
+    assert (message.channel, message.recipient, message.content_type, message.text) == (
+        "final", None, "<|constrain|>json", "ok")
+
+
+def test_answers_keep_the_schema_s_property_order(generator):
+    schema = {"type": "object", "properties": {"zeta": {"type": "boolean"}, "alpha": {"enum": [1, 2]},
+                                               "mid": {"type": "boolean"}},
+              "required": ["zeta", "alpha", "mid"], "additionalProperties": False}
+    outputs = generator.generate([_in_analysis()] * 3, 40, temperature=1.0, seed=[0, 1, 2],
+                                 constraints=constrain.RowConstraints([constrain.Constraint("json_schema", schema)] * 3,
+                                                                      reasoning_budget=[2] * 3))
+    for tokens in outputs:
+        assert list(json.loads(_split(tokens)[1])) == ["zeta", "alpha", "mid"]
+
+
 def test_strict_tool_arguments_follow_the_parameters_and_end_with_call(generator):
     parameters = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]},
                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},

@@ -230,4 +230,4 @@ def test_answers_written_in_the_json_answer_format_are_graded_by_their_grader(gr
 @pytest.mark.parametrize("final", ["3.5", '{"value": 3}', "{not json", '["answer"]'])
 def test_a_final_that_is_not_the_json_answer_format_is_a_parse_failure(final):
     assert answer_text("numeric", final) is None
-    assert grade("numeric", None, "3.5") == (None, False)
+    assert grade("numeric", answer_text("numeric", final), "3.5") == (None, False)

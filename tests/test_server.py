@@ -147,6 +147,15 @@ def test_generated_tool_calls_come_back_as_tool_calls():
     assert encoding.decode(tokens[:2]) == "<|channel|>analysis"
 
 
+def test_with_a_response_format_content_is_the_final_channel_alone():
+    """A commentary preamble is shown as content normally; with a response format it would break the JSON."""
+    tokens = [*harmony.render_message(harmony.Message("assistant", "Looking it up.", "commentary"))[0][2:],
+              *harmony.render_message(harmony.Message("assistant", '{"count":3}', "final"), end=tok.RETURN)[0]]
+    for final_only, content in ((False, 'Looking it up.{"count":3}'), (True, '{"count":3}')):
+        completion = Completion(stops=[], final_only=final_only)
+        assert "".join(completion.feed(token).get("content", "") for token in tokens) == content
+
+
 # A call the bigram model below makes whatever it is asked: arguments whose tokens do not repeat.
 CALL = '{"n":7}'
 TOOLS = [{"type": "function", "function": {"name": "add", "description": "Adds.", "parameters": {
@@ -237,6 +246,15 @@ def test_response_format_holds_the_answer_and_leaves_the_reasoning_free(client, 
     assert (message.content, message.model_extra["reasoning_content"]) == (held[1].text, held[0].text)
     assert response.choices[0].finish_reason == "stop"
     assert response.usage.prompt_tokens == len(prompt)  # the format is in the developer message
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # beside free requests in the other slots
+        asked = [pool.submit(_ask, client, QUESTION, effort, max_tokens=120) for effort in ("low", "high")]
+        held_again = pool.submit(_ask, client, QUESTION, max_tokens=120, response_format=COUNT_FORMAT)
+        for effort, future in zip(("low", "high"), asked, strict=True):
+            message_free = future.result().choices[0].message
+            assert (message_free.model_extra["reasoning_content"] or "", message_free.content) == _expected(
+                generator, [{"role": "user", "content": QUESTION}], effort, max_tokens=120)
+        assert held_again.result().choices[0].message.content == message.content
 
     chunks = list(_ask(client, QUESTION, max_tokens=120, response_format=COUNT_FORMAT, stream=True))
     deltas = [chunk.choices[0].delta for chunk in chunks]
