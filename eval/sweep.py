@@ -229,12 +229,12 @@ def _check_settings(output: Path, config: ml_collections.ConfigDict) -> None:
     path, settings = output / SETTINGS_FILE, _settings(config)
     samples = output / SAMPLES_FILE
     if path.exists() and samples.exists() and samples.stat().st_size:
-        recorded = json.loads(path.read_text())  # a key added since then reads as its default
-        recorded = {key: recorded.get(key, setting(defaults(), key)) for key in settings}
+        recorded, default = json.loads(path.read_text()), defaults()  # a key added since then reads as its default
+        recorded = {key: recorded.get(key, setting(default, key)) for key in settings}
         changed = [key for key in settings if recorded[key] != settings[key]]
         if changed:
             raise ConfigError(f"{output}: holds samples made with other settings ({', '.join(changed)}: "
-                              f"{[recorded.get(k) for k in changed]} then, {[settings[k] for k in changed]} now); "
+                              f"{[recorded[k] for k in changed]} then, {[settings[k] for k in changed]} now); "
                               f"choose another config.output_dir or delete that one")
 
 

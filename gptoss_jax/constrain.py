@@ -66,12 +66,11 @@ def strict_tools(tools: Sequence[Any], where: str = "tools") -> dict[str, Constr
     """The argument constraints of the function tools marked `strict: true`, by function name."""
     constraints = {}
     for index, tool in enumerate(tools):
-        function = tool.get("function", tool) if isinstance(tool, Mapping) else {}
-        if isinstance(function, Mapping) and function.get("strict"):
-            parameters = function.get("parameters") or {"type": "object", "properties": {},
-                                                        "additionalProperties": False}
+        function = harmony.function_tool(index, tool)
+        if function["strict"]:
+            parameters = function["parameters"] or {"type": "object", "properties": {}, "additionalProperties": False}
             try:
-                constraints[function.get("name")] = Constraint("json_schema", parameters)
+                constraints[function["name"]] = Constraint("json_schema", parameters)
             except ConstraintError as error:
                 raise ConstraintError(f"{where}[{index}].function.parameters: {error}") from None
     return constraints
@@ -242,8 +241,8 @@ def start(prompt: Sequence[int], final: Constraint | None, strict_tools: dict[st
     """A row's state at the end of its prompt, which may already open a message (`...<|start|>assistant
     <|channel|>analysis<|message|>` starts the row inside its analysis)."""
     state = RowState(final, strict_tools or {}, reasoning_budget)
-    opened = len(prompt) - 1 - list(prompt)[::-1].index(tok.START) if tok.START in prompt else len(prompt)
-    for token in prompt[opened + 1:]:
+    last_start = max((i for i, token in enumerate(prompt) if token == tok.START), default=len(prompt))
+    for token in prompt[last_start + 1:]:
         state.advance(token)
     return state
 

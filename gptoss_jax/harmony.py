@@ -82,7 +82,7 @@ def to_messages(record: Mapping[str, Any]) -> list[Message]:
             datetime.date.fromisoformat(date)
         except (TypeError, ValueError):
             raise RecordError(f"current_date: expected YYYY-MM-DD, got {date!r}") from None
-    tools = [_tool(i, t) for i, t in enumerate(record.get("tools") or [])]
+    tools = [function_tool(i, t) for i, t in enumerate(record.get("tools") or [])]
     schema_format = response_format(record.get("response_format"))
 
     conversation = record["messages"]
@@ -180,7 +180,8 @@ def _call(call: Any, where: str) -> tuple[str, str, str | None]:
     return name, arguments, call.get("id")
 
 
-def _tool(index: int, tool: Any) -> dict[str, Any]:
+def function_tool(index: int, tool: Any) -> dict[str, Any]:
+    """An OpenAI-style (or flat) function tool as {"name", "description", "parameters", "strict"}."""
     where = f"tools[{index}]"
     function = tool.get("function", tool) if isinstance(tool, Mapping) else None
     if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
@@ -189,7 +190,8 @@ def _tool(index: int, tool: Any) -> dict[str, Any]:
     parameters = function.get("parameters")
     if parameters is not None and not isinstance(parameters, Mapping):
         raise RecordError(f"{where}.parameters: expected a JSON schema object")
-    return {"name": function["name"], "description": function.get("description") or "", "parameters": parameters}
+    return {"name": function["name"], "description": function.get("description") or "", "parameters": parameters,
+            "strict": bool(function.get("strict"))}
 
 
 # ---- system and developer texts --------------------------------------------------------------------------------

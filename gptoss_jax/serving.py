@@ -204,9 +204,10 @@ class Engine:
         if logits.shape[0] != len(slots):
             logits = logits[self._replicated(rows)]
         model_logits = logits  # logprobs are the model's, also for tokens the constraint chose among
-        restricted = [constrain.fill(self.active[slot].constraint, self.bitmask, slot) for slot in slots]
-        if any(restricted):  # masks filled on the host while the device computes the logits
-            logits = self._mask(logits, self._replicated(self.bitmask[rows]))
+        if any(self.active[slot].constraint is not None for slot in slots):  # else no mask work at all
+            restricted = [constrain.fill(self.active[slot].constraint, self.bitmask, slot) for slot in slots]
+            if any(restricted):  # masks filled on the host while the device computes the logits
+                logits = self._mask(logits, self._replicated(self.bitmask[rows]))
         if self.settings["temperature"][rows].any():
             settings = {name: self._replicated(values[rows]) for name, values in self.settings.items()}
             tokens = self._sample(logits, steps=self._replicated(self.steps[rows]), **settings)

@@ -3,6 +3,7 @@ not, and rows without a constraint are untouched. The tiny random model writes g
 that parses and validates here does so because of the constraint; a reasoning budget drives it into the final
 channel."""
 
+import functools
 import json
 import re
 
@@ -129,7 +130,7 @@ def test_any_json_object_allows_exactly_the_continuations_of_an_object(generator
     prompt = harmony.encode_chat({"messages": [{"role": "user", "content": "JSON"}]})
     state = constrain.start(prompt, constrain.Constraint("json"))
     bitmask = constrain.allocate(1, generator.model.config.vocab_size)
-    allowed = lambda token: bool(bitmask.view(np.uint32)[0, token // 32] >> np.uint32(token % 32) & 1)  # noqa: E731
+    allowed = functools.partial(_bit, bitmask)
     header = [tok.CHANNEL, *encoding.encode_ordinary("final"), tok.MESSAGE]
     for token in header:
         state.fill(bitmask, 0)
@@ -145,10 +146,15 @@ def test_any_json_object_allows_exactly_the_continuations_of_an_object(generator
     assert [t for t in range(generator.model.config.vocab_size) if allowed(t)] == [tok.RETURN]
 
 
+def _bit(bitmask, token):
+    """Whether row 0 of the bitmask allows the token."""
+    return bool(bitmask.view(np.uint32)[0, token // 32] >> np.uint32(token % 32) & 1)
+
+
 def _allowed(state, token, vocab=201088):
     bitmask = constrain.allocate(1, vocab)
     state.fill(bitmask, 0)
-    return bool(bitmask.view(np.uint32)[0, token // 32] >> np.uint32(token % 32) & 1)
+    return _bit(bitmask, token)
 
 
 def _feed(state, text):
