@@ -1,0 +1,101 @@
+"""GRPO's advantages and loss against a float64 numpy reference on fixed log-probabilities and rewards, and the
+gradient of one inner step without KL against the REINFORCE form."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptoss_jax.train import grpo
+
+RTOL = 1e-5  # float32 against float64
+G = 4
+
+
+def _batch(seed=0, prompts=3, length=7):
+    rng = np.random.default_rng(seed)
+    n = prompts * G
+    rewards = rng.normal(size=n).round(1)
+    old = -rng.uniform(0.1, 3.0, size=(n, length))
+    logprobs = old + rng.normal(scale=0.4, size=(n, length))  # ratios well outside [0.8, 1.2] for some tokens
+    ref = old + rng.normal(scale=0.3, size=(n, length))
+    lengths = rng.integers(1, length + 1, size=n)
+    mask = np.arange(length)[None, :] < lengths[:, None]
+    return rewards, logprobs, old, ref, mask
+
+
+def _advantages_reference(rewards, scale):
+    groups = rewards.reshape(-1, G)
+    centred = (groups - groups.mean(1, keepdims=True)).reshape(-1)
+    if scale == "group":
+        return centred / (np.repeat(groups.std(1, ddof=1), G) + 1e-4)
+    return centred / (rewards.std(ddof=1) + 1e-4) if scale == "batch" else centred
+
+
+def _loss_reference(logprobs, old, ref, advantages, mask, eps_low, eps_high, beta, normalisation, max_length):
+    ratio = np.exp(logprobs - old)
+    a = advantages[:, None]
+    per_token = -np.minimum(ratio * a, np.clip(ratio, 1 - eps_low, 1 + eps_high) * a)
+    kl = np.exp(ref - logprobs) - (ref - logprobs) - 1
+    per_token = per_token + beta * kl
+    if normalisation == "sequence":
+        loss = np.mean([per_token[i][mask[i]].mean() for i in range(len(mask))])
+    elif normalisation == "token":
+        loss = per_token[mask].mean()
+    else:
+        loss = per_token[mask].sum() / (len(mask) * max_length)
+    clipped = ((ratio < 1 - eps_low) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
+    return loss, kl[mask].mean(), clipped[mask].mean()
+
+
+@pytest.mark.parametrize("scale", grpo.SCALES)
+def test_advantages_equal_the_reference_and_a_group_of_equal_rewards_gets_zero(scale):
+    rewards = _batch()[0]
+    rewards[:G] = 1.0  # the first prompt's completions all score the same
+    got = np.asarray(grpo.group_advantages(jnp.asarray(rewards, jnp.float32), G, scale))
+    expected = _advantages_reference(rewards, scale)
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=1e-6)
+    assert not got[:G].any()
+    assert np.asarray(grpo.informative_groups(jnp.asarray(rewards), G)).tolist() == [False, True, True]
+
+
+@pytest.mark.parametrize("normalisation", grpo.NORMALISATIONS)
+@pytest.mark.parametrize("beta, eps_high", [(0.0, 0.2), (0.04, 0.28)])
+def test_loss_kl_and_clipping_equal_the_reference(normalisation, beta, eps_high):
+    rewards, logprobs, old, ref, mask = _batch(seed=1)
+    advantages = _advantages_reference(rewards, "group")
+    settings = grpo.LossSettings(epsilon_low=0.2, epsilon_high=eps_high, beta=beta, normalisation=normalisation,
+                                 max_completion_length=9)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    loss, metrics = grpo.policy_loss(f32(logprobs), f32(old), f32(advantages), jnp.asarray(mask), settings,
+                                     ref_logprobs=f32(ref))
+    expected, kl, clipped = _loss_reference(logprobs, old, ref, advantages, mask, 0.2, eps_high, beta,
+                                            normalisation, 9)
+    np.testing.assert_allclose(float(loss), expected, rtol=RTOL)
+    np.testing.assert_allclose(float(metrics["clip_fraction"]), clipped, rtol=RTOL)
+    assert 0 < clipped < 1  # the fixture reaches both sides of the clip
+    if beta:
+        np.testing.assert_allclose(float(metrics["kl"]), kl, rtol=RTOL)
+
+
+def test_one_inner_step_without_kl_is_reinforce():
+    """With the sampling policy's own log-probabilities (ratio 1) and beta = 0, the gradient with respect to each
+    sampled token's log-probability is -A_i / (N * |o_i|): REINFORCE with the group baseline."""
+    rewards, _, old, _, mask = _batch(seed=2)
+    advantages = _advantages_reference(rewards, "group")
+    settings = grpo.LossSettings(normalisation="sequence")
+    grad = jax.grad(lambda lp: grpo.policy_loss(lp, jnp.asarray(old, jnp.float32), jnp.asarray(advantages,
+                                                jnp.float32), jnp.asarray(mask), settings)[0])(
+        jnp.asarray(old, jnp.float32))
+    expected = -advantages[:, None] * mask / (len(mask) * mask.sum(1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=RTOL, atol=1e-7)
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="normalisation"):
+        grpo.LossSettings(normalisation="mean")
+    with pytest.raises(ValueError, match="max_completion_length"):
+        grpo.LossSettings(normalisation="dr_grpo")
+    with pytest.raises(ValueError, match="beta > 0 needs"):
+        grpo.policy_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)),
+                         grpo.LossSettings(beta=0.1))
