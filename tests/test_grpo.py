@@ -99,3 +99,28 @@ def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="beta > 0 needs"):
         grpo.policy_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)),
                          grpo.LossSettings(beta=0.1))
+
+
+def test_token_logprobs_and_their_gradients_equal_a_plain_log_softmax():
+    """The chunked log-probabilities GRPO trains through (counted tokens first, uncounted chunks skipped, custom
+    VJP) against log_softmax of the whole logits, values and gradients for hidden states and unembedding."""
+    from gptoss_jax.train.trainer import token_logprobs
+
+    rng = np.random.default_rng(3)
+    hidden = jnp.asarray(rng.normal(size=(2, 150, 16)), jnp.float32)
+    unembedding = jnp.asarray(rng.normal(size=(300, 16)) / 4, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 300, size=(2, 150)), jnp.int32)
+    counted = jnp.asarray(rng.random((2, 150)) < 0.3)
+    cotangent = jnp.asarray(rng.normal(size=(2, 150)), jnp.float32)
+
+    def plain(hidden, unembedding):
+        logprobs = jax.nn.log_softmax(hidden @ unembedding.T, axis=-1)
+        return jnp.where(counted, jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0], 0.0)
+
+    chunked = lambda h, u: token_logprobs(h, u, targets, counted)  # noqa: E731
+    np.testing.assert_allclose(chunked(hidden, unembedding), plain(hidden, unembedding), rtol=1e-5, atol=1e-5)
+    weighted = lambda f: lambda h, u: jnp.sum(cotangent * f(h, u))  # noqa: E731
+    got = jax.grad(weighted(chunked), argnums=(0, 1))(hidden, unembedding)
+    expected = jax.grad(weighted(plain), argnums=(0, 1))(hidden, unembedding)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
