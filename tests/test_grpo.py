@@ -124,3 +124,27 @@ def test_token_logprobs_and_their_gradients_equal_a_plain_log_softmax():
     expected = jax.grad(weighted(plain), argnums=(0, 1))(hidden, unembedding)
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_the_training_forward_scores_sampled_tokens_as_the_model_does():
+    """Completions sampled by the Generator, re-scored through completion_batch + sequence_logprobs (right-padded,
+    chunked log-probabilities), equal log_softmax of the model's own logits on each unpadded sequence (f32)."""
+    from flax import nnx
+
+    import gptoss_jax
+    from gptoss_jax.generation import Generator
+
+    model = gptoss_jax.GptOss(gptoss_jax.GptOssConfig.tiny(), dtype="float32", rngs=nnx.Rngs(1))
+    prompts = [[200006, 1428, 200008, 23, 45, 67], [200006, 1428, 200008, 89], [200006, 1428, 200008, 5, 6, 7, 8]]
+    completions = Generator(model).generate(prompts, 12, temperature=1.0, seed=[1, 2, 3], stop_tokens=[])
+    completions[1] = completions[1][:5]  # completions of different lengths
+    batch = grpo.completion_batch(prompts, completions, 24)
+    got = np.asarray(grpo.sequence_logprobs(model, {k: jnp.asarray(v) for k, v in batch.items()}))
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        tokens = jnp.asarray([prompt + completion])
+        logprobs = jax.nn.log_softmax(model(tokens)[0].astype(jnp.float32), axis=-1)
+        expected = np.asarray(logprobs[len(prompt) - 1:-1][jnp.arange(len(completion)), jnp.asarray(completion)])
+        start = len(prompt) - 1
+        np.testing.assert_allclose(got[row, start:start + len(completion)], expected, rtol=1e-5, atol=1e-5)
+        assert not got[row, :start].any() and not got[row, start + len(completion):].any()
+    assert batch["counted"].sum() == sum(map(len, completions))

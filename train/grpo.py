@@ -16,8 +16,10 @@ These are TRL's GRPOTrainer definitions, so its users' settings mean the same he
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
 SCALES = ("group", "batch", "none")
 NORMALISATIONS = ("sequence", "token", "dr_grpo")
@@ -94,3 +96,33 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, settings: LossSettings
 
 def _token_mean(values, mask):
     return (values * mask).sum() / jnp.maximum(mask.sum(), 1)
+
+
+def completion_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                     length: int) -> dict[str, np.ndarray]:
+    """Each prompt followed by its completion, right-padded to `length`, as the training forward reads it:
+    inputs, positions, segment_ids (1: the sequence, 0: padding), targets (the next token) and `counted`, the
+    positions whose target is a sampled token — the loss is over those only."""
+    rows = len(prompts)
+    batch = {"inputs": np.zeros((rows, length), np.int32), "targets": np.zeros((rows, length), np.int32),
+             "segment_ids": np.zeros((rows, length), np.int32), "counted": np.zeros((rows, length), bool),
+             "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy()}
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        tokens = [*prompt, *completion]
+        if len(tokens) > length or not prompt:
+            raise ValueError(f"row {row}: a prompt of {len(prompt)} tokens and a completion of {len(completion)} "
+                             f"do not fit {length} positions (or the prompt is empty)")
+        batch["inputs"][row, :len(tokens)] = tokens
+        batch["targets"][row, :len(tokens) - 1] = tokens[1:]
+        batch["segment_ids"][row, :len(tokens)] = 1
+        batch["counted"][row, len(prompt) - 1:len(tokens) - 1] = True
+    return batch
+
+
+def sequence_logprobs(model, batch, *, remat: str = "none"):
+    """log p(token) of every sampled token [N, L] under `model` (0 elsewhere): the training forward."""
+    from gptoss_jax.train.trainer import token_logprobs
+
+    hidden, _ = model.hidden_states(batch["inputs"], positions=batch["positions"],
+                                    segment_ids=batch["segment_ids"], remat=remat)
+    return token_logprobs(hidden, model.unembedding[...], batch["targets"], batch["counted"])
