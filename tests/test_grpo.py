@@ -148,3 +148,34 @@ def test_the_training_forward_scores_sampled_tokens_as_the_model_does():
         np.testing.assert_allclose(got[row, start:start + len(completion)], expected, rtol=1e-5, atol=1e-5)
         assert not got[row, :start].any() and not got[row, start + len(completion):].any()
     assert batch["counted"].sum() == sum(map(len, completions))
+
+
+def test_an_update_makes_rewarded_completions_likelier_and_the_reference_is_the_base():
+    """LoRA on the tiny model: before any update the policy is its base (b = 0), so the k3 KL to the reference
+    (adapters off: the LoRA parameters zeroed) is 0; one update with a positive advantage on one completion and a
+    negative one on the other raises the first's log-probability and lowers the second's."""
+    import optax
+    from flax import nnx
+
+    import gptoss_jax
+    from gptoss_jax.lora import LoraConfig, add_lora
+    from gptoss_jax.model import LoRAParam
+
+    model = add_lora(gptoss_jax.GptOss(gptoss_jax.GptOssConfig.tiny(), dtype="float32", rngs=nnx.Rngs(2)),
+                     LoraConfig(rank=4), rngs=nnx.Rngs(3))
+    graphdef, master, frozen = nnx.split(model, LoRAParam, ...)
+    dtypes = jax.tree.map(lambda a: a.dtype, master)
+    transform = optax.adam(1e-2)
+    settings = grpo.LossSettings(beta=0.1)
+    steps = grpo.make_policy_steps(graphdef, dtypes, transform, settings)
+    prompt = [200006, 1428, 200008, 23, 45]
+    batch = {k: jnp.asarray(v) for k, v in grpo.completion_batch([prompt, prompt], [[11, 12, 13], [21, 22]],
+                                                                  12).items()}
+    old = steps.logprobs(master, frozen, batch)
+    ref = steps.logprobs(jax.tree.map(jnp.zeros_like, master), frozen, batch)
+    np.testing.assert_allclose(old, ref, atol=1e-6)
+    new_master, _, metrics = steps.update(jax.tree.map(jnp.copy, master), transform.init(master), frozen, batch,
+                                          old, ref, jnp.asarray([1.0, -1.0]))
+    assert float(metrics["kl"]) == pytest.approx(0.0, abs=1e-6) and float(metrics["clip_fraction"]) == 0.0
+    moved = steps.logprobs(new_master, frozen, batch).sum(-1) - old.sum(-1)
+    assert float(moved[0]) > 0 > float(moved[1])

@@ -18,8 +18,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
 SCALES = ("group", "batch", "none")
 NORMALISATIONS = ("sequence", "token", "dr_grpo")
@@ -126,3 +129,31 @@ def sequence_logprobs(model, batch, *, remat: str = "none"):
     hidden, _ = model.hidden_states(batch["inputs"], positions=batch["positions"],
                                     segment_ids=batch["segment_ids"], remat=remat)
     return token_logprobs(hidden, model.unembedding[...], batch["targets"], batch["counted"])
+
+
+@dataclasses.dataclass
+class PolicySteps:
+    """The compiled steps of a GRPO update: the log-probabilities of sampled tokens under some parameters (the
+    policy before the update, or the reference), and one optimizer update on the clipped objective."""
+
+    logprobs: callable  # (master, frozen, batch) -> [N, L]
+    update: callable  # (master, opt_state, frozen, batch, old, ref, advantages) -> (master, opt_state, metrics)
+
+
+def make_policy_steps(graphdef, dtypes, transform, settings: LossSettings, *, remat: str = "none") -> PolicySteps:
+    def logprobs(master, frozen, batch):
+        params = jax.tree.map(lambda p, d: p.astype(d), master, dtypes)
+        return sequence_logprobs(nnx.merge(graphdef, params, frozen), batch, remat=remat)
+
+    def objective(master, frozen, batch, old, ref, advantages):
+        return policy_loss(logprobs(master, frozen, batch), old, advantages, batch["counted"], settings,
+                           ref_logprobs=ref)
+
+    def update(master, opt_state, frozen, batch, old, ref, advantages):
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(master, frozen, batch, old, ref,
+                                                                             advantages)
+        updates, opt_state = transform.update(grads, opt_state, master)
+        return optax.apply_updates(master, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                                                                  **metrics}
+
+    return PolicySteps(jax.jit(logprobs), jax.jit(update, donate_argnums=(0, 1)))
