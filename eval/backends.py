@@ -54,12 +54,10 @@ class JaxBackend:
     """The model in this process; each chunk of requests is one left-padded batched generation, each row sampled
     with its request's own seed (so what a sample draws does not depend on the chunk it falls in)."""
 
-    def __init__(self, model, *, max_tokens: int, temperature: float, top_p: float):
-        from gptoss_jax.generation import Generator
-
-        self.generator = Generator(model)
+    def __init__(self, generator, *, max_tokens: int, temperature: float, top_p: float):
+        self.generator = generator  # a gptoss_jax.generation.Generator
         self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
-        self.describe = f"in-process JAX model ({model.config.num_hidden_layers} layers)"
+        self.describe = f"in-process JAX model ({generator.model.config.num_hidden_layers} layers)"
 
     def __call__(self, requests: Sequence[Request]) -> list[Reply]:
         prompts = [harmony.encode_chat({"messages": [{"role": "user", "content": r.prompt}],

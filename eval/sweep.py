@@ -122,8 +122,9 @@ class Sweep:
         return self.output_dir / report.REPORT_FILE
 
 
-def run(config: ml_collections.ConfigDict, *, progress: bool = True) -> Sweep:
-    """Runs the samples not yet in `output_dir`, then writes the summary, the report and the plot."""
+def run(config: ml_collections.ConfigDict, *, progress: bool = True, backend=None) -> Sweep:
+    """Runs the samples not yet in `output_dir`, then writes the summary, the report and the plot. `backend`: one
+    already made (e.g. a JaxBackend on a model being trained) instead of the one the config describes."""
     validate(config)
     output = Path(config.output_dir)
     tasks = {task_name(entry): load_task(entry, config.data, limit=config.limit, seed=config.seed)
@@ -145,7 +146,7 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True) -> Sweep:
     todo = [(name, effort, chunk) for name, effort, chunk in todo if chunk]
     generated = sum(len(chunk) for _, _, chunk in todo)
     if todo:
-        backend = _backend(config)
+        backend = backend or _backend(config)
         log.info("eval: %d samples to generate with %s", generated, backend.describe)
         output.mkdir(parents=True, exist_ok=True)
         (output / SETTINGS_FILE).write_text(json.dumps(_settings(config), indent=2) + "\n")
@@ -245,7 +246,8 @@ def _backend(config: ml_collections.ConfigDict):
         return OpenAIBackend(endpoint.base_url, model=endpoint.model, api_key_env=endpoint.api_key_env,
                              timeout=endpoint.timeout, **sampling)
     from gptoss_jax.chat import load_for_inference
+    from gptoss_jax.generation import Generator
 
     model = load_for_inference(config.model.checkpoint, dtype=config.model.dtype, mesh=config.model.mesh,
                                lora=config.model.lora or None, kernels=config.model.kernels)
-    return JaxBackend(model, **sampling)
+    return JaxBackend(Generator(model), **sampling)

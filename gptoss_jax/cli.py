@@ -120,20 +120,17 @@ def _overrides(extra: list[str]) -> list[str]:
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from gptoss_jax import chat
     from gptoss_jax.train.config import load_config
+    from gptoss_jax.train.rewards import RewardError
     from gptoss_jax.train.trainer import TrainingStopped, train
 
     config = load_config(args.config, overrides)
     chat.join(args)
     try:
         result = train(config)
-    except TrainingStopped as stopped:
+    except (TrainingStopped, RewardError) as stopped:
         print(f"error: {stopped}", file=sys.stderr)
         return 1
-    first, last = result.losses[:1], result.losses[-10:]
-    if first:
-        print(f"trained {result.steps} steps: loss {first[0]:.3f} -> {sum(last) / len(last):.3f} (mean of the "
-              f"last {len(last)})" + "".join(f"; held-out loss at step {s}: {v:.3f}"
-                                               for s, v in list(result.eval_losses.items())[-1:]))
+    print(result.summary())
     for kind, path in result.exports.items():
         print(f"{kind}: {path}")
     return 0

@@ -63,3 +63,14 @@ def serving(checkpoint, *arguments: str):
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def wait_for_checkpoint(process, output: Path, timeout=300):
+    """Until a training process has written a checkpoint of step 2 or later (fails if it exits first)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        checkpoints = output / "checkpoints"
+        if checkpoints.is_dir() and any(p.name.isdigit() and int(p.name) >= 2 for p in checkpoints.iterdir()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint appeared: {process.communicate()[0][-3000:] if process.poll() else ''}")

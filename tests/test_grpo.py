@@ -179,3 +179,43 @@ def test_an_update_makes_rewarded_completions_likelier_and_the_reference_is_the_
     assert float(metrics["kl"]) == pytest.approx(0.0, abs=1e-6) and float(metrics["clip_fraction"]) == 0.0
     moved = steps.logprobs(new_master, frozen, batch).sum(-1) - old.sum(-1)
     assert float(moved[0]) > 0 > float(moved[1])
+
+
+def test_micro_batches_and_the_sampling_policy_by_default_give_the_same_update():
+    """An update over 2 micro-batches equals one over the whole batch (the normalisation is the batch's: the
+    sequence normalisation, whose weights depend on each completion's length and on the number of completions, is
+    the one a per-piece average would get wrong); and `old=None` (one inner step: the policy that sampled is this
+    one) equals passing its log-probabilities."""
+    import optax
+    from flax import nnx
+
+    import gptoss_jax
+    from gptoss_jax.lora import LoraConfig, add_lora
+    from gptoss_jax.model import LoRAParam
+
+    model = add_lora(gptoss_jax.GptOss(gptoss_jax.GptOssConfig.tiny(), dtype="float32", rngs=nnx.Rngs(4)),
+                     LoraConfig(rank=4), rngs=nnx.Rngs(5))
+    graphdef, master, frozen = nnx.split(model, LoRAParam, ...)
+    master = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(6), a.shape), master)  # b != 0
+    dtypes = jax.tree.map(lambda a: a.dtype, master)
+    transform = optax.sgd(1.0)
+    prompts = [[200006, 1428, 200008, 23, 45], [200006, 1428, 200008, 7]] * 2
+    completions = [[11, 12, 13], [21, 22], [31], [41, 42, 43, 44, 45]]
+    batch = {k: jnp.asarray(v) for k, v in grpo.completion_batch(prompts, completions, 12).items()}
+    advantages = jnp.asarray([1.0, -0.5, 0.25, -2.0])
+    settings = grpo.LossSettings(normalisation="sequence", beta=0.05)
+    results = []
+    for micro, pass_old in ((1, True), (2, True), (2, False)):
+        steps = grpo.make_policy_steps(graphdef, dtypes, transform, settings, micro_batches=micro)
+        old = steps.logprobs(master, frozen, batch) if pass_old else None
+        ref = steps.logprobs(jax.tree.map(jnp.zeros_like, master), frozen, batch)
+        new, _, metrics = steps.update(jax.tree.map(jnp.copy, master), transform.init(master), frozen, batch,
+                                       old, ref, advantages)
+        results.append((new, metrics))
+    (whole, whole_metrics), *others = results
+    for new, metrics in others:
+        for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(new), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        for name in ("loss", "kl", "grad_norm"):
+            np.testing.assert_allclose(metrics[name], whole_metrics[name], rtol=1e-5, err_msg=name)
+    assert float(whole_metrics["grad_norm"]) > 0

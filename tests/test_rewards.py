@@ -28,6 +28,8 @@ def test_a_well_formed_completion_is_read_channel_by_channel():
 @pytest.mark.parametrize("name, text, example, value", [
     ("grader:numeric", GOOD, {"answer": "2"}, 1.0),
     ("grader:numeric", GOOD, {"answer": "3"}, 0.0),
+    ("grader", GOOD, {"answer": "2", "grader": "numeric"}, 1.0),  # the problem's own grader
+    ("grader", GOOD, {"answer": "2", "grader": "mcq"}, 0.0),
     ("grader:numeric", "<|channel|>analysis<|message|>The answer is 2<|end|>", {"answer": "2"}, 0.0),  # no final
     ("grader:mcq", GOOD.replace(">2<", ">The answer is (B)<"), {"answer": "B"}, 1.0),
     ("format", GOOD, {}, 1.0),

@@ -26,7 +26,7 @@ from gptoss_jax.train.config import ConfigError, load_config
 from gptoss_jax.train.data import DataStats
 from gptoss_jax.train.trainer import Batches, TrainingStopped, load_examples, train
 
-from helpers import free_ports, relative_error
+from helpers import free_ports, relative_error, wait_for_checkpoint
 from layouts import model_with_mxfp4_experts, write_hf_mxfp4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,20 +167,10 @@ def _train_in_subprocess(output: Path, base: Path, extra=()):
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for_checkpoint(process, output: Path, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
-        checkpoints = output / "checkpoints"
-        if checkpoints.is_dir() and any(p.name.isdigit() and int(p.name) >= 2 for p in checkpoints.iterdir()):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no checkpoint appeared: {process.communicate()[0][-3000:] if process.poll() else ''}")
-
-
 def test_killed_run_resumes_to_bit_identical_parameters(mxfp4_base, tmp_path):
     straight = _train_in_subprocess(tmp_path / "straight", mxfp4_base / "mxfp4")
     interrupted = _train_in_subprocess(tmp_path / "killed", mxfp4_base / "mxfp4")
-    _wait_for_checkpoint(interrupted, tmp_path / "killed")
+    wait_for_checkpoint(interrupted, tmp_path / "killed")
     interrupted.send_signal(signal.SIGKILL)
     interrupted.wait()
     assert not (tmp_path / "killed" / "adapter").exists()  # it did not finish

@@ -20,9 +20,15 @@ _CHOICES = {
     "model.kernels": ("xla", "pallas", "auto"),
     "data.train_on": ("assistant", "final", "all_assistant_turns"),
     "data.overlong": ("truncate", "drop"),
+    "method": ("sft", "grpo"),
+    "grpo.scale": ("group", "batch", "none"),
+    "grpo.normalisation": ("sequence", "token", "dr_grpo"),
+    "grpo.overlong": ("keep", "penalty", "mask"),
+    "grpo.reward_errors": ("zero", "raise"),
 }
 _POSITIVE = ("data.seq_len", "data.batch_size", "optimizer.grad_accum", "train.steps", "train.log_every",
-             "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "optimizer.learning_rate")
+             "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "optimizer.learning_rate",
+             "grpo.prompts_per_step", "grpo.group_size", "grpo.max_completion_tokens", "grpo.inner_steps")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -30,6 +36,7 @@ def defaults() -> ml_collections.ConfigDict:
     Config files start from these and change what their run needs."""
     ConfigDict = ml_collections.ConfigDict
     c = ConfigDict()
+    c.method = "sft"  # sft: supervised fine-tuning on data.* | grpo: reinforcement learning on grpo.* (below)
 
     c.model = ConfigDict()
     c.model.checkpoint = ""  # base checkpoint (directory or hub id); empty: the preset below, random weights
@@ -92,6 +99,37 @@ def defaults() -> ml_collections.ConfigDict:
     c.mesh.fsdp = -1  # parameter-sharded (FSDP) devices; -1: all the devices left
     c.mesh.expert = 1  # expert-parallel devices
     c.mesh.tensor = 1  # tensor-parallel devices
+
+    # Reinforcement learning (method = "grpo"): each step samples group_size completions of prompts_per_step prompts
+    # from the policy being trained, scores them with the rewards, and updates on the group-normalised advantages
+    # (gptoss_jax.train.grpo explains the loss; its options mean what TRL's GRPOTrainer's do). data.seed shuffles
+    # the prompts; optimizer.grad_accum splits an update's completions into that many micro-batches.
+    c.grpo = ConfigDict()
+    c.grpo.task = "synthetic"  # gsm8k | math | aime | gpqa | synthetic | a JSONL of {prompt, answer, grader}
+    c.grpo.source = ""  # gsm8k/math/aime/gpqa: a local file or directory, or a hub id
+    c.grpo.split = "train"  # files of the source whose path contains this
+    c.grpo.prompts_per_step = 8  # prompts per step
+    c.grpo.group_size = 8  # completions sampled per prompt (G)
+    c.grpo.max_completion_tokens = 48  # a longer completion is cut there (see overlong)
+    c.grpo.efforts = ("low",)  # reasoning efforts asked for, cycled over the prompts (a mix: "low,medium,high")
+    c.grpo.temperature = 1.0  # sampling temperature of the rollouts
+    c.grpo.top_p = 1.0
+    c.grpo.rewards = ("grader",)  # grader (the task's), grader:NAME, format, length, module:function
+    c.grpo.reward_weights = (1.0,)  # one per reward; a completion's reward is the weighted sum
+    c.grpo.reward_errors = "zero"  # a reward that raises: zero (scored 0, reported with the sample) | raise (stop)
+    c.grpo.overlong = "keep"  # a completion cut by max_completion_tokens: keep its reward | penalty | mask (no loss)
+    c.grpo.overlong_reward = -1.0  # overlong = "penalty": the reward a cut completion gets instead
+    c.grpo.dynamic_sampling = False  # DAPO: leave out of the loss the groups whose rewards are all equal
+    c.grpo.scale = "group"  # advantage = (reward - group mean) / std of: group | batch | none (Dr. GRPO)
+    c.grpo.normalisation = "sequence"  # loss average: sequence (GRPO) | token (DAPO) | dr_grpo
+    c.grpo.epsilon_low = 0.2  # ratio clipped to [1 - epsilon_low, 1 + epsilon_high]
+    c.grpo.epsilon_high = 0.2  # DAPO's clip-higher: 0.28
+    c.grpo.beta = 0.0  # KL(policy || reference) weight, k3 estimator; reference: LoRA off, or the starting weights
+    c.grpo.inner_steps = 1  # optimizer updates on each batch of rollouts (TRL's num_iterations)
+    c.grpo.eval_tasks = ()  # eval-harness tasks run every train.eval_every steps (e.g. "synthetic"); empty: none
+    c.grpo.eval_efforts = ("low", "medium", "high")
+    c.grpo.eval_limit = 60  # problems per eval task
+    c.grpo.eval_max_tokens = 160  # tokens per eval answer (greedy)
 
     c.export = ConfigDict()
     c.export.adapter = True  # LoRA only: write a PEFT adapter directory (output_dir/adapter)
@@ -205,6 +243,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.mesh.{axis}: a device count, or -1 for the rest; got {size}")
     if sum(config.mesh[axis] == -1 for axis in ("data", "fsdp", "expert", "tensor")) > 1:
         raise ConfigError("config.mesh: at most one axis may be -1")
+    if config.method == "grpo":
+        _validate_grpo(config.grpo)
+
+
+def _validate_grpo(grpo: ml_collections.ConfigDict) -> None:
+    from gptoss_jax.harmony import EFFORTS
+    from gptoss_jax.train import rewards
+
+    if grpo.group_size < 2:
+        raise ConfigError(f"config.grpo.group_size: a group needs at least 2 completions, got {grpo.group_size}")
+    if not grpo.temperature > 0 or not 0 < grpo.top_p <= 1:
+        raise ConfigError(f"config.grpo: rollouts are sampled: temperature > 0 and top_p in (0, 1] are required, "
+                          f"got {grpo.temperature}, {grpo.top_p}")
+    for key in ("efforts", "eval_efforts"):
+        if not grpo[key] or any(effort not in EFFORTS for effort in grpo[key]):
+            raise ConfigError(f"config.grpo.{key}: one or more of {EFFORTS}, got {grpo[key]}")
+    if not grpo.rewards or len(grpo.rewards) != len(grpo.reward_weights):
+        raise ConfigError(f"config.grpo.reward_weights: one weight per reward; {len(grpo.rewards)} rewards "
+                          f"{tuple(grpo.rewards)}, {len(grpo.reward_weights)} weights")
+    for index, name in enumerate(grpo.rewards):
+        rewards.resolve(name, f"config.grpo.rewards[{index}]")
+    for key in ("epsilon_low", "epsilon_high", "beta"):
+        if grpo[key] < 0:
+            raise ConfigError(f"config.grpo.{key}: must be >= 0, got {grpo[key]}")
 
 
 def setting(config: ml_collections.ConfigDict, key: str):

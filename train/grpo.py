@@ -16,13 +16,28 @@ These are TRL's GRPOTrainer definitions, so its users' settings mean the same he
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+
+from gptoss_jax import harmony, sharding
+from gptoss_jax.eval.backends import seed_of
+from gptoss_jax.generation import Generator
+from gptoss_jax.train import rewards as rewards_lib
+from gptoss_jax.train import trainer
+from gptoss_jax.train.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 SCALES = ("group", "batch", "none")
 NORMALISATIONS = ("sequence", "token", "dr_grpo")
@@ -67,10 +82,26 @@ def informative_groups(rewards: jnp.ndarray, group_size: int) -> jnp.ndarray:
     return jnp.any(groups != groups[:, :1], axis=1)
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, settings: LossSettings, ref_logprobs=None):
+def token_weights(mask, settings: LossSettings):
+    """Each sampled token's weight in the loss [N, T] (0 off the mask), as the normalisation says. Completions
+    with no token in the mask (left out by dynamic sampling or overlong masking) count in no average. Computed
+    over the whole batch, so that micro-batches' losses add up to the batch's."""
+    mask = mask.astype(jnp.float32)
+    counts = mask.sum(-1, keepdims=True)
+    completions = jnp.maximum((counts > 0).sum(), 1)
+    if settings.normalisation == "sequence":
+        return mask / (jnp.maximum(counts, 1) * completions)
+    if settings.normalisation == "token":
+        return mask / jnp.maximum(mask.sum(), 1)
+    return mask / (completions * settings.max_completion_length)
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, settings: LossSettings, ref_logprobs=None, weights=None):
     """(loss, metrics) of completions [N, T]: the policy's log-probabilities of the sampled tokens (what the
     gradient flows through), those of the policy that sampled them, the advantages [N], a mask [N, T] of the
-    sampled tokens, and the reference's log-probabilities when beta > 0."""
+    sampled tokens, the reference's log-probabilities when beta > 0, and the tokens' weights (`token_weights` of
+    the mask, unless this is a micro-batch of a larger batch). Metrics are means over this batch's tokens."""
+    weights = token_weights(mask, settings) if weights is None else weights
     mask = mask.astype(logprobs.dtype)
     ratio = jnp.exp(logprobs - old_logprobs)
     advantage = advantages[:, None]
@@ -84,17 +115,11 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, settings: LossSettings
         kl = jnp.exp(delta) - delta - 1
         per_token = per_token + settings.beta * kl
         metrics["kl"] = _token_mean(kl, mask)
-    if settings.normalisation == "sequence":
-        loss = jnp.mean((per_token * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1))
-    elif settings.normalisation == "token":
-        loss = (per_token * mask).sum() / jnp.maximum(mask.sum(), 1)
-    else:
-        loss = (per_token * mask).sum() / (mask.shape[0] * settings.max_completion_length)
     low = (ratio < 1 - settings.epsilon_low) & (advantage < 0)  # the clip binds: no gradient through the ratio
     high = (ratio > 1 + settings.epsilon_high) & (advantage > 0)
     metrics.update(clip_low=_token_mean(low, mask), clip_high=_token_mean(high, mask),
                    clip_fraction=_token_mean(low | high, mask))
-    return loss, metrics
+    return jnp.sum(per_token * weights), metrics
 
 
 def _token_mean(values, mask):
@@ -124,36 +149,283 @@ def completion_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Seq
 
 def sequence_logprobs(model, batch, *, remat: str = "none"):
     """log p(token) of every sampled token [N, L] under `model` (0 elsewhere): the training forward."""
-    from gptoss_jax.train.trainer import token_logprobs
-
     hidden, _ = model.hidden_states(batch["inputs"], positions=batch["positions"],
                                     segment_ids=batch["segment_ids"], remat=remat)
-    return token_logprobs(hidden, model.unembedding[...], batch["targets"], batch["counted"])
+    return trainer.token_logprobs(hidden, model.unembedding[...], batch["targets"], batch["counted"])
 
 
 @dataclasses.dataclass
 class PolicySteps:
     """The compiled steps of a GRPO update: the log-probabilities of sampled tokens under some parameters (the
-    policy before the update, or the reference), and one optimizer update on the clipped objective."""
+    policy before the update, or the reference), and one optimizer update on the clipped objective. Both go
+    through the batch `micro_batches` rows-slices at a time (the update sums their gradients)."""
 
     logprobs: callable  # (master, frozen, batch) -> [N, L]
-    update: callable  # (master, opt_state, frozen, batch, old, ref, advantages) -> (master, opt_state, metrics)
+    # (master, opt_state, frozen, batch, old or None, ref or None, advantages) -> (master, opt_state, metrics);
+    # old None: the policy that sampled is this one (one inner step: the ratio is 1, its gradient REINFORCE's)
+    update: callable
 
 
-def make_policy_steps(graphdef, dtypes, transform, settings: LossSettings, *, remat: str = "none") -> PolicySteps:
-    def logprobs(master, frozen, batch):
+def make_policy_steps(graphdef, dtypes, transform, settings: LossSettings, *, remat: str = "none",
+                      micro_batches: int = 1) -> PolicySteps:
+    def pieces(tree):
+        return jax.tree.map(lambda a: a.reshape(micro_batches, -1, *a.shape[1:]), tree)
+
+    def piece_logprobs(master, frozen, piece):
         params = jax.tree.map(lambda p, d: p.astype(d), master, dtypes)
-        return sequence_logprobs(nnx.merge(graphdef, params, frozen), batch, remat=remat)
+        return sequence_logprobs(nnx.merge(graphdef, params, frozen), piece, remat=remat)
 
-    def objective(master, frozen, batch, old, ref, advantages):
-        return policy_loss(logprobs(master, frozen, batch), old, advantages, batch["counted"], settings,
-                           ref_logprobs=ref)
+    def logprobs(master, frozen, batch):
+        scored = jax.lax.map(lambda piece: piece_logprobs(master, frozen, piece), pieces(batch))
+        return scored.reshape(batch["counted"].shape)
 
     def update(master, opt_state, frozen, batch, old, ref, advantages):
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(master, frozen, batch, old, ref,
-                                                                             advantages)
+        weights = token_weights(batch["counted"], settings)
+        tokens = jnp.maximum(batch["counted"].sum(), 1)
+
+        def objective(master, piece):
+            scored = piece_logprobs(master, frozen, piece)
+            sampler = jax.lax.stop_gradient(scored) if old is None else piece["old"]
+            return policy_loss(scored, sampler, piece["advantages"], piece["counted"], settings,
+                               ref_logprobs=piece.get("ref"), weights=piece["weights"])
+
+        def accumulate(carry, piece):
+            grads, loss, metrics = carry
+            (piece_loss, piece_metrics), piece_grads = jax.value_and_grad(objective, has_aux=True)(master, piece)
+            share = piece["counted"].sum() / tokens  # metrics are token means: weigh each piece by its tokens
+            metrics = {name: metrics[name] + share * piece_metrics[name] for name in metrics}
+            return (jax.tree.map(jnp.add, grads, piece_grads), loss + piece_loss, metrics), None
+
+        extra = {"advantages": advantages, "weights": weights}
+        extra.update({"old": old} if old is not None else {})
+        extra.update({"ref": ref} if ref is not None else {})
+        names = ("clip_low", "clip_high", "clip_fraction") + (("kl",) if settings.beta > 0 else ())
+        start = (jax.tree.map(jnp.zeros_like, master), jnp.zeros((), jnp.float32), dict.fromkeys(names, 0.0))
+        (grads, loss, metrics), _ = jax.lax.scan(accumulate, start, pieces({**batch, **extra}))
         updates, opt_state = transform.update(grads, opt_state, master)
         return optax.apply_updates(master, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
                                                                   **metrics}
 
     return PolicySteps(jax.jit(logprobs), jax.jit(update, donate_argnums=(0, 1)))
+
+
+# ---- the training loop -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    steps: int  # steps completed
+    rewards: list  # mean reward of each step this process ran
+    evals: dict  # step -> {"TASK/EFFORT": accuracy}
+    model: object  # the trained GptOss (adapters attached, for LoRA)
+    exports: dict  # what was written: "adapter", "merged"
+
+    def summary(self) -> str:
+        if not self.rewards:
+            return f"nothing to do: the run had already completed its {self.steps} steps"
+        head, tail = self.rewards[:10], self.rewards[-10:]
+        text = (f"trained {self.steps} GRPO steps: mean reward {sum(head) / len(head):.3f} (first {len(head)} steps) "
+                f"-> {sum(tail) / len(tail):.3f} (last {len(tail)})")
+        for step, accuracies in list(self.evals.items())[-1:]:
+            text += f"; eval at step {step}: " + ", ".join(f"{name} {value:.3f}" for name, value in accuracies.items())
+        return text
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One step's completions (prompt by prompt, `group_size` each) and their scores."""
+
+    prompts: list[list[int]]  # the prompt of each completion
+    completions: list[list[int]]
+    samples: list  # rewards.Sample of each completion
+    rewards: np.ndarray  # [N] weighted total (after the overlong penalty)
+    values: dict[str, np.ndarray]  # reward name -> [N]
+    errors: list[str]  # reports of rewards that raised
+    seconds: float  # generation time
+
+
+def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result:
+    """`gptoss-jax train` with method = "grpo": see the module's docstring and config.grpo's settings."""
+    g = config.grpo
+    named_rewards = [(name, rewards_lib.resolve(name, f"config.grpo.rewards[{index}]"), float(weight))
+                     for index, (name, weight) in enumerate(zip(g.rewards, g.reward_weights, strict=True))]
+    problems = load_problems(config)
+    micro_batches = config.optimizer.grad_accum
+    if (g.prompts_per_step * g.group_size) % micro_batches:
+        raise ConfigError(f"config.optimizer.grad_accum: {micro_batches} micro-batches do not split a step's "
+                          f"{g.prompts_per_step} x {g.group_size} completions evenly")
+    settings = LossSettings(epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, beta=g.beta,
+                            normalisation=g.normalisation, max_completion_length=g.max_completion_tokens)
+    with trainer.Run(config, progress=progress) as run:
+        mesh = trainer.make_mesh(config)
+        generator = Generator(trainer.build_model(config, mesh))
+        graphdef, master, frozen, dtypes = trainer.split_trainable(config, generator.model)
+        reference = None  # the parameters the KL is measured to: LoRA off (adapters zeroed), or the start
+        if g.beta > 0:
+            reference = jax.tree.map(jnp.zeros_like if config.lora.enabled else jnp.copy, master)
+        transform, schedule = trainer.make_optimizer(config, master, updates_per_step=g.inner_steps)
+        opt_state = trainer.init_optimizer(transform, master, mesh)
+        steps = make_policy_steps(graphdef, dtypes, transform, settings, remat=config.model.remat,
+                                  micro_batches=micro_batches)
+        start, state = run.resume({"params": master, "opt_state": opt_state})
+        master, opt_state = state["params"], state["opt_state"]
+        rows = NamedSharding(mesh, sharding.batch_spec(g.prompts_per_step * g.group_size, mesh))
+        log.info("GRPO on %d problems of %s; %d x %d completions per step", len(problems), g.task,
+                 g.prompts_per_step, g.group_size)
+        mean_rewards, evals, step = [], {}, start
+        while step < config.train.steps:
+            chosen = step_prompts(problems, step, config)
+            generator.state = nnx.state(trainer.merge_trained(graphdef, master, dtypes, frozen))
+            rollout = roll_out(generator, chosen, step, config, named_rewards)
+            for report in rollout.errors:
+                log.warning("step %d: %s", step + 1, report)
+            started = time.perf_counter()
+            batch, advantages, kept = update_batch(rollout, config)
+            metrics = {}
+            if kept.any():
+                batch = {name: sharding.put(value, rows) for name, value in batch.items()}
+                advantages = sharding.put(np.asarray(advantages), rows)
+                old = steps.logprobs(master, frozen, batch) if g.inner_steps > 1 else None
+                ref = steps.logprobs(reference, frozen, batch) if reference is not None else None
+                for _ in range(g.inner_steps):
+                    master, opt_state, metrics = steps.update(master, opt_state, frozen, batch, old, ref,
+                                                              advantages)
+                metrics = {name: float(value) for name, value in metrics.items()}
+                run.check_finite(step + 1, metrics, ("loss", "grad_norm"))
+            step += 1
+            metrics.update(rollout_metrics(rollout, chosen, config, kept),
+                           update_seconds=time.perf_counter() - started, updated=float(kept.any()),
+                           learning_rate=float(schedule(step * g.inner_steps - 1)))
+            mean_rewards.append(metrics["reward"])
+            if step % config.train.log_every == 0 or step == config.train.steps:
+                run.log(step, metrics, reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', 0.0):.4f}")
+            if rollout.errors and run.leader:
+                with open(run.output / "reward_errors.jsonl", "a") as errors:
+                    errors.writelines(json.dumps({"step": step, "error": report}) + "\n" for report in rollout.errors)
+            if g.eval_tasks and (step % config.train.eval_every == 0 or step == config.train.steps):
+                generator.state = nnx.state(trainer.merge_trained(graphdef, master, dtypes, frozen))
+                evals[step] = evaluate(generator, config, step)
+                run.log(step, {f"eval/{name}": value for name, value in evals[step].items()})
+            if run.end_of_step(step, {"params": master, "opt_state": opt_state}):
+                break
+
+    trained = trainer.merge_trained(graphdef, master, dtypes, frozen)
+    exports = trainer.export(trained, config) if start < step == config.train.steps else {}
+    return Result(step, mean_rewards, evals, trained, exports)
+
+
+def load_problems(config: ml_collections.ConfigDict) -> list:
+    """The problems the run's prompts come from (an eval task's: prompt, answer, grader); synthetic: the counting
+    set of data.synthetic's num_train and seed."""
+    from gptoss_jax.eval import tasks
+
+    g = config.grpo
+    data = ml_collections.ConfigDict({"synthetic": {"count": config.data.synthetic.num_train,
+                                                    "seed": config.data.synthetic.seed}})
+    if g.task in tasks.BUILTIN and g.task != "synthetic":
+        if not g.source:
+            raise ConfigError(f"config.grpo.source: task {g.task!r} needs its data: a file, directory or hub id")
+        data[g.task] = {"source": g.source, "split": g.split}
+    try:
+        return tasks.load_task(g.task, data, seed=config.data.seed)
+    except tasks.TaskError as error:
+        raise ConfigError(f"config.grpo.task: {error}") from None
+
+
+def step_prompts(problems: list, step: int, config: ml_collections.ConfigDict) -> list[tuple[object, str]]:
+    """(problem, effort) of each prompt of step `step`: the run's k-th prompt is problem k mod n of the shuffle of
+    epoch k // n (seeded with data.seed + epoch), asked at effort k mod len(efforts). A function of the step only,
+    so that a resumed run asks what the uninterrupted one would have."""
+    g = config.grpo
+    chosen = []
+    for k in range(step * g.prompts_per_step, (step + 1) * g.prompts_per_step):
+        epoch, index = divmod(k, len(problems))
+        order = np.random.default_rng(config.data.seed + epoch).permutation(len(problems))
+        chosen.append((problems[order[index]], g.efforts[k % len(g.efforts)]))
+    return chosen
+
+
+def roll_out(generator: Generator, chosen: list, step: int, config: ml_collections.ConfigDict,
+             named_rewards: list) -> Rollout:
+    """`group_size` completions of each chosen prompt from the generator's current parameters, each row sampled
+    with a seed of (train.seed, step, row), then scored."""
+    g = config.grpo
+    prompts, efforts, examples = [], [], []
+    for problem, effort in chosen:
+        tokens = harmony.encode_chat({"messages": [{"role": "user", "content": problem.prompt}],
+                                      "reasoning_effort": effort})
+        prompts += [tokens] * g.group_size
+        efforts += [effort] * g.group_size
+        examples += [dataclasses.asdict(problem)] * g.group_size
+    seeds = [seed_of(config.train.seed, "grpo", step, row) for row in range(len(prompts))]
+    started = time.perf_counter()
+    completions = generator.generate(prompts, g.max_completion_tokens, temperature=g.temperature, top_p=g.top_p,
+                                     seed=seeds)
+    seconds = time.perf_counter() - started
+    samples = [rewards_lib.Sample.of(c, max_tokens=g.max_completion_tokens, effort=e)
+               for c, e in zip(completions, efforts, strict=True)]
+    scored = [rewards_lib.score(named_rewards, sample, example, on_error=g.reward_errors)
+              for sample, example in zip(samples, examples, strict=True)]
+    totals = np.asarray([total for total, _, _ in scored], np.float32)
+    if g.overlong == "penalty":
+        totals = np.where([s.truncated for s in samples], np.float32(g.overlong_reward), totals)
+    values = {name: np.asarray([v[name] for _, v, _ in scored], np.float32) for name, _, _ in named_rewards}
+    return Rollout(prompts, completions, samples, totals, values, [e for _, _, errors in scored for e in errors],
+                   seconds)
+
+
+def update_batch(rollout: Rollout, config: ml_collections.ConfigDict):
+    """(batch, advantages, kept): the completions as the training forward reads them (padded to a multiple of 64
+    positions past the longest prompt + max_completion_tokens, so a run compiles its update a few times at most),
+    their group-normalised advantages, and which completions the loss keeps (dynamic sampling leaves out groups
+    of equal rewards; overlong = "mask" leaves out cut completions)."""
+    g = config.grpo
+    advantages = group_advantages(jnp.asarray(rollout.rewards), g.group_size, g.scale)
+    kept = np.ones(len(rollout.completions), bool)
+    if g.dynamic_sampling:
+        kept &= np.repeat(np.asarray(informative_groups(jnp.asarray(rollout.rewards), g.group_size)), g.group_size)
+    if g.overlong == "mask":
+        kept &= ~np.asarray([s.truncated for s in rollout.samples])
+    length = -(-(max(map(len, rollout.prompts)) + g.max_completion_tokens) // 64) * 64
+    batch = completion_batch(rollout.prompts, rollout.completions, length)
+    batch["counted"] &= kept[:, None]
+    return batch, advantages, kept
+
+
+def rollout_metrics(rollout: Rollout, chosen: list, config: ml_collections.ConfigDict, kept: np.ndarray) -> dict:
+    g = config.grpo
+    lengths = np.asarray([len(c) for c in rollout.completions])
+    efforts = np.repeat([effort for _, effort in chosen], g.group_size)
+    metrics = {"reward": float(rollout.rewards.mean()), "reward_std": float(rollout.rewards.std()),
+               "completion_tokens": float(lengths.mean()), "completion_tokens_max": int(lengths.max()),
+               "truncated": float(np.mean([s.truncated for s in rollout.samples])),
+               "well_formed": float(np.mean([s.well_formed for s in rollout.samples])),
+               "kept_completions": float(kept.mean()), "reward_errors": len(rollout.errors),
+               "rollout_seconds": rollout.seconds, "rollout_tokens_per_s": lengths.sum() / max(rollout.seconds, 1e-9)}
+    for effort in dict.fromkeys(efforts):
+        metrics[f"reward_by_effort/{effort}"] = float(rollout.rewards[efforts == effort].mean())
+    for name, values in rollout.values.items():
+        metrics[f"reward_by_name/{name}"] = float(values.mean())
+    return metrics
+
+
+def evaluate(generator: Generator, config: ml_collections.ConfigDict, step: int) -> dict[str, float]:
+    """The eval harness on the policy as it is (greedy, grpo.eval_* settings) into output_dir/eval/step_N:
+    {"TASK/EFFORT": accuracy}. The run's own task, when evaluated, reads the same source's "test" files; the
+    synthetic set is the held-out one (data.synthetic.seed + 1)."""
+    from gptoss_jax.eval import sweep
+    from gptoss_jax.eval.backends import JaxBackend
+
+    g, output = config.grpo, Path(config.train.output_dir)
+    settings = sweep.defaults()
+    settings.tasks, settings.efforts = tuple(g.eval_tasks), tuple(g.eval_efforts)
+    settings.limit, settings.max_tokens, settings.batch_size = g.eval_limit, g.eval_max_tokens, g.eval_limit
+    settings.data.synthetic.seed = config.data.synthetic.seed + 1
+    if g.task in settings.data and g.task != "synthetic" and g.source:
+        settings.data[g.task].source, settings.data[g.task].split = g.source, "test"
+    folder = output / "eval" / f"step_{step}"
+    settings.output_dir = str(folder if jax.process_index() == 0 else folder / f"process_{jax.process_index()}")
+    settings.model.checkpoint = f"{output} at step {step}"
+    backend = JaxBackend(generator, max_tokens=g.eval_max_tokens, temperature=0.0, top_p=1.0)
+    results = sweep.run(settings, progress=False, backend=backend).summary["results"]
+    return {f"{row['task']}/{row['effort']}": row["accuracy"] for row in results}

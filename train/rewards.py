@@ -5,11 +5,11 @@ A reward is named in the config and called as `reward(sample, example) -> float`
   sample   a `Sample`: the completion's harmony text, its analysis and final-channel texts (the final is None when
            the completion never reached the final channel), whether it parsed as harmony and ended with
            <|return|>, its token counts, whether max_completion_tokens cut it, and the reasoning effort asked for.
-  example  the dataset row the prompt came from (e.g. {"prompt": ..., "answer": ...}).
+  example  the problem the prompt came from: {"id", "prompt", "answer", "grader"} (an eval task's problem).
 
 Built-in names:
-  grader:NAME   1.0 when the eval grader NAME (numeric, boxed_integer, math, mcq, exact, regex) finds the
-                example's "answer" in the final channel, else 0.0.
+  grader        1.0 when the problem's own grader finds its "answer" in the final channel, else 0.0.
+  grader:NAME   the same with the eval grader NAME (numeric, boxed_integer, math, mcq, exact, regex).
   format        1.0 when the completion is well-formed harmony: it parses, has a final answer, ends in <|return|>.
   length        minus the completion's share of max_completion_tokens (0 for an empty one, -1 for one that used it
                 all): prefers shorter reasoning when added with a small weight.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ from gptoss_jax import tokenizer as tok
 from gptoss_jax.eval.graders import GRADERS, grade
 from gptoss_jax.train.config import ConfigError
 
-BUILTIN = ("format", "length", *(f"grader:{name}" for name in GRADERS))
+BUILTIN = ("grader", "format", "length", *(f"grader:{name}" for name in GRADERS))
 
 Reward = Callable[["Sample", Mapping[str, Any]], float]
 
@@ -60,11 +61,13 @@ class Sample:
                    truncated=not ended and len(tokens) >= max_tokens, effort=effort)
 
 
-def _grader(name: str) -> Reward:
+def _grader(name: str | None) -> Reward:
+    """The grader `name`, or the example's own (None)."""
+
     def reward(sample: Sample, example: Mapping[str, Any]) -> float:
         if sample.final is None:
             return 0.0
-        return float(grade(name, sample.final, str(example["answer"])).correct)
+        return float(grade(name or example["grader"], sample.final, str(example["answer"])).correct)
 
     return reward
 
@@ -83,6 +86,8 @@ def resolve(name: str, where: str = "grpo.rewards") -> Reward:
         return _format
     if name == "length":
         return _length
+    if name == "grader":
+        return _grader(None)
     if name.startswith("grader:"):
         grader = name.removeprefix("grader:")
         if grader not in GRADERS:
@@ -114,6 +119,8 @@ def score(rewards: Sequence[tuple[str, Reward, float]], sample: Sample, example:
     for name, reward, _ in rewards:
         try:
             values[name] = float(reward(sample, example))
+            if not math.isfinite(values[name]):
+                raise ValueError(f"returned {values[name]}, not a finite number")
         except Exception as error:  # noqa: BLE001 - user code: report it with the sample it failed on
             report = (f"reward {name!r} raised {type(error).__name__}: {error} on the sample {sample.text[:200]!r} "
                       f"(example {dict(example)!r:.200})")

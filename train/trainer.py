@@ -138,13 +138,14 @@ def rows_per_process(config: ml_collections.ConfigDict) -> int:
     return config.data.batch_size // jax.process_count()
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: nnx.State):
+def make_optimizer(config: ml_collections.ConfigDict, params: nnx.State, *, updates_per_step: int = 1):
     """(AdamW with global-norm clipping, its schedule: warmup then cosine decay to `min_lr_ratio`); weight decay on
-    matrices only (not biases, norm scales, sinks)."""
+    matrices only (not biases, norm scales, sinks). The schedule counts optimizer updates: `updates_per_step` per
+    training step (GRPO's inner steps)."""
     opt = config.optimizer
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
-        decay_steps=config.train.steps, end_value=opt.learning_rate * opt.min_lr_ratio)
+        init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps * updates_per_step,
+        decay_steps=config.train.steps * updates_per_step, end_value=opt.learning_rate * opt.min_lr_ratio)
     decayed = jax.tree.map(lambda v: v.replace(value=sum(a != "layers" for a in v.axes) >= 2), params,
                            is_leaf=lambda x: isinstance(x, nnx.Variable))
     transform = optax.chain(
@@ -329,70 +330,49 @@ class Result:
     compiles: int  # times the train step was traced
     exports: dict  # what was written: "adapter", "merged"
 
+    def summary(self) -> str:
+        if not self.losses:
+            return f"nothing to do: the run had already completed its {self.steps} steps"
+        last = self.losses[-10:]
+        return (f"trained {self.steps} steps: loss {self.losses[0]:.3f} -> {sum(last) / len(last):.3f} (mean of the "
+                f"last {len(last)})" + "".join(f"; held-out loss at step {s}: {v:.3f}"
+                                                 for s, v in list(self.eval_losses.items())[-1:]))
+
 
 def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result:
-    output = Path(config.train.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    leader = jax.process_index() == 0  # the one process that writes logs and exports (checkpoints: all of them)
-    if leader:
-        (output / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    mesh = make_mesh(config)
-    model = build_model(config, mesh)
-    trainable = LoRAParam if config.lora.enabled else nnx.Param
-    graphdef, params, frozen = nnx.split(model, trainable, ...)
-    dtypes = jax.tree.map(lambda a: a.dtype, params)
-    master = jax.tree.map(lambda a: a.astype(config.model.param_dtype), params)
-    transform, schedule = make_optimizer(config, master)
-    # Counters and other scalars replicated on the mesh, as the step returns them (else a second compile).
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_state = jax.tree.map(lambda a: a if isinstance(a.sharding, NamedSharding) else sharding.put(a, replicated),
-                             transform.init(master))
-    steps = make_steps(config, graphdef, dtypes, transform, schedule)
+    if config.method == "grpo":
+        from gptoss_jax.train import grpo  # it builds on this module
 
-    train_stats = data_lib.DataStats()
-    batches = Batches(load_examples(config, config.data.train, split="train", stats=train_stats), config,
-                      train_stats)
-    eval_rows = None
-    if config.data.eval:
-        eval_stats = data_lib.DataStats()
-        eval_examples = load_examples(config, config.data.eval, split="test", stats=eval_stats)
-        eval_rows = data_lib.pack(eval_examples, config.data.seq_len, overlong=config.data.overlong, shuffle=False,
-                                  process_index=jax.process_index(), process_count=jax.process_count())
-    log.info("training data: %s", batches.stats.report())
+        return grpo.train(config, progress=progress)
+    with Run(config, progress=progress) as run:
+        mesh = make_mesh(config)
+        graphdef, master, frozen, dtypes = split_trainable(config, build_model(config, mesh))
+        transform, schedule = make_optimizer(config, master)
+        opt_state = init_optimizer(transform, master, mesh)
+        steps = make_steps(config, graphdef, dtypes, transform, schedule)
 
-    manager = ocp.CheckpointManager(
-        (output / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
-                                             enable_async_checkpointing=config.train.async_checkpoints))
-    start = 0
-    if manager.latest_step() is not None:
-        start = manager.latest_step()
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                                {"params": master, "opt_state": opt_state})
-        restored = manager.restore(start, args=ocp.args.StandardRestore(abstract))
-        master, opt_state = restored["params"], restored["opt_state"]
-        log.info("resumed from %s at step %d", output / "checkpoints", start)
+        train_stats = data_lib.DataStats()
+        batches = Batches(load_examples(config, config.data.train, split="train", stats=train_stats), config,
+                          train_stats)
+        eval_rows = None
+        if config.data.eval:
+            eval_stats = data_lib.DataStats()
+            eval_examples = load_examples(config, config.data.eval, split="test", stats=eval_stats)
+            eval_rows = data_lib.pack(eval_examples, config.data.seq_len, overlong=config.data.overlong,
+                                      shuffle=False, process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+        log.info("training data: %s", batches.stats.report())
 
-    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda number, frame: stop.update(signal=number))
-    metrics_file = open(output / "metrics.jsonl", "a") if leader else None
-    writer = SummaryWriter(output / "tensorboard") if leader else None
-    losses, eval_losses = [], {}
-    bar = _progress(progress and leader, config.train.steps, start)
-    try:
+        start, state = run.resume({"params": master, "opt_state": opt_state})
+        master, opt_state = state["params"], state["opt_state"]
+        batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        losses, eval_losses = [], {}
         step, started, tokens_since = start, time.perf_counter(), 0.0
         while step < config.train.steps:
             batch = _global_batch(batches.batch(step), batch_sharding)
             master, opt_state, metrics = steps.train(master, opt_state, frozen, batch, jnp.int32(step))
             metrics = {name: float(value) for name, value in metrics.items()}
-            if not math.isfinite(metrics["loss"]) or not math.isfinite(metrics["grad_norm"]):
-                manager.wait_until_finished()
-                last = manager.latest_step()
-                raise TrainingStopped(
-                    f"step {step + 1}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']} — stopped without "
-                    f"saving this state; the last good checkpoint is "
-                    + (f"step {last} in {output / 'checkpoints'}" if last is not None else "none (no step saved)"))
+            run.check_finite(step + 1, metrics, ("loss", "grad_norm"))
             step += 1
             losses.append(metrics["loss"])
             tokens_since += metrics["tokens"]
@@ -400,32 +380,122 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
                 elapsed = time.perf_counter() - started
                 metrics["tokens_per_s"] = tokens_since / max(elapsed, 1e-9)
                 started, tokens_since = time.perf_counter(), 0.0
-                _log(metrics_file, writer, step, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['learning_rate']:.2e}",
-                                tok_s=f"{metrics['tokens_per_s']:.0f}")
-            bar.update(1)
+                run.log(step, metrics, loss=f"{metrics['loss']:.3f}", lr=f"{metrics['learning_rate']:.2e}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}")
             if eval_rows is not None and (step % config.train.eval_every == 0 or step == config.train.steps):
                 eval_losses[step] = evaluate(steps, master, frozen, eval_rows, config, batch_sharding)
-                _log(metrics_file, writer, step, {"eval_loss": eval_losses[step]})
-            if step % config.train.checkpoint_every == 0 or step == config.train.steps or stop["signal"]:
-                manager.save(step, args=ocp.args.StandardSave({"params": master, "opt_state": opt_state}))
-            if stop["signal"]:
-                log.warning("SIGTERM: saved step %d to %s; exiting", step, output / "checkpoints")
+                run.log(step, {"eval_loss": eval_losses[step]})
+            if run.end_of_step(step, {"params": master, "opt_state": opt_state}):
                 break
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        bar.close()
-        if leader:
-            writer.close()
-            metrics_file.close()
-        signal.signal(signal.SIGTERM, previous)
 
-    params = jax.tree.map(lambda p, d: p.astype(d), master, dtypes)
-    trained = nnx.merge(graphdef, params, frozen)
+    trained = merge_trained(graphdef, master, dtypes, frozen)
     finished_now = start < step == config.train.steps
     exports = export(trained, config) if finished_now else {}
     return Result(step, losses, eval_losses, trained, len(steps.traces), exports)
+
+
+def split_trainable(config: ml_collections.ConfigDict, model: GptOss):
+    """(graphdef, float32-or-configured master copy of what trains, the frozen rest, the trained parameters'
+    model dtypes): LoRA trains the adapters, full fine-tuning every parameter."""
+    trainable = LoRAParam if config.lora.enabled else nnx.Param
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    dtypes = jax.tree.map(lambda a: a.dtype, params)
+    master = jax.tree.map(lambda a: a.astype(config.model.param_dtype), params)
+    return graphdef, master, frozen, dtypes
+
+
+def init_optimizer(transform, master, mesh: jax.sharding.Mesh):
+    """The optimizer state, its counters and other scalars replicated on the mesh, as a step returns them (else
+    the step would compile twice)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda a: a if isinstance(a.sharding, NamedSharding) else sharding.put(a, replicated),
+                        transform.init(master))
+
+
+def merge_trained(graphdef, master, dtypes, frozen) -> GptOss:
+    """The model with the trained parameters, in the model's dtypes."""
+    return nnx.merge(graphdef, jax.tree.map(lambda p, d: p.astype(d), master, dtypes), frozen)
+
+
+class Run:
+    """What every training loop has, whatever it optimises: the output folder (config.json, metrics.jsonl and
+    TensorBoard written by the first process), orbax checkpoints of the training state (resume from the latest;
+    every process writes its shards), the NaN guard, SIGTERM (checkpoint after the current step, then stop) and the
+    progress bar. Use it as a context manager: leaving it waits for checkpoints in flight and closes the files."""
+
+    def __init__(self, config: ml_collections.ConfigDict, *, progress: bool):
+        self.config, self.progress = config, progress
+        self.output = Path(config.train.output_dir)
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.leader = jax.process_index() == 0
+        if self.leader:
+            (self.output / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        self.checkpoints = (self.output / "checkpoints").absolute()
+        self.manager = ocp.CheckpointManager(self.checkpoints, options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.train.keep_checkpoints, enable_async_checkpointing=config.train.async_checkpoints))
+        self.metrics_file = open(self.output / "metrics.jsonl", "a") if self.leader else None
+        self.writer = SummaryWriter(self.output / "tensorboard") if self.leader else None
+        self.bar = None
+        self.stop_signal = None
+        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, number, frame):
+        self.stop_signal = number
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.leader:
+            self.writer.close()
+            self.metrics_file.close()
+        signal.signal(signal.SIGTERM, self._previous_handler)
+
+    def resume(self, state):
+        """(first step to run, state): the latest checkpoint's state when there is one, else `state` from step 0.
+        `state` is any tree of arrays; the restored one has its shapes, dtypes and shardings."""
+        start = self.manager.latest_step() or 0
+        if start:
+            abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+            state = self.manager.restore(start, args=ocp.args.StandardRestore(abstract))
+            log.info("resumed from %s at step %d", self.checkpoints, start)
+        self.bar = _progress(self.progress and self.leader, self.config.train.steps, start)
+        return start, state
+
+    def check_finite(self, step: int, metrics: dict, names: tuple[str, ...]) -> None:
+        """Stops the run (TrainingStopped) when a metric of step `step` is not finite; that state is not saved."""
+        bad = {name: metrics[name] for name in names if not math.isfinite(metrics[name])}
+        if bad:
+            self.manager.wait_until_finished()
+            last = self.manager.latest_step()
+            values = ", ".join(f"{name.replace('_', ' ')} {metrics[name]}" for name in names)
+            raise TrainingStopped(
+                f"step {step}: {values} — stopped without saving this state; the last good checkpoint is "
+                + (f"step {last} in {self.checkpoints}" if last is not None else "none (no step saved)"))
+
+    def log(self, step: int, values: dict, **shown) -> None:
+        """Metrics of `step` to metrics.jsonl and TensorBoard; `shown` on the progress bar."""
+        if shown:
+            self.bar.set_postfix(**shown)
+        if not self.leader:
+            return
+        self.metrics_file.write(json.dumps({"step": step, **values}) + "\n")
+        self.metrics_file.flush()
+        self.writer.scalars(step, values)
+
+    def end_of_step(self, step: int, state) -> bool:
+        """After step `step` (counted from 1): checkpoints when it is due, or at the end, or on SIGTERM; whether
+        to stop now (SIGTERM)."""
+        self.bar.update(1)
+        if step % self.config.train.checkpoint_every == 0 or step == self.config.train.steps or self.stop_signal:
+            self.manager.save(step, args=ocp.args.StandardSave(state))
+        if self.stop_signal:
+            log.warning("SIGTERM: saved step %d to %s; exiting", step, self.checkpoints)
+        return bool(self.stop_signal)
 
 
 def evaluate(steps: Step, master, frozen, rows: data_lib.PackedRows, config, sharding) -> float:
@@ -468,14 +538,6 @@ def _global_batch(rows: data_lib.PackedRows, sharding: NamedSharding) -> dict[st
     """This host's rows as its part of the global batch (every host packs its own share of the data)."""
     return {f.name: jax.make_array_from_process_local_data(sharding, getattr(rows, f.name))
             for f in dataclasses.fields(rows)}
-
-
-def _log(metrics_file, writer: SummaryWriter | None, step: int, values: dict) -> None:
-    if writer is None:  # not the leader
-        return
-    metrics_file.write(json.dumps({"step": step, **values}) + "\n")
-    metrics_file.flush()
-    writer.scalars(step, values)
 
 
 def _progress(enabled: bool, total: int, initial: int):

@@ -1,0 +1,147 @@
+"""`gptoss-jax train` with method = "grpo" on the tiny preset: LoRA on a packed MXFP4 base with every option at
+once (KL to the adapters-off reference, inner steps, micro-batches, several rewards, one of them raising),
+resumption after SIGKILL to bit-identical adapters, and the config errors a run is refused with."""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from gptoss_jax.train.config import ConfigError, load_config
+
+from helpers import wait_for_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "train" / "grpo_tiny_demo.py"
+FLAKY = '''
+def flaky(sample, example):
+    """Half a point for a completion of an even number of characters; raises on an odd number."""
+    if len(sample.text) % 2:
+        raise ValueError(f"odd length {len(sample.text)}")
+    return 0.5
+'''
+# A random tiny packed base with adapters on every target: nothing here needs a trained model.
+TINY = {"model.checkpoint": "", "model.preset": "tiny", "lora.enabled": True, "model.mxfp4": "packed",
+        "lora.targets": "*", "grpo.prompts_per_step": 2, "grpo.group_size": 4, "grpo.max_completion_tokens": 12,
+        "grpo.temperature": 1.0, "optimizer.learning_rate": 1e-2, "train.log_every": 1,
+        "data.synthetic.num_train": 20}
+
+
+def _overrides(output: Path, **settings) -> list[str]:
+    return [f"--config.{key}={value}" for key, value in {**TINY, "train.output_dir": output, **settings}.items()]
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    """Two steps with every option on: KL to the reference (beta > 0), 2 inner updates over 2 micro-batches, a
+    task grader + format + a user reward that raises on half the samples, an eval through the harness."""
+    from gptoss_jax.train.trainer import train
+
+    root = tmp_path_factory.mktemp("grpo")
+    (root / "grpo_test_rewards.py").write_text(FLAKY)
+    sys.path.insert(0, str(root))
+    try:
+        config = load_config(DEMO, _overrides(
+            root / "run", **{"grpo.rewards": "grader,format,grpo_test_rewards:flaky", "grpo.reward_weights":
+                             "(1.0, 0.5, 1.0)", "grpo.beta": 0.05, "grpo.inner_steps": 2, "optimizer.grad_accum": 2,
+                             "grpo.eval_tasks": "synthetic", "grpo.eval_efforts": "low", "grpo.eval_limit": 2,
+                             "grpo.eval_max_tokens": 8, "train.steps": 2, "train.eval_every": 2,
+                             "train.checkpoint_every": 1}))
+        return train(config, progress=False), root / "run"
+    finally:
+        sys.path.remove(str(root))
+        sys.modules.pop("grpo_test_rewards", None)
+
+
+def test_a_run_logs_rewards_kl_and_clipping_evaluates_and_exports(grpo_run):
+    result, output = grpo_run
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "reward" in line]
+    assert [line["step"] for line in steps] == [1, 2] and result.steps == 2
+    for line in steps:
+        assert line["kl"] >= 0 and 0 <= line["clip_fraction"] <= 1 and line["grad_norm"] > 0
+        assert line["rollout_tokens_per_s"] > 0 and 1 <= line["completion_tokens"] <= 12
+        assert line["reward_by_effort/low"] == pytest.approx(line["reward"])
+        expected = line["reward_by_name/grader"] + 0.5 * line["reward_by_name/format"] + line[
+            "reward_by_name/grpo_test_rewards:flaky"]
+        assert line["reward"] == pytest.approx(expected, abs=1e-6)
+    assert steps[1]["kl"] > 0  # the adapters moved away from the reference in step 1's updates
+    assert [line for line in lines if "eval/synthetic/low" in line][0]["step"] == 2
+    assert (output / "eval" / "step_2" / "report.md").is_file()
+    assert sorted(p.name for p in (output / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+    assert (output / "adapter" / "adapter_model.safetensors").is_file() and (output / "merged").is_dir()
+
+
+def test_a_reward_that_raises_is_reported_with_its_sample_and_the_run_goes_on(grpo_run):
+    result, output = grpo_run
+    errors = [json.loads(line) for line in (output / "reward_errors.jsonl").read_text().splitlines()]
+    assert errors and all("reward 'grpo_test_rewards:flaky' raised ValueError: odd length" in e["error"]
+                          and "on the sample" in e["error"] for e in errors)
+    logged = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert sum(line.get("reward_errors", 0) for line in logged) == len(errors)
+    assert result.steps == 2
+
+
+def _grpo_in_subprocess(output: Path):
+    command = [sys.executable, "-m", "gptoss_jax.cli", "train", "--config", str(DEMO),
+               *_overrides(output, **{"train.steps": 4, "train.checkpoint_every": 2, "export.merged": False,
+                                      "grpo.eval_tasks": "()"})]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_killed_run_resumes_to_bit_identical_adapters(tmp_path):
+    """Rollouts are seeded by (train.seed, step, row) and prompts chosen by step: a run killed after its step-2
+    checkpoint and resumed samples, scores and updates exactly as an uninterrupted one."""
+    straight = _grpo_in_subprocess(tmp_path / "straight")
+    interrupted = _grpo_in_subprocess(tmp_path / "killed")
+    wait_for_checkpoint(interrupted, tmp_path / "killed")
+    interrupted.send_signal(signal.SIGKILL)
+    interrupted.wait()
+    assert not (tmp_path / "killed" / "adapter").exists()
+    resumed = _grpo_in_subprocess(tmp_path / "killed")
+    for process in (straight, resumed):
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output[-3000:]
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    rewards = lambda run: [json.loads(line)["reward"] for line in (tmp_path / run / "metrics.jsonl").read_text(  # noqa: E731
+                           ).splitlines() if "reward" in line]
+    assert rewards("straight")[2:] == rewards("killed")[-2:]  # steps 3 and 4 sampled the same completions
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"grpo.rewards": "grader:nope"}, r"config.grpo.rewards\[0\]: unknown grader 'nope'"),
+    ({"grpo.rewards": "grader,no_such_module_here:f", "grpo.reward_weights": "(1.0, 1.0)"},
+     r"config.grpo.rewards\[1\]: cannot import 'no_such_module_here'"),
+    ({"grpo.rewards": "grader,format"}, "config.grpo.reward_weights: one weight per reward"),
+    ({"grpo.group_size": 1}, "config.grpo.group_size: a group needs at least 2"),
+    ({"grpo.efforts": "low,extreme"}, "config.grpo.efforts"),
+    ({"grpo.temperature": 0.0}, "temperature > 0"),
+    ({"grpo.normalisation": "mean"}, "config.grpo.normalisation: expected one of"),
+    ({"grpo.overlong": "drop"}, "config.grpo.overlong: expected one of"),
+    ({"grpo.beta": -0.1}, "config.grpo.beta: must be >= 0"),
+])
+def test_bad_grpo_settings_are_config_errors(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEMO, [f"--config.{key}={value}" for key, value in settings.items()])
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"grpo.task": "gsm8k"}, "config.grpo.source: task 'gsm8k' needs its data"),
+    ({"grpo.task": "no_such_tasks.jsonl"}, "config.grpo.task: no_such_tasks.jsonl: no such task file"),
+    ({"optimizer.grad_accum": 3}, "config.optimizer.grad_accum: 3 micro-batches do not split a step's 2 x 4"),
+])
+def test_a_run_refuses_a_task_or_split_it_cannot_use_before_it_starts(settings, message, tmp_path):
+    from gptoss_jax.train.trainer import train
+
+    with pytest.raises(ConfigError, match=message):
+        train(load_config(DEMO, _overrides(tmp_path, **settings)), progress=False)
+    assert not (tmp_path / "checkpoints").exists()
