@@ -107,14 +107,20 @@ class Generator:
                              f"{longest + max_new_tokens} positions; the cache holds {capacity} and the model "
                              f"{limit}")
         vocab = self.model.config.vocab_size
-        tokens = np.zeros((len(prompts), longest), np.int32)
         for row, prompt in enumerate(prompts):
             if min(prompt) < 0 or max(prompt) >= vocab:
                 raise ValueError(f"prompt {row}: token ids must be in [0, {vocab})")
+        # A prompt asked several times (n samples, GRPO's groups) is prefilled once; its rows then share that cache.
+        distinct: dict[tuple[int, ...], int] = {}
+        source_row = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
+        tokens = np.zeros((len(distinct), longest), np.int32)
+        for row, prompt in enumerate(distinct):
             tokens[row, longest - len(prompt):] = prompt
-        start = jnp.asarray([longest - len(p) for p in prompts], jnp.int32)
+        start = jnp.asarray([longest - len(p) for p in distinct], jnp.int32)
         cache = self._place_cache(self.model.init_cache(start, capacity))
         logits, cache = self._prefill(self.state, self._replicated(tokens), cache)
+        if len(distinct) < len(prompts):
+            logits, cache = self._spread(logits, cache, np.asarray(source_row, np.int32))
         if isinstance(seed, int):
             key, fold = jax.random.key(seed), jax.random.fold_in
         elif len(seed) == len(prompts):
@@ -150,6 +156,14 @@ class Generator:
                 masked = self._fill(states, done, bitmask)
         return outputs
 
+    def _spread(self, logits: jax.Array, cache: KVCache, source_row: np.ndarray) -> tuple[jax.Array, KVCache]:
+        """The prefilled rows copied out to the rows that asked for them (row i gets row `source_row[i]`), placed
+        as a cache of that many rows is."""
+        logits, cache = _spread_rows(logits, cache, self._replicated(source_row))
+        if self.model.mesh is not None:
+            cache = jax.device_put(cache, cache_shardings(cache, self.model.mesh))
+        return logits, cache
+
     @staticmethod
     def _fill(states, done, bitmask) -> bool:
         """Each constrained row's allowed next tokens into `bitmask`; whether any row is restricted."""
@@ -163,16 +177,30 @@ class Generator:
         return array if mesh is None else sharding.put(np.asarray(array), NamedSharding(mesh, PartitionSpec()))
 
     def _place_cache(self, cache: KVCache) -> KVCache:
-        """The cache beside the parameters: rows over data x fsdp, key/value heads over tensor, where they split."""
         mesh = self.model.mesh
         if mesh is None:
             return cache
-        rows = sharding.batch_spec(cache.start.shape[0], mesh)
-        heads = "tensor" if cache.full_k.shape[3] % mesh.shape["tensor"] == 0 else None
-        layers = NamedSharding(mesh, PartitionSpec(None, *(rows or (None,)), None, heads, None))
-        return KVCache(*(sharding.zeros(a.shape, a.dtype, layers) for a in (cache.banded_k, cache.banded_v,
-                                                                             cache.full_k, cache.full_v)),
-                       *(sharding.put(np.asarray(a), NamedSharding(mesh, rows)) for a in (cache.start, cache.length)))
+        where = cache_shardings(cache, mesh)
+        keys_values = {name: sharding.zeros(getattr(cache, name).shape, getattr(cache, name).dtype,
+                                            getattr(where, name)) for name in ("banded_k", "banded_v", "full_k",
+                                                                               "full_v")}
+        return KVCache(**keys_values, start=sharding.put(np.asarray(cache.start), where.start),
+                       length=sharding.put(np.asarray(cache.length), where.length))
+
+
+@jax.jit
+def _spread_rows(logits: jax.Array, cache: KVCache, index: jax.Array) -> tuple[jax.Array, KVCache]:
+    return logits[index], KVCache(*(a[:, index] for a in (cache.banded_k, cache.banded_v, cache.full_k, cache.full_v)),
+                                  cache.start[index], cache.length[index])
+
+
+def cache_shardings(cache: KVCache, mesh: jax.sharding.Mesh) -> KVCache:
+    """Where a cache lives beside the parameters: rows over data x fsdp, key/value heads over tensor, where they
+    split."""
+    rows = sharding.batch_spec(cache.start.shape[0], mesh)
+    heads = "tensor" if cache.full_k.shape[3] % mesh.shape["tensor"] == 0 else None
+    layers = NamedSharding(mesh, PartitionSpec(None, *(rows or (None,)), None, heads, None))
+    return KVCache(layers, layers, layers, layers, NamedSharding(mesh, rows), NamedSharding(mesh, rows))
 
 
 def _on_host(array: jax.Array) -> np.ndarray:

@@ -143,6 +143,23 @@ def test_per_row_seeds_make_a_row_independent_of_its_batch(pair):
         generator.generate([[1], [2], [3]], 4, seed=[1, 2])
 
 
+def test_a_repeated_prompt_is_prefilled_once_and_each_row_samples_as_alone(pair, monkeypatch):
+    """GRPO's groups and n > 1 ask one prompt many times: it is prefilled once (2 distinct rows here, not 5) and
+    its cache spread to every row; each row then draws exactly what it draws alone."""
+    _, model = pair
+    generator = Generator(model)
+    prefilled = []
+    prefill = generator._prefill
+    monkeypatch.setattr(generator, "_prefill", lambda state, tokens, cache: prefilled.append(tokens.shape[0])
+                        or prefill(state, tokens, cache))
+    prompts, seeds = [[1, 2, 3], [4, 5], [1, 2, 3], [1, 2, 3], [4, 5]], [11, 12, 13, 14, 15]
+    together = generator.generate(prompts, 8, temperature=1.0, seed=seeds, stop_tokens=[])
+    assert prefilled == [2]
+    for prompt, seed, row in zip(prompts, seeds, together, strict=True):
+        assert generator.generate([prompt], 8, temperature=1.0, seed=[seed], stop_tokens=[])[0] == row
+    assert together[0] != together[2]  # same prompt, other seed
+
+
 def test_bad_requests(pair):
     _, model = pair
     generator = Generator(model)

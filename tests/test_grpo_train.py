@@ -145,3 +145,21 @@ def test_a_run_refuses_a_task_or_split_it_cannot_use_before_it_starts(settings, 
     with pytest.raises(ConfigError, match=message):
         train(load_config(DEMO, _overrides(tmp_path, **settings)), progress=False)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_plan_counts_the_larger_of_the_update_and_the_rollouts():
+    """A GRPO plan compiles the update (its batch: prompts x group of max_prompt + max_completion tokens) and the
+    rollouts (the KV cache of as many rows, prefill and decode); what stays (parameters, optimizer) plus the larger
+    of the two is the total."""
+    import gptoss_jax
+    from gptoss_jax.train.plan import plan
+
+    config = load_config(DEMO, _overrides(Path("unused"), **{"grpo.max_prompt_tokens": 100}))
+    report = plan(config, device_memory=2**30)
+    c, rows, capacity = gptoss_jax.GptOssConfig.tiny(), 2 * 4, 100 + 12
+    full_cache = 2 * c.num_full_layers * rows * capacity * c.num_key_value_heads * c.head_dim * 4  # float32 k, v
+    assert report.rollout_bytes > full_cache > 0
+    assert report.batch_bytes >= rows * 128 * (4 * 4 + 1)  # 4 int32 arrays and the counted mask, 128 positions
+    stays = report.frozen_bytes + report.trainable_bytes + report.optimizer_bytes
+    assert report.total_bytes == stays + max(report.batch_bytes + report.temporary_bytes, report.rollout_bytes)
+    assert "rollouts: KV cache, policy, generation" in report.report()

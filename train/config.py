@@ -28,7 +28,8 @@ _CHOICES = {
 }
 _POSITIVE = ("data.seq_len", "data.batch_size", "optimizer.grad_accum", "train.steps", "train.log_every",
              "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "optimizer.learning_rate",
-             "grpo.prompts_per_step", "grpo.group_size", "grpo.max_completion_tokens", "grpo.inner_steps")
+             "grpo.prompts_per_step", "grpo.group_size", "grpo.max_prompt_tokens", "grpo.max_completion_tokens",
+             "grpo.inner_steps")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -110,6 +111,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.grpo.split = "train"  # files of the source whose path contains this
     c.grpo.prompts_per_step = 8  # prompts per step
     c.grpo.group_size = 8  # completions sampled per prompt (G)
+    c.grpo.max_prompt_tokens = 256  # longer prompts (in harmony tokens) are left out of the run; plan's size
     c.grpo.max_completion_tokens = 48  # a longer completion is cut there (see overlong)
     c.grpo.efforts = ("low",)  # reasoning efforts asked for, cycled over the prompts (a mix: "low,medium,high")
     c.grpo.temperature = 1.0  # sampling temperature of the rollouts

@@ -327,9 +327,23 @@ def load_problems(config: ml_collections.ConfigDict) -> list:
             raise ConfigError(f"config.grpo.source: task {g.task!r} needs its data: a file, directory or hub id")
         data[g.task] = {"source": g.source, "split": g.split}
     try:
-        return tasks.load_task(g.task, data, seed=config.data.seed)
+        problems = tasks.load_task(g.task, data, seed=config.data.seed)
     except tasks.TaskError as error:
         raise ConfigError(f"config.grpo.task: {error}") from None
+    kept = [p for p in problems if max(len(prompt_tokens(p, e)) for e in set(g.efforts)) <= g.max_prompt_tokens]
+    if not kept:
+        raise ConfigError(f"config.grpo.max_prompt_tokens: every prompt of {g.task!r} is longer than "
+                          f"{g.max_prompt_tokens} tokens")
+    if len(kept) < len(problems):
+        log.warning("%d of %d prompts are longer than grpo.max_prompt_tokens = %d tokens: left out",
+                    len(problems) - len(kept), len(problems), g.max_prompt_tokens)
+    return kept
+
+
+def prompt_tokens(problem, effort: str) -> list[int]:
+    """A problem's prompt as the policy reads it: the user message at a reasoning effort, in harmony."""
+    return harmony.encode_chat({"messages": [{"role": "user", "content": problem.prompt}],
+                                "reasoning_effort": effort})
 
 
 def step_prompts(problems: list, step: int, config: ml_collections.ConfigDict) -> list[tuple[object, str]]:
@@ -352,9 +366,7 @@ def roll_out(generator: Generator, chosen: list, step: int, config: ml_collectio
     g = config.grpo
     prompts, efforts, examples = [], [], []
     for problem, effort in chosen:
-        tokens = harmony.encode_chat({"messages": [{"role": "user", "content": problem.prompt}],
-                                      "reasoning_effort": effort})
-        prompts += [tokens] * g.group_size
+        prompts += [prompt_tokens(problem, effort)] * g.group_size
         efforts += [effort] * g.group_size
         examples += [dataclasses.asdict(problem)] * g.group_size
     seeds = [seed_of(config.train.seed, "grpo", step, row) for row in range(len(prompts))]

@@ -29,7 +29,7 @@ from gptoss_jax import GptOss, GptOssConfig, hub, lora
 from gptoss_jax.checkpoint import open_checkpoint
 from gptoss_jax.model import LoRAParam
 from gptoss_jax.sharding import MESH_AXES, param_shardings
-from gptoss_jax.train import trainer
+from gptoss_jax.train import grpo, trainer
 
 
 @dataclasses.dataclass
@@ -43,28 +43,45 @@ class Plan:
     device_memory: int
     platform: str = "gpu"  # what the step was compiled for
     cpu_copy_bytes: int = 0  # of the temporaries: float32 copies of bfloat16 arrays only a CPU compile makes
+    # GRPO: the rollouts' KV cache, the policy in the model's dtypes and the generation temporaries (the largest
+    # of prefill's and a decode step's), live while sampling — not during the update, whose batch and
+    # temporaries the fields above are; and of them, the CPU's float32 copies
+    rollout_bytes: int = 0
+    rollout_cpu_copy_bytes: int = 0
+
+    @property
+    def _persistent_bytes(self) -> int:
+        return self.frozen_bytes + self.trainable_bytes + self.optimizer_bytes
 
     @property
     def total_bytes(self) -> int:
-        """The step's memory as compiled here."""
-        return self.frozen_bytes + self.trainable_bytes + self.optimizer_bytes + self.batch_bytes + self.temporary_bytes
+        """The step's memory as compiled here: what stays, plus the larger of the update and the rollouts."""
+        return self._persistent_bytes + max(self.batch_bytes + self.temporary_bytes, self.rollout_bytes)
 
     @property
     def gpu_bytes(self) -> int:
         """The step's memory on a GPU: as compiled, less the copies only XLA's CPU backend makes."""
-        return self.total_bytes - self.cpu_copy_bytes
+        return self._persistent_bytes + max(self.batch_bytes + self.temporary_bytes - self.cpu_copy_bytes,
+                                            self.rollout_bytes - self.rollout_cpu_copy_bytes)
 
     def report(self) -> str:
         gib = 2**30
         rows = [("frozen parameters", self.frozen_bytes), ("trainable parameters", self.trainable_bytes),
                 ("optimizer state", self.optimizer_bytes), ("batch", self.batch_bytes),
                 ("activations and temporaries", self.temporary_bytes)]
+        copies = "of which float32 copies of bf16 arrays"
         lines = [f"per device, {self.devices} device(s), compiled for {self.platform}:"]
         lines += [f"  {name:42s} {size / gib:9.2f} GiB" for name, size in rows]
         if self.platform == "cpu":
-            lines += [f"    {'of which float32 copies of bf16 arrays':40s} {self.cpu_copy_bytes / gib:9.2f} GiB   "
-                      "(XLA's CPU backend makes them for its loops; a GPU reads bf16 directly)",
-                      f"  {'total on this CPU':42s} {self.total_bytes / gib:9.2f} GiB",
+            lines.append(f"    {copies:40s} {self.cpu_copy_bytes / gib:9.2f} GiB   "
+                         "(XLA's CPU backend makes them for its loops; a GPU reads bf16 directly)")
+        if self.rollout_bytes:
+            lines.append(f"  {'rollouts: KV cache, policy, generation':42s} {self.rollout_bytes / gib:9.2f} GiB   "
+                         "(not live during the update: the larger of the two counts)")
+            if self.platform == "cpu":
+                lines.append(f"    {copies:40s} {self.rollout_cpu_copy_bytes / gib:9.2f} GiB")
+        if self.platform == "cpu":
+            lines += [f"  {'total on this CPU':42s} {self.total_bytes / gib:9.2f} GiB",
                       f"  {'total on a GPU (estimate: without them)':42s} {self.gpu_bytes / gib:9.2f} GiB"]
         else:
             lines.append(f"  {'total':42s} {self.total_bytes / gib:9.2f} GiB")
@@ -112,13 +129,28 @@ def plan(config: ml_collections.ConfigDict, *, device_memory: int) -> Plan:
     init = jax.jit(transform.init).lower(master).compile()
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              jax.eval_shape(transform.init, master), init.output_shardings)
-    rows = config.data.batch_size * config.optimizer.grad_accum
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    batch = {name: jax.ShapeDtypeStruct((rows, config.data.seq_len), dtype, sharding=batch_sharding)
-             for name, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32),
-                                 ("segment_ids", jnp.int32), ("positions", jnp.int32))}
-    steps = trainer.make_steps(config, graphdef, dtypes, transform, schedule)
-    compiled = steps.train.lower(master, opt_state, frozen, batch, jnp.int32(0)).compile()
+    rollout = {}
+    if config.method == "grpo":
+        rows, length = config.grpo.prompts_per_step * config.grpo.group_size, _grpo_length(config)
+        batch = _abstract_batch(mesh, rows, length, (("counted", jnp.bool_),))
+        advantages = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=batch["inputs"].sharding)
+        settings = grpo.LossSettings(epsilon_low=config.grpo.epsilon_low, epsilon_high=config.grpo.epsilon_high,
+                                     beta=config.grpo.beta, normalisation=config.grpo.normalisation,
+                                     max_completion_length=config.grpo.max_completion_tokens)
+        steps = grpo.make_policy_steps(graphdef, dtypes, transform, settings, remat=config.model.remat,
+                                       micro_batches=config.optimizer.grad_accum)
+        logprobs = jax.ShapeDtypeStruct((rows, length), jnp.float32, sharding=batch["inputs"].sharding)
+        known = logprobs if config.grpo.inner_steps > 1 else None
+        reference = logprobs if config.grpo.beta > 0 else None
+        compiled = steps.update.lower(master, opt_state, frozen, batch, known, reference, advantages).compile()
+        rollout = _rollout_memory(model, graphdef, master, dtypes, frozen, mesh, config.grpo.prompts_per_step, rows,
+                                  config.grpo.max_prompt_tokens,
+                                  config.grpo.max_prompt_tokens + config.grpo.max_completion_tokens, platform)
+    else:
+        rows = config.data.batch_size * config.optimizer.grad_accum
+        batch = _abstract_batch(mesh, rows, config.data.seq_len, (("weights", jnp.float32),))
+        steps = trainer.make_steps(config, graphdef, dtypes, transform, schedule)
+        compiled = steps.train.lower(master, opt_state, frozen, batch, jnp.int32(0)).compile()
     return Plan(
         devices=mesh.size,
         frozen_bytes=_per_device(frozen),
@@ -129,7 +161,55 @@ def plan(config: ml_collections.ConfigDict, *, device_memory: int) -> Plan:
         device_memory=device_memory,
         platform=platform,
         cpu_copy_bytes=cpu_float32_copies(compiled.as_text()) if platform == "cpu" else 0,
+        **rollout,
     )
+
+
+def _abstract_batch(mesh, rows: int, length: int, extra) -> dict[str, jax.ShapeDtypeStruct]:
+    """A training batch's abstract arrays [rows, length], rows over data x fsdp: tokens, positions, segments and
+    the step's own `extra` (name, dtype)."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    names = (("inputs", jnp.int32), ("targets", jnp.int32), ("segment_ids", jnp.int32), ("positions", jnp.int32))
+    return {name: jax.ShapeDtypeStruct((rows, length), dtype, sharding=sharding) for name, dtype in (*names, *extra)}
+
+
+def _grpo_length(config: ml_collections.ConfigDict) -> int:
+    """A GRPO update's positions at most: the longest prompt plus the completion budget, rounded up to 64 (as
+    the run pads them)."""
+    return -(-(config.grpo.max_prompt_tokens + config.grpo.max_completion_tokens) // 64) * 64
+
+
+def _rollout_memory(model, graphdef, master, dtypes, frozen, mesh, prompts: int, rows: int, prompt_length: int,
+                    capacity: int, platform: str) -> dict:
+    """The rollouts' bytes per device: the policy in the model's dtypes (where they differ from the master
+    copy's), the KV cache of `rows` sequences of `capacity` positions, and the larger of the prefill of the
+    `prompts` distinct prompts (of `prompt_length`; their rows share it) with its own cache, and a decode step's
+    temporaries (each with its CPU-only float32 copies)."""
+    from gptoss_jax.generation import cache_shardings, compiled_steps
+
+    policy = jax.tree.map(lambda a, d: jax.ShapeDtypeStruct(a.shape, d, sharding=a.sharding), master, dtypes)
+    cast_bytes = _per_device(policy) if any(a.dtype != d for a, d in zip(
+        jax.tree.leaves(master), jax.tree.leaves(dtypes), strict=True)) else 0
+    merged = nnx.merge(graphdef, policy, frozen)
+    state = nnx.state(merged)
+    prefill, decode = compiled_steps(nnx.graphdef(merged))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def cache_of(count):
+        cache = jax.eval_shape(lambda: model.init_cache(jnp.zeros(count, jnp.int32), capacity))
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cache,
+                            cache_shardings(cache, mesh))
+
+    def phase(step, tokens, cache, extra):
+        compiled = step.lower(state, jax.ShapeDtypeStruct(tokens, jnp.int32, sharding=replicated), cache).compile()
+        copies = cpu_float32_copies(compiled.as_text()) if platform == "cpu" else 0
+        return int(compiled.memory_analysis().temp_size_in_bytes) + extra, copies
+
+    full = cache_of(rows)
+    shared = cache_of(prompts)
+    temporaries, copies = max(phase(prefill, (prompts, prompt_length), shared, _per_device(shared)),
+                              phase(decode, (rows,), full, 0))
+    return {"rollout_bytes": cast_bytes + _per_device(full) + temporaries, "rollout_cpu_copy_bytes": copies}
 
 
 def cpu_float32_copies(hlo: str) -> int:
