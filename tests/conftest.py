@@ -24,3 +24,14 @@ def demo_model_dir(tmp_path_factory):
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "train" / "tiny_demo.py",
                          [f"--config.train.output_dir={output}"])
     return train(config, progress=False).exports["merged"]
+
+
+@pytest.fixture(params=["every expert", "routed"])
+def expert_path(request, monkeypatch):
+    """Both ways a small dense model's few tokens can take: every expert on every token (decode-sized work), or
+    routed to their experts (gathered or grouped), as larger work is."""
+    if request.param == "routed":
+        import gptoss_jax.model
+
+        monkeypatch.setattr(gptoss_jax.model, "EVERY_EXPERT_TOKENS", 0)
+    return request.param

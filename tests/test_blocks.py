@@ -171,7 +171,7 @@ def test_router_matches_transformers():
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 40])
-def test_grouped_experts_match_loop_and_transformers(num_tokens):
+def test_grouped_experts_match_loop_and_transformers(num_tokens, expert_path):
     """Few tokens leave most experts empty (zero-size groups); many tokens fill all of them."""
     moe, router, experts = _moe_pair(seed=num_tokens, num_local_experts=8)
     x = np.random.default_rng(num_tokens).normal(size=(num_tokens, 48)).astype(np.float32)
@@ -219,7 +219,7 @@ def test_bfloat16_experts_follow_float32_reference():
 
 @pytest.mark.parametrize("num_tokens", [1, 40])  # gathered experts (decoding) and the grouped matmul
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "mxfp4"])
-def test_expert_gradients_match_the_loop_over_experts(num_tokens, packed):
+def test_expert_gradients_match_the_loop_over_experts(num_tokens, packed, expert_path):
     """The dispatch's custom gradients (gathers both ways, the grouped matmul's loops, the adapters' products)
     against autodiff of `loop_over_experts` with the adapters merged: tokens, routing weights and LoRA factors."""
     from gptoss_jax.lora import LoraConfig, add_lora

@@ -61,7 +61,7 @@ def test_merged_model_equals_the_adapted_one_on_a_packed_base(tmp_path):
 
 
 @pytest.mark.parametrize("num_tokens", [1, 13])  # gathered experts (decoding) and ragged groups
-def test_grouped_expert_adapters_equal_merged_weights(tmp_path, num_tokens):
+def test_grouped_expert_adapters_equal_merged_weights(tmp_path, num_tokens, expert_path):
     random_hf_model(seed=4, num_hidden_layers=1).save_pretrained(tmp_path / "base")
     model = _adapted(gptoss_jax.load_model(tmp_path / "base", dtype="float32"), ("gate_up_proj", "down_proj"))
     graphdef, stacked = nnx.split(model.banded_blocks.mlp)

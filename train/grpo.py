@@ -387,10 +387,9 @@ def roll_out(generator: Generator, chosen: list, step: int, config: ml_collectio
 
 
 def update_batch(rollout: Rollout, config: ml_collections.ConfigDict):
-    """(batch, advantages, kept): the completions as the training forward reads them (padded to a multiple of 64
-    positions past the longest prompt + max_completion_tokens, so a run compiles its update a few times at most),
-    their group-normalised advantages, and which completions the loss keeps (dynamic sampling leaves out groups
-    of equal rewards; overlong = "mask" leaves out cut completions)."""
+    """(batch, advantages, kept): the completions as the training forward reads them (`update_length`
+    positions), their group-normalised advantages, and which completions the loss keeps (dynamic sampling leaves
+    out groups of equal rewards; overlong = "mask" leaves out cut completions)."""
     g = config.grpo
     advantages = group_advantages(jnp.asarray(rollout.rewards), g.group_size, g.scale)
     kept = np.ones(len(rollout.completions), bool)
@@ -398,10 +397,16 @@ def update_batch(rollout: Rollout, config: ml_collections.ConfigDict):
         kept &= np.repeat(np.asarray(informative_groups(jnp.asarray(rollout.rewards), g.group_size)), g.group_size)
     if g.overlong == "mask":
         kept &= ~np.asarray([s.truncated for s in rollout.samples])
-    length = -(-(max(map(len, rollout.prompts)) + g.max_completion_tokens) // 64) * 64
-    batch = completion_batch(rollout.prompts, rollout.completions, length)
+    batch = completion_batch(rollout.prompts, rollout.completions,
+                             update_length(max(map(len, rollout.prompts)), g.max_completion_tokens))
     batch["counted"] &= kept[:, None]
     return batch, advantages, kept
+
+
+def update_length(longest_prompt: int, max_completion_tokens: int) -> int:
+    """Positions of an update's rows: the longest prompt and the completion budget, rounded up to a multiple of
+    16 (a run compiles its update once per length it meets: a few times, not once per step)."""
+    return -(-(longest_prompt + max_completion_tokens) // 16) * 16
 
 
 def rollout_metrics(rollout: Rollout, chosen: list, config: ml_collections.ConfigDict, kept: np.ndarray) -> dict:

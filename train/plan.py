@@ -131,7 +131,8 @@ def plan(config: ml_collections.ConfigDict, *, device_memory: int) -> Plan:
                              jax.eval_shape(transform.init, master), init.output_shardings)
     rollout = {}
     if config.method == "grpo":
-        rows, length = config.grpo.prompts_per_step * config.grpo.group_size, _grpo_length(config)
+        rows = config.grpo.prompts_per_step * config.grpo.group_size
+        length = grpo.update_length(config.grpo.max_prompt_tokens, config.grpo.max_completion_tokens)
         batch = _abstract_batch(mesh, rows, length, (("counted", jnp.bool_),))
         advantages = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=batch["inputs"].sharding)
         settings = grpo.LossSettings(epsilon_low=config.grpo.epsilon_low, epsilon_high=config.grpo.epsilon_high,
@@ -171,12 +172,6 @@ def _abstract_batch(mesh, rows: int, length: int, extra) -> dict[str, jax.ShapeD
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     names = (("inputs", jnp.int32), ("targets", jnp.int32), ("segment_ids", jnp.int32), ("positions", jnp.int32))
     return {name: jax.ShapeDtypeStruct((rows, length), dtype, sharding=sharding) for name, dtype in (*names, *extra)}
-
-
-def _grpo_length(config: ml_collections.ConfigDict) -> int:
-    """A GRPO update's positions at most: the longest prompt plus the completion budget, rounded up to 64 (as
-    the run pads them)."""
-    return -(-(config.grpo.max_prompt_tokens + config.grpo.max_completion_tokens) // 64) * 64
 
 
 def _rollout_memory(model, graphdef, master, dtypes, frozen, mesh, prompts: int, rows: int, prompt_length: int,
