@@ -74,3 +74,27 @@ def wait_for_checkpoint(process, output: Path, timeout=300):
             return
         time.sleep(0.2)
     raise AssertionError(f"no checkpoint appeared: {process.communicate()[0][-3000:] if process.poll() else ''}")
+
+
+def killed_run_resumes_bit_identically(start, root: Path) -> None:
+    """`start(output) -> Popen` launches a training run. One run goes straight through; another is SIGKILLed after
+    its step-2 checkpoint and started again in the same folder: both must end with bit-identical adapters."""
+    import signal
+
+    from safetensors.numpy import load_file
+
+    straight = start(root / "straight")
+    interrupted = start(root / "killed")
+    wait_for_checkpoint(interrupted, root / "killed")
+    interrupted.send_signal(signal.SIGKILL)
+    interrupted.wait()
+    assert not (root / "killed" / "adapter").exists()  # it did not finish
+    resumed = start(root / "killed")
+    for process in (straight, resumed):
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output[-3000:]
+    a = load_file(root / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(root / "killed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -3,18 +3,15 @@ once (KL to the adapters-off reference, inner steps, micro-batches, several rewa
 resumption after SIGKILL to bit-identical adapters, and the config errors a run is refused with."""
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from gptoss_jax.train.config import ConfigError, load_config
 
-from helpers import wait_for_checkpoint
+from helpers import killed_run_resumes_bit_identically
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "train" / "grpo_tiny_demo.py"
@@ -97,24 +94,10 @@ def _grpo_in_subprocess(output: Path):
 def test_killed_run_resumes_to_bit_identical_adapters(tmp_path):
     """Rollouts are seeded by (train.seed, step, row) and prompts chosen by step: a run killed after its step-2
     checkpoint and resumed samples, scores and updates exactly as an uninterrupted one."""
-    straight = _grpo_in_subprocess(tmp_path / "straight")
-    interrupted = _grpo_in_subprocess(tmp_path / "killed")
-    wait_for_checkpoint(interrupted, tmp_path / "killed")
-    interrupted.send_signal(signal.SIGKILL)
-    interrupted.wait()
-    assert not (tmp_path / "killed" / "adapter").exists()
-    resumed = _grpo_in_subprocess(tmp_path / "killed")
-    for process in (straight, resumed):
-        output, _ = process.communicate(timeout=600)
-        assert process.returncode == 0, output[-3000:]
-    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    rewards = lambda run: [json.loads(line)["reward"] for line in (tmp_path / run / "metrics.jsonl").read_text(  # noqa: E731
-                           ).splitlines() if "reward" in line]
-    assert rewards("straight")[2:] == rewards("killed")[-2:]  # steps 3 and 4 sampled the same completions
+    killed_run_resumes_bit_identically(_grpo_in_subprocess, tmp_path)
+    rewards = {run: [json.loads(line)["reward"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                     if "reward" in line] for run in ("straight", "killed")}
+    assert rewards["straight"][2:] == rewards["killed"][-2:]  # steps 3 and 4 sampled the same completions
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -26,7 +26,7 @@ from gptoss_jax.train.config import ConfigError, load_config
 from gptoss_jax.train.data import DataStats
 from gptoss_jax.train.trainer import Batches, TrainingStopped, load_examples, train
 
-from helpers import free_ports, relative_error, wait_for_checkpoint
+from helpers import free_ports, killed_run_resumes_bit_identically, relative_error
 from layouts import model_with_mxfp4_experts, write_hf_mxfp4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,21 +168,7 @@ def _train_in_subprocess(output: Path, base: Path, extra=()):
 
 
 def test_killed_run_resumes_to_bit_identical_parameters(mxfp4_base, tmp_path):
-    straight = _train_in_subprocess(tmp_path / "straight", mxfp4_base / "mxfp4")
-    interrupted = _train_in_subprocess(tmp_path / "killed", mxfp4_base / "mxfp4")
-    wait_for_checkpoint(interrupted, tmp_path / "killed")
-    interrupted.send_signal(signal.SIGKILL)
-    interrupted.wait()
-    assert not (tmp_path / "killed" / "adapter").exists()  # it did not finish
-    resumed = _train_in_subprocess(tmp_path / "killed", mxfp4_base / "mxfp4")
-    for process in (straight, resumed):
-        output, _ = process.communicate(timeout=600)
-        assert process.returncode == 0, output[-3000:]
-    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    killed_run_resumes_bit_identically(lambda output: _train_in_subprocess(output, mxfp4_base / "mxfp4"), tmp_path)
 
 
 def test_sigterm_checkpoints_and_exits(mxfp4_base, tmp_path):

@@ -11,6 +11,12 @@ the configured normalisation says: "sequence" (each completion's mean, then the 
 paper), "token" (the mean over all sampled tokens of the batch: DAPO) or "dr_grpo" (the sum divided by
 completions x max completion length: Dr. GRPO). eps_high > eps_low is DAPO's asymmetric clipping ("clip-higher").
 These are TRL's GRPOTrainer definitions, so its users' settings mean the same here.
+
+`train` is the loop `gptoss-jax train` runs for method = "grpo": per step, the prompts the step number selects,
+`group_size` completions of each from a `Generator` holding the current parameters (no second engine, no copy of
+the weights; rows seeded by (train.seed, step, row) so that a resumed run samples what the uninterrupted one
+did), the rewards (`gptoss_jax.train.rewards`), then `inner_steps` updates, with the SFT trainer's checkpoints,
+logging, NaN guard, SIGTERM and exports (`trainer.Run`).
 """
 
 from __future__ import annotations
