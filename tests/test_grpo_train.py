@@ -142,7 +142,7 @@ def test_plan_counts_the_larger_of_the_update_and_the_rollouts():
     c, rows, capacity = gptoss_jax.GptOssConfig.tiny(), 2 * 4, 100 + 12
     full_cache = 2 * c.num_full_layers * rows * capacity * c.num_key_value_heads * c.head_dim * 4  # float32 k, v
     assert report.rollout_bytes > full_cache > 0
-    assert report.batch_bytes >= rows * 128 * (4 * 4 + 1)  # 4 int32 arrays and the counted mask, 128 positions
+    assert report.batch_bytes == rows * 112 * (4 * 4 + 1)  # 4 int32 arrays and the counted mask, 100 + 12 positions
     stays = report.frozen_bytes + report.trainable_bytes + report.optimizer_bytes
     assert report.total_bytes == stays + max(report.batch_bytes + report.temporary_bytes, report.rollout_bytes)
     assert "rollouts: KV cache, policy, generation" in report.report()
