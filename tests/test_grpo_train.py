@@ -111,6 +111,7 @@ def test_killed_run_resumes_to_bit_identical_adapters(tmp_path):
     ({"grpo.normalisation": "mean"}, "config.grpo.normalisation: expected one of"),
     ({"grpo.overlong": "drop"}, "config.grpo.overlong: expected one of"),
     ({"grpo.beta": -0.1}, "config.grpo.beta: must be >= 0"),
+    ({"grpo.eval_limit": -1}, "config.grpo.eval_limit: must be >= 0"),
 ])
 def test_bad_grpo_settings_are_config_errors(settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -29,7 +29,7 @@ _CHOICES = {
 _POSITIVE = ("data.seq_len", "data.batch_size", "optimizer.grad_accum", "train.steps", "train.log_every",
              "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "optimizer.learning_rate",
              "grpo.prompts_per_step", "grpo.group_size", "grpo.max_prompt_tokens", "grpo.max_completion_tokens",
-             "grpo.inner_steps")
+             "grpo.inner_steps", "grpo.eval_max_tokens")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -130,7 +130,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.grpo.inner_steps = 1  # optimizer updates on each batch of rollouts (TRL's num_iterations)
     c.grpo.eval_tasks = ()  # eval-harness tasks run every train.eval_every steps (e.g. "synthetic"); empty: none
     c.grpo.eval_efforts = ("low", "medium", "high")
-    c.grpo.eval_limit = 60  # problems per eval task
+    c.grpo.eval_limit = 60  # problems per eval task; 0: all
     c.grpo.eval_max_tokens = 160  # tokens per eval answer (greedy)
 
     c.export = ConfigDict()
@@ -266,7 +266,7 @@ def _validate_grpo(grpo: ml_collections.ConfigDict) -> None:
                           f"{tuple(grpo.rewards)}, {len(grpo.reward_weights)} weights")
     for index, name in enumerate(grpo.rewards):
         rewards.resolve(name, f"config.grpo.rewards[{index}]")
-    for key in ("epsilon_low", "epsilon_high", "beta"):
+    for key in ("epsilon_low", "epsilon_high", "beta", "eval_limit"):
         if grpo[key] < 0:
             raise ConfigError(f"config.grpo.{key}: must be >= 0, got {grpo[key]}")
 

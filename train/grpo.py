@@ -442,7 +442,8 @@ def evaluate(generator: Generator, config: ml_collections.ConfigDict, step: int)
     g, output = config.grpo, Path(config.train.output_dir)
     settings = sweep.defaults()
     settings.tasks, settings.efforts = tuple(g.eval_tasks), tuple(g.eval_efforts)
-    settings.limit, settings.max_tokens, settings.batch_size = g.eval_limit, g.eval_max_tokens, g.eval_limit
+    settings.limit, settings.max_tokens = g.eval_limit, g.eval_max_tokens
+    settings.batch_size = g.eval_limit or settings.batch_size  # a limit of 0 evaluates every problem
     settings.data.synthetic.seed = config.data.synthetic.seed + 1
     if g.task in settings.data and g.task != "synthetic" and g.source:
         settings.data[g.task].source, settings.data[g.task].split = g.source, "test"
