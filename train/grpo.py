@@ -260,8 +260,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
     if (g.prompts_per_step * g.group_size) % micro_batches:
         raise ConfigError(f"config.optimizer.grad_accum: {micro_batches} micro-batches do not split a step's "
                           f"{g.prompts_per_step} x {g.group_size} completions evenly")
-    settings = LossSettings(epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, beta=g.beta,
-                            normalisation=g.normalisation, max_completion_length=g.max_completion_tokens)
+    settings = loss_settings(config)
     with trainer.Run(config, progress=progress) as run:
         mesh = trainer.make_mesh(config)
         generator = Generator(trainer.build_model(config, mesh))
@@ -318,6 +317,13 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
     trained = trainer.merge_trained(graphdef, master, dtypes, frozen)
     exports = trainer.export(trained, config) if start < step == config.train.steps else {}
     return Result(step, mean_rewards, evals, trained, exports)
+
+
+def loss_settings(config: ml_collections.ConfigDict) -> LossSettings:
+    """The loss a training config's grpo settings describe."""
+    g = config.grpo
+    return LossSettings(epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, beta=g.beta,
+                        normalisation=g.normalisation, max_completion_length=g.max_completion_tokens)
 
 
 def load_problems(config: ml_collections.ConfigDict) -> list:

@@ -135,10 +135,8 @@ def plan(config: ml_collections.ConfigDict, *, device_memory: int) -> Plan:
         length = grpo.update_length(config.grpo.max_prompt_tokens, config.grpo.max_completion_tokens)
         batch = _abstract_batch(mesh, rows, length, (("counted", jnp.bool_),))
         advantages = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=batch["inputs"].sharding)
-        settings = grpo.LossSettings(epsilon_low=config.grpo.epsilon_low, epsilon_high=config.grpo.epsilon_high,
-                                     beta=config.grpo.beta, normalisation=config.grpo.normalisation,
-                                     max_completion_length=config.grpo.max_completion_tokens)
-        steps = grpo.make_policy_steps(graphdef, dtypes, transform, settings, remat=config.model.remat,
+        steps = grpo.make_policy_steps(graphdef, dtypes, transform, grpo.loss_settings(config),
+                                       remat=config.model.remat,
                                        micro_batches=config.optimizer.grad_accum)
         logprobs = jax.ShapeDtypeStruct((rows, length), jnp.float32, sharding=batch["inputs"].sharding)
         known = logprobs if config.grpo.inner_steps > 1 else None
