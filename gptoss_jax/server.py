@@ -3,7 +3,8 @@
 HTTP stack: Starlette on uvicorn (the `serve` extra) — a small, widely used ASGI pair: uvicorn parses HTTP,
 Starlette routes and streams server-sent events, and the engine runs in its own thread. Endpoints:
 `POST /v1/chat/completions` (streaming or not), `GET /v1/models`, `GET /health`. The assistant's analysis comes
-back as `reasoning_content` (vLLM's field) and never in `content`; tool calls as `tool_calls` with JSON arguments.
+back as `reasoning_content` and as `reasoning` (the two names vLLM has used; OpenAI's gpt-oss eval client reads
+`reasoning`), never in `content`; tool calls as `tool_calls` with JSON arguments.
 Structured outputs: `response_format` (`json_object`, or `json_schema` — also shown to the model as the developer
 message's `# Response Formats`) holds the final answer to it, and `strict: true` function tools hold their calls'
 arguments to their parameters; the analysis stays free (`gptoss_jax.constrain`).
@@ -104,8 +105,9 @@ def _message(message: Any, index: int) -> dict:
     if not isinstance(message, dict):
         raise BadRequest(f"messages[{index}]: expected an object")
     message = {k: v for k, v in message.items() if v is not None}
-    if "reasoning_content" in message:  # analysis sent back by clients, as vLLM names it
-        message["thinking"] = message.pop("reasoning_content")
+    for name in ("reasoning_content", "reasoning"):  # analysis sent back by clients, under either name
+        if name in message:
+            message["thinking"] = message.pop(name)
     return message
 
 
@@ -152,7 +154,7 @@ class Completion:
             return {}
         if current.channel == "analysis":
             self.reasoning += delta
-            return {"reasoning_content": delta}
+            return {"reasoning_content": delta, "reasoning": delta}
         if current.recipient is not None:  # a tool call's arguments: reported whole at the end
             return {}
         if self.final_only and current.channel != "final":  # a preamble would break the formatted answer
@@ -273,7 +275,7 @@ def create_app(engine: Engine, model_name: str):
                 return error(500, f"generation failed: {reason}", "server_error")
             calls = completion.tool_calls()
             message = {"role": "assistant", "content": completion.content or (None if calls else ""),
-                       "reasoning_content": completion.reasoning or None}
+                       "reasoning_content": completion.reasoning or None, "reasoning": completion.reasoning or None}
             if calls:
                 message["tool_calls"] = calls
             finish = _finish_reason(reason, calls, completion.stopped)

@@ -75,6 +75,16 @@ def test_greedy_completion_equals_generate(client, generator):
         harmony.encode_chat({"messages": [{"role": "user", "content": QUESTION}]}))
 
 
+def test_the_analysis_also_comes_back_as_reasoning(client):
+    """OpenAI's gpt-oss eval client (`ChatCompletionsSampler`) reads `getattr(choice.message, "reasoning", None)`:
+    the analysis is under both names, whole and streamed."""
+    message = _ask(client, QUESTION).choices[0].message
+    assert message.reasoning_content and getattr(message, "reasoning", None) == message.reasoning_content
+    streamed = "".join(getattr(chunk.choices[0].delta, "reasoning", None) or ""
+                       for chunk in _ask(client, QUESTION, stream=True))
+    assert streamed == message.reasoning_content
+
+
 def test_streamed_deltas_add_up_to_the_whole_answer(client):
     whole = _ask(client, QUESTION).choices[0].message
     reasoning, content, finish = "", "", None
@@ -125,6 +135,9 @@ def test_tool_call_round_trip(client):
     response = client.chat.completions.create(model="demo", messages=messages, tools=tools, temperature=0,
                                               max_tokens=40)
     assert response.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    messages[1]["reasoning"] = messages[1].pop("reasoning_content")  # the name newer vLLM and OpenAI's evals use
+    again = client.chat.completions.create(model="demo", messages=messages, tools=tools, temperature=0, max_tokens=40)
+    assert again.usage.prompt_tokens == response.usage.prompt_tokens
     assert response.usage.prompt_tokens == len(harmony.encode_chat({"messages": [
         {"role": "user", "content": "What is 2 + 5?"},
         {"role": "assistant", "thinking": "Use the tool.",
