@@ -27,7 +27,15 @@ from gptoss_jax.serving import Engine, Request
 
 _FIELDS = {"model", "messages", "tools", "tool_choice", "parallel_tool_calls", "reasoning_effort", "temperature",
            "top_p", "top_k", "max_tokens", "max_completion_tokens", "seed", "stop", "stream", "stream_options", "n",
-           "user", "logprobs", "top_logprobs", "response_format"}
+           "logprobs", "top_logprobs", "response_format"}
+# Spec fields that only label or route a request elsewhere (stored completions, billing tiers, abuse and cache
+# keys): accepted, with no effect on what is generated.
+_LABELS = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
+# Spec fields this server honours only at the value that changes nothing (clients send those by default): any
+# other value is a 400 naming the field, never silently ignored.
+_NEUTRAL = {"frequency_penalty": (0, None), "presence_penalty": (0, None), "logit_bias": ({}, None),
+            "audio": (None,), "modalities": (["text"], None), "prediction": (None,), "functions": (None, []),
+            "function_call": (None, "none", "auto"), "web_search_options": (None,), "verbosity": (None,)}
 DEFAULT_MAX_TOKENS = 2048
 
 
@@ -42,9 +50,13 @@ def parse_request(body: Any, max_length: int) -> tuple[list[int], dict[str, Any]
     """(prompt tokens, generation settings) of a chat completion request."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    unknown = sorted(set(body) - _FIELDS)
+    unknown = sorted(set(body) - _FIELDS - _LABELS - set(_NEUTRAL))
     if unknown:
-        raise BadRequest(f"unknown field {unknown[0]!r}; supported: {sorted(_FIELDS)}")
+        raise BadRequest(f"unknown field {unknown[0]!r}; supported: {sorted(_FIELDS | _LABELS)}")
+    for name, neutral in _NEUTRAL.items():
+        if name in body and body[name] not in neutral:
+            raise BadRequest(f"{name}: {json.dumps(body[name])} is not supported by this server (only "
+                             f"{' or '.join(json.dumps(v) for v in neutral)})")
     if body.get("n", 1) != 1:
         raise BadRequest("n: only 1 choice per request is supported")
     if body.get("top_logprobs"):

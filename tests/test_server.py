@@ -357,6 +357,25 @@ def test_streamed_content_never_runs_past_a_stop_string(stops, content):
     assert completion.stopped == (content is not None and content != text)
 
 
+def test_spec_fields_at_their_defaults_are_accepted_and_other_values_named():
+    """What the openai client and other libraries send by default (penalties at 0, metadata, store, user, service
+    tier) is accepted; a spec field at a value the server cannot honour, and a name outside the spec, is a 400."""
+    from gptoss_jax.server import BadRequest, parse_request
+
+    messages = [{"role": "user", "content": "hi"}]
+    plain = parse_request({"messages": messages}, 512)
+    labelled = parse_request({"messages": messages, "frequency_penalty": 0, "presence_penalty": 0.0,
+                              "logit_bias": {}, "metadata": {"run": "a"}, "store": False, "user": "u",
+                              "service_tier": "auto", "modalities": ["text"]}, 512)
+    assert labelled[0] == plain[0] and labelled[1].keys() == plain[1].keys()
+    for field, value in (("frequency_penalty", 0.5), ("logit_bias", {"1": 5}), ("modalities", ["audio"]),
+                         ("functions", [{"name": "f"}])):
+        with pytest.raises(BadRequest, match=f"^{field}: .* is not supported"):
+            parse_request({"messages": messages, field: value}, 512)
+    with pytest.raises(BadRequest, match="unknown field 'colour'"):
+        parse_request({"messages": messages, "colour": 1}, 512)
+
+
 def _post(server, body: bytes):
     request = urllib.request.Request(server + "/v1/chat/completions", data=body, method="POST")
     try:
