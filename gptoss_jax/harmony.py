@@ -83,6 +83,9 @@ def to_messages(record: Mapping[str, Any]) -> list[Message]:
         except (TypeError, ValueError):
             raise RecordError(f"current_date: expected YYYY-MM-DD, got {date!r}") from None
     tools = [function_tool(i, t) for i, t in enumerate(record.get("tools") or [])]
+    builtin = record.get("builtin_tools") or []
+    if not isinstance(builtin, list | tuple) or set(builtin) - set(BUILTIN_TOOLS):
+        raise RecordError(f"builtin_tools: expected a list of {BUILTIN_TOOLS}, got {builtin!r}")
     schema_format = response_format(record.get("response_format"))
 
     conversation = record["messages"]
@@ -91,7 +94,7 @@ def to_messages(record: Mapping[str, Any]) -> list[Message]:
                                                                                                      "developer"):
         instructions.append(_text(conversation[0], f"messages[{len(instructions)}]"))
         conversation = conversation[1:]
-    messages = [Message("system", system_text(effort, date, has_functions=bool(tools)))]
+    messages = [Message("system", system_text(effort, date, has_functions=bool(tools), builtin_tools=builtin))]
     if instructions or tools or schema_format:
         messages.append(Message("developer", developer_text("\n\n".join(instructions) if instructions else None,
                                                             tools, schema_format)))
@@ -197,12 +200,17 @@ def function_tool(index: int, tool: Any) -> dict[str, Any]:
 # ---- system and developer texts --------------------------------------------------------------------------------
 
 
-def system_text(effort: str = "medium", date: str | None = None, *, has_functions: bool = False) -> str:
+def system_text(effort: str = "medium", date: str | None = None, *, has_functions: bool = False,
+                builtin_tools: Sequence[str] = ()) -> str:
     top = [MODEL_IDENTITY, f"Knowledge cutoff: {KNOWLEDGE_CUTOFF}"] + ([f"Current date: {date}"] if date else [])
     channels = f"# Valid channels: {', '.join(CHANNELS)}. Channel must be included for every message."
     if has_functions:
         channels += "\nCalls to these tools must go to the commentary channel: 'functions'."
-    return "\n\n".join(["\n".join(top), f"Reasoning: {effort}", channels])
+    sections = ["\n".join(top), f"Reasoning: {effort}"]
+    if builtin_tools:  # in a fixed order, whatever the record's
+        sections.append("# Tools\n\n" + "\n\n".join(_BUILTIN_SECTIONS[name]() for name in BUILTIN_TOOLS
+                                                      if name in builtin_tools))
+    return "\n\n".join([*sections, channels])
 
 
 def response_format(value: Any, where: str = "response_format") -> dict[str, Any] | None:
@@ -231,19 +239,74 @@ def developer_text(instructions: str | None, tools: Sequence[Mapping[str, Any]],
                    schema_format: Mapping[str, Any] | None = None) -> str:
     sections = ["# Instructions", instructions] if instructions is not None else []
     if tools:
-        lines = ["## functions\n", "namespace functions {\n"]
-        for tool in tools:
-            lines += [f"// {line}" for line in _lines(tool["description"])]
-            parameters = tool["parameters"]
-            signature = "()" if parameters is None else f"(_: {typescript(parameters)})"
-            lines.append(f"type {tool['name']} = {signature} => any;\n")
-        lines.append("} // namespace functions")
-        sections.append("# Tools\n\n" + "\n".join(lines))
+        sections.append("# Tools\n\n" + _namespace("functions", "", tools))
     if schema_format:
         comment = "".join(f"// {line}\n" for line in _lines(schema_format["description"]))
         schema = json.dumps(schema_format["schema"], ensure_ascii=False, separators=(",", ":"))
         sections.append(f"# Response Formats\n\n## {schema_format['name']}\n\n{comment}{schema}")
     return "\n\n".join(sections)
+
+
+def _namespace(name: str, description: str, tools: Sequence[Mapping[str, Any]]) -> str:
+    """A tool namespace as gpt-oss reads it: `## NAME`, its description as comments, then each function's
+    description and TypeScript signature inside `namespace NAME { ... }`."""
+    lines = [f"## {name}\n", *(f"// {line}" for line in _lines(description)), f"namespace {name} {{\n"]
+    for tool in tools:
+        lines += [f"// {line}" for line in _lines(tool["description"])]
+        parameters = tool["parameters"]
+        signature = "()" if parameters is None else f"(_: {typescript(parameters)})"
+        lines.append(f"type {tool['name']} = {signature} => any;\n")
+    lines.append(f"}} // namespace {name}")
+    return "\n".join(lines)
+
+
+def _browser_section() -> str:
+    number, string = {"type": "number"}, {"type": "string"}
+    functions = [
+        {"name": "search", "description": "Searches for information related to `query` and displays `topn` results.",
+         "parameters": {"type": "object", "required": ["query"], "properties": {
+             "query": string, "topn": {**number, "default": 10}, "source": string}}},
+        {"name": "open", "description": BROWSER_OPEN_DESCRIPTION, "parameters": {"type": "object", "properties": {
+            "id": {"type": ["number", "string"], "default": -1}, "cursor": {**number, "default": -1},
+            "loc": {**number, "default": -1}, "num_lines": {**number, "default": -1},
+            "view_source": {"type": "boolean", "default": False}, "source": string}}},
+        {"name": "find", "description": "Finds exact matches of `pattern` in the current page, or the page given by "
+                                        "`cursor`.",
+         "parameters": {"type": "object", "required": ["pattern"], "properties": {
+             "pattern": string, "cursor": {**number, "default": -1}}}},
+    ]
+    return _namespace("browser", BROWSER_DESCRIPTION, functions)
+
+
+def _python_section() -> str:
+    return f"## python\n\n{PYTHON_DESCRIPTION}"
+
+
+# The built-in tools' descriptions, word for word as gpt-oss was trained with them (openai-harmony renders the same).
+BROWSER_DESCRIPTION = """Tool for browsing.
+The `cursor` appears in brackets before each browsing display: `[{cursor}]`.
+Cite information from the tool using the following format:
+`【{cursor}†L{line_start}(-L{line_end})?】`, for example: `【6†L9-L11】` or `【8†L3】`.
+Do not quote more than 10 words directly from the tool output.
+sources=web (default: web)"""
+BROWSER_OPEN_DESCRIPTION = """Opens the link `id` from the page indicated by `cursor` starting at line number `loc`, \
+showing `num_lines` lines.
+Valid link ids are displayed with the formatting: `【{id}†.*】`.
+If `cursor` is not provided, the most recent page is implied.
+If `id` is a string, it is treated as a fully qualified URL associated with `source`.
+If `loc` is not provided, the viewport will be positioned at the beginning of the document or centered on the most \
+relevant passage, if available.
+Use this function without `id` to scroll to a new location of an opened page."""
+PYTHON_DESCRIPTION = """Use this tool to execute Python code in your chain of thought. The code will not be shown \
+to the user. This tool should be used for internal reasoning, but not for code that is intended to be visible to \
+the user (e.g. when creating plots, tables, or files).
+
+When you send a message containing Python code to python, it will be executed in a stateful Jupyter notebook \
+environment. python will respond with the output of the execution or time out after 120.0 seconds. The drive at \
+'/mnt/data' can be used to save and persist user files. Internet access for this session is UNKNOWN. Depends on \
+the cluster."""
+BUILTIN_TOOLS = ("browser", "python")  # in the order the system message lists them
+_BUILTIN_SECTIONS = {"browser": _browser_section, "python": _python_section}
 
 
 def _lines(text: str) -> list[str]:
@@ -392,7 +455,8 @@ def _turns(messages: Sequence[Message]) -> list[int]:
 
 
 def _visible(messages: Sequence[Message], keep_turn: int | None) -> list[bool]:
-    """Which messages stay: analysis is dropped from turns whose last assistant message is final, except `keep_turn`."""
+    """Which messages stay: analysis is dropped from turns whose last assistant message is final, except `keep_turn`
+    (built-in tool calls and their results are on the analysis channel: they go with it)."""
     turns = _turns(messages)
     last_assistant = {}
     for message, turn in zip(messages, turns, strict=True):
@@ -400,7 +464,7 @@ def _visible(messages: Sequence[Message], keep_turn: int | None) -> list[bool]:
             last_assistant[turn] = message
     finished = {turn for turn, message in last_assistant.items() if message.channel == "final"}
     return [
-        not (m.role == "assistant" and m.channel == "analysis" and t in finished and t != keep_turn)
+        not (m.channel == "analysis" and t in finished and t != keep_turn)
         for m, t in zip(messages, turns, strict=True)
     ]
 

@@ -143,6 +143,34 @@ RECORDS = [
                   {"role": "assistant", "content": "10:00 UTC."}]},
     {"tools": [UNION, CLOCK], "messages": [{"role": "user", "content": "Look up everything."},
                                            {"role": "assistant", "content": "Sure."}]},
+    # the built-in tools: python and browser calls on the analysis channel, their results, then a final answer
+    {"builtin_tools": ["python"], "reasoning_effort": "high", "messages": [
+        {"role": "user", "content": "What is 2**20?"},
+        {"role": "assistant", "channel": "analysis", "content": "Compute it."},
+        {"role": "assistant", "channel": "analysis", "recipient": "python", "content_type": "code",
+         "content": "print(2**20)"},
+        {"role": "tool", "name": "python", "channel": "analysis", "recipient": "assistant", "content": "1048576\n"},
+        {"role": "assistant", "content": "1048576"}]},
+    {"builtin_tools": ["browser"], "current_date": "2025-06-28", "messages": [
+        {"role": "user", "content": "Who wrote Dune?"},
+        {"role": "assistant", "channel": "analysis", "recipient": "browser.search", "content_type": "json",
+         "content": '{"query": "Dune novel author", "topn": 3}'},
+        {"role": "tool", "name": "browser.search", "channel": "analysis", "recipient": "assistant",
+         "content": "[0] Dune (novel) - Wikipedia\nL0: Dune is a 1965 novel by Frank Herbert."},
+        {"role": "assistant", "channel": "analysis", "recipient": "browser.open", "content_type": "json",
+         "content": '{"id": 0, "cursor": 0}'},
+        {"role": "tool", "name": "browser.open", "channel": "analysis", "recipient": "assistant",
+         "content": "[1] Dune (novel)\nL0: Frank Herbert wrote it."},
+        {"role": "assistant", "content": "Frank Herbert 【1†L0】."}]},
+    {"builtin_tools": ["python", "browser"], "tools": [WEATHER], "reasoning_effort": "low", "messages": [
+        {"role": "developer", "content": "Prefer tools."},
+        {"role": "user", "content": "Weather in Oslo, and its square root?"},
+        {"role": "assistant", "thinking": "Weather first.",
+         "tool_calls": [{"function": {"name": "get_weather", "arguments": '{"location": "Oslo"}'}}]},
+        {"role": "tool", "name": "get_weather", "content": "16"},
+        {"role": "assistant", "channel": "analysis", "recipient": "python", "content_type": "code",
+         "content": "import math; math.sqrt(16)"},
+        {"role": "tool", "name": "python", "channel": "analysis", "recipient": "assistant", "content": "4.0"}]},
     {"tools": [CALCULATOR], "messages": [{"role": "user", "content": "1/0?"},
                                          {"role": "assistant", "thinking": "Undefined.",
                                           "content": "Undefined."}]},
@@ -212,6 +240,10 @@ def reference_conversation(record) -> list[oh.Message]:
     system = oh.SystemContent.new().with_reasoning_effort(effort)
     if record.get("current_date"):
         system = system.with_conversation_start_date(record["current_date"])
+    if "python" in record.get("builtin_tools", []):
+        system = system.with_python_tool()
+    if "browser" in record.get("builtin_tools", []):
+        system = system.with_browser_tool()
     out = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
     messages = record["messages"]
     instructions = []

@@ -159,6 +159,7 @@ def test_parser_never_raises_on_arbitrary_tokens(tokens, role):
      r"messages\[1\]: system messages must come before the conversation"),
     ({"messages": [{"role": "tool", "content": "a"}]}, r"messages\[0\]: a tool result needs a 'name'"),
     ({"messages": [], "tools": [{"type": "function"}]}, r"tools\[0\]: expected"),
+    ({"messages": [], "builtin_tools": ["shell"]}, r"builtin_tools: expected a list of \('browser', 'python'\)"),
 ])
 def test_bad_records_name_the_field(record, message):
     with pytest.raises(harmony.RecordError, match=message):
