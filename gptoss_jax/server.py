@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import signal
 import time
 import uuid
@@ -23,20 +24,20 @@ from typing import Any
 from gptoss_jax import constrain, harmony
 from gptoss_jax import tokenizer as tok
 from gptoss_jax.generation import DEFAULT_STOP_TOKENS
-from gptoss_jax.serving import Engine, Request
+from gptoss_jax.serving import MAX_LOGIT_BIAS, Engine, Request
 
 _FIELDS = {"model", "messages", "tools", "tool_choice", "parallel_tool_calls", "reasoning_effort", "temperature",
            "top_p", "top_k", "max_tokens", "max_completion_tokens", "seed", "stop", "stream", "stream_options", "n",
-           "logprobs", "top_logprobs", "response_format"}
+           "logprobs", "top_logprobs", "response_format", "presence_penalty", "frequency_penalty", "logit_bias"}
 # Spec fields that only label or route a request elsewhere (stored completions, billing tiers, abuse and cache
 # keys): accepted, with no effect on what is generated.
 _LABELS = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
 # Spec fields this server honours only at the value that changes nothing (clients send those by default): any
 # other value is a 400 naming the field, never silently ignored.
-_NEUTRAL = {"frequency_penalty": (0, None), "presence_penalty": (0, None), "logit_bias": ({}, None),
-            "audio": (None,), "modalities": (["text"], None), "prediction": (None,), "functions": (None, []),
+_NEUTRAL = {"audio": (None,), "modalities": (["text"], None), "prediction": (None,), "functions": (None, []),
             "function_call": (None, "none", "auto"), "web_search_options": (None,), "verbosity": (None,)}
 DEFAULT_MAX_TOKENS = 2048
+MAX_CHOICES = 64
 
 
 class BadRequest(ValueError):
@@ -57,8 +58,6 @@ def parse_request(body: Any, max_length: int) -> tuple[list[int], dict[str, Any]
         if name in body and body[name] not in neutral:
             raise BadRequest(f"{name}: {json.dumps(body[name])} is not supported by this server (only "
                              f"{' or '.join(json.dumps(v) for v in neutral)})")
-    if body.get("n", 1) != 1:
-        raise BadRequest("n: only 1 choice per request is supported")
     if body.get("top_logprobs"):
         raise BadRequest("top_logprobs: only the chosen token's logprob is returned (logprobs=true)")
     if not isinstance(body.get("messages"), list) or not body["messages"]:
@@ -77,16 +76,26 @@ def parse_request(body: Any, max_length: int) -> tuple[list[int], dict[str, Any]
         final, strict = constrain.for_response_format(record["response_format"]), constrain.strict_tools(tools)
     except (harmony.RecordError, constrain.ConstraintError) as error:
         raise BadRequest(str(error)) from None
+    choices = 1 if body.get("n") is None else body["n"]
+    if isinstance(choices, bool) or not isinstance(choices, int) or not 1 <= choices <= MAX_CHOICES:
+        raise BadRequest(f"n: expected an integer in [1, {MAX_CHOICES}], got {choices!r}")
     settings = {
         "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
         "top_p": _number(body, "top_p", 1.0, 1e-9, 1.0),
         "top_k": int(_number(body, "top_k", 0, 0, 1 << 20)),
-        "seed": int(_number(body, "seed", 0, -(1 << 31), (1 << 31) - 1)),
+        # No seed: a fresh draw per request, as OpenAI samples; choice i of n draws with seed + i.
+        "seed": int(_number(body, "seed", secrets.randbelow(1 << 31), -(1 << 31), (1 << 31) - 1)),
+        "n": choices,
+        "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        "logit_bias": _logit_bias(body.get("logit_bias")),
         "stream": bool(body.get("stream", False)),
         "stop": _stop_strings(body.get("stop")),
         "logprobs": bool(body.get("logprobs", False)),
         "tool_calls": calls_allowed,
-        "constraint": constrain.start(prompt, final, strict) if final or strict else None,
+        # each choice follows the constraint on its own
+        "constraints": [constrain.start(prompt, final, strict) if final or strict else None
+                        for _ in range(choices)],
         "formatted": final is not None,
     }
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -131,6 +140,22 @@ def _number(body: dict, name: str, default, low, high, hint: str = "") -> float:
         explained = f" ({hint})" if hint else ""
         raise BadRequest(f"{name}: expected a number in [{low}, {high}], got {value!r}{explained}")
     return value
+
+
+def _logit_bias(bias: Any) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}, at most MAX_LOGIT_BIAS entries."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise BadRequest(f"logit_bias: expected an object of at most {MAX_LOGIT_BIAS} token ids, got {bias!r}")
+    vocabulary = tok.get_encoding().n_vocab
+    parsed = {}
+    for token in bias:
+        if not (str(token).isdigit() and int(token) < vocabulary):
+            raise BadRequest(f"logit_bias: {token!r} is not a token id in [0, {vocabulary})")
+        name = f"logit_bias[{token!r}]"
+        parsed[int(token)] = _number({name: bias[token]}, name, 0, -100, 100)
+    return parsed
 
 
 def _stop_strings(stop: Any) -> list[str]:
@@ -203,6 +228,10 @@ def _logprob(token: int, logprob: float) -> dict:
             "top_logprobs": []}
 
 
+def _int32(seed: int) -> int:
+    return (seed + (1 << 31)) % (1 << 32) - (1 << 31)
+
+
 def _finish_reason(reason: str, calls: list[dict], stopped: bool) -> str:
     if calls:
         return "tool_calls"
@@ -230,47 +259,56 @@ def create_app(engine: Engine, model_name: str):
         except BadRequest as exc:
             return error(400, str(exc))
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = Request(prompt, settings["max_tokens"], settings["temperature"], settings["top_p"], settings["top_k"],
-                      settings["seed"], DEFAULT_STOP_TOKENS,
-                      on_token=lambda token, logprob: loop.call_soon_threadsafe(
-                          events.put_nowait, ("token", (token, logprob))),
-                      on_done=lambda reason: loop.call_soon_threadsafe(events.put_nowait, ("done", reason)),
-                      constraint=settings["constraint"])
+        events: asyncio.Queue = asyncio.Queue()  # (choice, "token" | "done", value) from the engine thread
+
+        def job(index: int) -> Request:
+            def put(kind):
+                return lambda *value: loop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
+
+            return Request(prompt, settings["max_tokens"], settings["temperature"], settings["top_p"],
+                           settings["top_k"], _int32(settings["seed"] + index), DEFAULT_STOP_TOKENS,
+                           settings["presence_penalty"], settings["frequency_penalty"], settings["logit_bias"],
+                           on_token=put("token"), on_done=put("done"), constraint=settings["constraints"][index])
+
+        jobs = [job(index) for index in range(settings["n"])]  # the engine prefills their shared prompt once
         try:
-            engine.submit(job)
+            for submitted in jobs:
+                engine.submit(submitted)
         except ValueError as exc:
             return error(400, str(exc))
-        completion = Completion(settings["stop"], settings["tool_calls"], settings["formatted"])
+        completions = [Completion(settings["stop"], settings["tool_calls"], settings["formatted"]) for _ in jobs]
         identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
-
-        cancelled, logprobs, finished = [], [], []
+        logprobs = [[] for _ in jobs]
+        reasons: dict[int, str] = {}  # each choice's end, as the engine reported it
 
         async def outcome():
-            """Yields each token's deltas, then (None, finish reason)."""
-            while True:
-                kind, value = await events.get()
+            """Yields (choice, its deltas, None) per token, and (choice, None, finish reason) at its end."""
+            while len(reasons) < len(jobs):
+                index, kind, value = await events.get()
                 if kind == "done":
-                    finished.append(value)
-                    yield None, value
-                    return
+                    reasons[index] = value[0]
+                    yield index, None, value[0]
+                    continue
                 token, logprob = value
-                logprobs.append(_logprob(token, logprob))
+                logprobs[index].append(_logprob(token, logprob))
+                completion = completions[index]
+                stopped = completion.stopped
                 delta = completion.feed(token)
-                if completion.stopped and not cancelled:
-                    engine.cancel(job)
-                    cancelled.append(job)
+                if completion.stopped and not stopped:
+                    engine.cancel(jobs[index])
                 if delta:
-                    yield delta, None
+                    yield index, delta, None
 
         def usage():
-            return {"prompt_tokens": len(prompt), "completion_tokens": len(job.tokens),
-                    "total_tokens": len(prompt) + len(job.tokens)}
+            generated = sum(len(j.tokens) for j in jobs)  # the prompt counts once, as OpenAI bills n choices
+            return {"prompt_tokens": len(prompt), "completion_tokens": generated,
+                    "total_tokens": len(prompt) + generated}
 
         def release():
-            """A client that leaves before the end frees its slot (the engine would decode on for nobody)."""
-            if not finished:
-                engine.cancel(job)
+            """A client that leaves before the end frees its slots (the engine would decode on for nobody)."""
+            for index, unfinished in enumerate(jobs):
+                if index not in reasons:
+                    engine.cancel(unfinished)
 
         if not settings["stream"]:
             async def leaving():
@@ -280,41 +318,49 @@ def create_app(engine: Engine, model_name: str):
 
             watcher = asyncio.create_task(leaving())
             try:
-                reason = [finish async for delta, finish in outcome() if delta is None][0]
+                async for _ in outcome():
+                    pass
             finally:
                 watcher.cancel()
-            if reason.startswith("error"):
-                return error(500, f"generation failed: {reason}", "server_error")
-            calls = completion.tool_calls()
-            message = {"role": "assistant", "content": completion.content or (None if calls else ""),
-                       "reasoning_content": completion.reasoning or None, "reasoning": completion.reasoning or None}
-            if calls:
-                message["tool_calls"] = calls
-            finish = _finish_reason(reason, calls, completion.stopped)
-            choice = {"index": 0, "message": message, "finish_reason": finish,
-                      "logprobs": {"content": logprobs} if settings["logprobs"] else None}
-            return JSONResponse({**identity, "object": "chat.completion", "usage": usage(), "choices": [choice]})
+            failed = [reason for reason in reasons.values() if reason.startswith("error")]
+            if failed:
+                return error(500, f"generation failed: {failed[0]}", "server_error")
+            choices = []
+            for index, completion in enumerate(completions):
+                calls = completion.tool_calls()
+                message = {"role": "assistant", "content": completion.content or (None if calls else ""),
+                           "reasoning_content": completion.reasoning or None,
+                           "reasoning": completion.reasoning or None}
+                if calls:
+                    message["tool_calls"] = calls
+                choices.append({"index": index, "message": message,
+                                "finish_reason": _finish_reason(reasons[index], calls, completion.stopped),
+                                "logprobs": {"content": logprobs[index]} if settings["logprobs"] else None})
+            return JSONResponse({**identity, "object": "chat.completion", "usage": usage(), "choices": choices})
 
         async def events_stream():
-            def chunk(delta, finish=None, **extra):
+            def chunk(index, delta, finish=None, **extra):
                 payload = {**identity, "object": "chat.completion.chunk", **extra,
-                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                           "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
                 return f"data: {json.dumps(payload)}\n\n"
 
             try:
-                yield chunk({"role": "assistant", "content": ""})
-                async for delta, reason in outcome():
+                for index in range(len(jobs)):
+                    yield chunk(index, {"role": "assistant", "content": ""})
+                async for index, delta, reason in outcome():
                     if delta is not None:
-                        yield chunk(delta)
+                        yield chunk(index, delta)
                         continue
+                    completion = completions[index]
                     if rest := completion.rest():
-                        yield chunk(rest)
+                        yield chunk(index, rest)
                     calls = completion.tool_calls()
                     if calls:
-                        yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
-                    final = _finish_reason(reason, calls, completion.stopped)
-                    include_usage = (body.get("stream_options") or {}).get("include_usage")
-                    yield chunk({}, final, **({"usage": usage()} if include_usage else {}))
+                        yield chunk(index, {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+                    yield chunk(index, {}, _finish_reason(reason, calls, completion.stopped))
+                if (body.get("stream_options") or {}).get("include_usage"):  # a last chunk with no choices
+                    last = {**identity, "object": "chat.completion.chunk", "choices": [], "usage": usage()}
+                    yield f"data: {json.dumps(last)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # also when the client disconnects, which closes this generator
                 release()

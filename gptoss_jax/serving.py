@@ -1,13 +1,16 @@
 """Continuous batching for the server: a fixed number of cache rows (slots), one decode step for all of them at
 a time, and a finished request's slot refilled by the next request while the others keep decoding.
 
-A request is prefilled alone (its prompt left-padded to a power-of-two bucket, so few shapes compile) and its
-cache row copied into its slot; every step then decodes all slots at once, each row at its own position, and
-samples each row with its own settings. A request may carry a constraint (`gptoss_jax.constrain`, a structured
-output): its allowed next tokens are written into a bitmask on the host while the device decodes, and the step's
-logits are masked only when some row is restricted. Under `jax.distributed`, process 0 makes every decision and
-broadcasts it as a plan before each step; the other processes run the same jitted steps on their shards
-(`Engine.follow`).
+Requests admitted at the same step are prefilled together: their prompts left-padded to a power-of-two length
+bucket and the rows to a power-of-two count (so few shapes compile), a prompt that several requests share (the n
+choices of one chat request) prefilled once; each row is copied into its request's slot. Every step then decodes
+all slots at once, each row at its own position, and samples each row with its own settings: temperature, top-k,
+top-p, seed, and the OpenAI logit adjustments (presence / frequency penalties over the tokens the request has
+generated, `logit_bias`), added to the logits before any of the others. A request may carry a constraint
+(`gptoss_jax.constrain`, a structured output): its allowed next tokens are written into a bitmask on the host
+while the device decodes, and the step's logits are masked only when some row is restricted. Under
+`jax.distributed`, process 0 makes every decision and broadcasts it as a plan before each step; the other processes
+run the same jitted steps on their shards (`Engine.follow`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from gptoss_jax.model import GptOss, KVCache
 log = logging.getLogger(__name__)
 
 MAX_STOP_TOKENS = 8
+MAX_LOGIT_BIAS = 300  # tokens per request, as OpenAI allows
 DEFAULT_CONTEXT = 8192  # tokens per request, prompt included, unless the model holds fewer
 
 
@@ -44,11 +48,24 @@ class Request:
     top_k: int = 0
     seed: int = 0
     stop_tokens: tuple[int, ...] = ()
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # subtracted once per time the token has been generated
+    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)  # token -> added to its logit
     on_token: Callable[[int, float], None] = lambda token, logprob: None  # called on the engine thread
     on_done: Callable[[str], None] = lambda reason: None  # "stop", "length", "cancelled" or "error: ..."
     tokens: list[int] = dataclasses.field(default_factory=list)
     cancelled: bool = False  # set by Engine.cancel: a request still queued is never admitted
     constraint: constrain.RowState | None = None  # a structured output (single-process servers)
+    counts: dict[int, int] = dataclasses.field(default_factory=dict)  # generated tokens, for the penalties
+
+    def adjustments(self) -> dict[int, float] | None:
+        """What this request adds to the logits of the next step, by token (None: nothing)."""
+        if not (self.presence_penalty or self.frequency_penalty or self.logit_bias):
+            return None
+        added = dict(self.logit_bias)
+        for token, count in self.counts.items():
+            added[token] = added.get(token, 0.0) - self.presence_penalty - self.frequency_penalty * count
+        return added
 
 
 class Engine:
@@ -73,14 +90,16 @@ class Engine:
         self._thread: threading.Thread | None = None
 
         @functools.partial(jax.jit, donate_argnums=0)
-        def insert(cache, row, slot):
-            return jax.tree.map(lambda whole, one: _set_row(whole, one, slot), cache, row)
+        def insert(cache, batch, rows, slots):
+            return jax.tree.map(lambda whole, part: _set_rows(whole, part, rows, slots), cache, batch)
 
         self._prefill, self._decode = compiled_steps(self.graphdef)
         self._insert = insert
         self._sample = jax.jit(_sample_rows)
         self._mask = jax.jit(constrain.apply)
         self._argmax = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        self._adjust = jax.jit(lambda logits, tokens, added: logits.at[jnp.arange(logits.shape[0])[:, None],
+                                                                        tokens].add(added.astype(logits.dtype)))
         self._logprob = jax.jit(lambda logits, tokens: jnp.take_along_axis(
             jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), tokens[:, None], axis=-1)[:, 0])
 
@@ -93,6 +112,8 @@ class Engine:
                              f"more, but this server's context holds {self.max_length} tokens")
         if len(request.stop_tokens) > MAX_STOP_TOKENS:
             raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens")
+        if len(request.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens")
         if request.constraint is not None and jax.process_count() > 1:
             raise ValueError("structured outputs (response_format, strict tools) are served by single-process "
                              "servers only: the other processes would need every step's token masks")
@@ -158,8 +179,11 @@ class Engine:
         then decodes every busy slot once."""
         for slot in cancelled:
             self.active.pop(slot).on_done("cancelled")
+        buckets: dict[int, list[tuple[int, Request]]] = {}
         for slot, request in admissions:
-            self._admit(slot, request)
+            buckets.setdefault(self._bucket(request), []).append((slot, request))
+        for bucket, admitted in buckets.items():
+            self._admit(bucket, admitted)
         if self.active:
             logits, self.cache = self._decode(self.state, self._replicated(self.last_tokens), self.cache)
             self.steps += 1
@@ -172,38 +196,61 @@ class Engine:
         while (plan := _exchange(None, self.template)) is not None:
             admissions = [
                 (int(slot), Request(prompt[prompt >= 0].tolist(), int(limit), float(t), float(p), int(k), int(s),
-                                    tuple(int(x) for x in stops if x >= 0)))
-                for slot, prompt, limit, t, p, k, s, stops in zip(
+                                    tuple(int(x) for x in stops if x >= 0), float(presence), float(frequency),
+                                    {int(x): float(v) for x, v in zip(biased, bias, strict=True) if x >= 0}))
+                for slot, prompt, limit, t, p, k, s, stops, presence, frequency, biased, bias in zip(
                     plan["slot"], plan["prompt"], plan["max_tokens"], plan["temperature"], plan["top_p"],
-                    plan["top_k"], plan["seed"], plan["stop_tokens"], strict=True)
+                    plan["top_k"], plan["seed"], plan["stop_tokens"], plan["presence_penalty"],
+                    plan["frequency_penalty"], plan["bias_tokens"], plan["bias_values"], strict=True)
                 if slot >= 0
             ]
             self.step(admissions, [int(slot) for slot in plan["cancelled"] if slot >= 0])
 
     # ---- the steps ------------------------------------------------------------------------------------------
 
-    def _admit(self, slot: int, request: Request) -> None:
-        # The prompt is left-padded to a power of two (few prefill shapes) and decoding writes after the padding:
-        # near the end of the context the bucket shrinks so that the new tokens still fit in the cache.
+    def _bucket(self, request: Request) -> int:
+        """The length its prompt is left-padded to: a power of two (few prefill shapes), shrunk near the end of
+        the context so that the new tokens, written after the padding, still fit in the cache."""
         room = self.max_length - request.max_tokens + 1  # the last new token is returned, never written
-        bucket = min(max(16, 1 << (len(request.prompt) - 1).bit_length()), room)
-        tokens = np.zeros((1, bucket), np.int32)
-        tokens[0, bucket - len(request.prompt):] = request.prompt
-        empty = self.model.init_cache(jnp.asarray([bucket - len(request.prompt)], jnp.int32), self.max_length)
-        logits, row = self._prefill(self.state, self._replicated(tokens), self._place(empty))
-        self.cache = self._insert(self.cache, row, slot)
-        for name in self.settings:
-            self.settings[name][slot] = getattr(request, name)
-        self.steps[slot] = 0
-        self.active[slot] = request
-        self._deliver(logits, [slot])
+        return min(max(16, 1 << (len(request.prompt) - 1).bit_length()), room)
+
+    def _admit(self, bucket: int, admitted: list[tuple[int, Request]]) -> None:
+        """One prefill for requests whose prompts share a bucket: each distinct prompt once, the rows padded to a
+        power of two with copies of the first; each request's row then copied into its slot."""
+        prompts = list(dict.fromkeys(tuple(request.prompt) for _, request in admitted))
+        rows = 1 << (len(prompts) - 1).bit_length()
+        tokens, starts = np.zeros((rows, bucket), np.int32), np.zeros(rows, np.int32)
+        for row in range(rows):
+            prompt = prompts[row] if row < len(prompts) else prompts[0]
+            tokens[row, bucket - len(prompt):], starts[row] = prompt, bucket - len(prompt)
+        logits, batch = self._prefill(self.state, self._replicated(tokens),
+                                      self._place(self.model.init_cache(jnp.asarray(starts), self.max_length)))
+        source = [prompts.index(tuple(request.prompt)) for _, request in admitted]
+        slots = [slot for slot, _ in admitted]
+        padding = (1 << (len(admitted) - 1).bit_length()) - len(admitted)  # repeats of the first write: few shapes
+        self.cache = self._insert(self.cache, batch, self._replicated(np.asarray(source + source[:1] * padding)),
+                                  self._replicated(np.asarray(slots + slots[:1] * padding)))
+        for slot, request in admitted:
+            for name in self.settings:
+                self.settings[name][slot] = getattr(request, name)
+            self.steps[slot] = 0
+            self.active[slot] = request
+        self._deliver(logits[self._replicated(np.asarray(source, np.int32))], slots)
 
     def _deliver(self, logits: jax.Array, slots: list[int]) -> None:
         """Samples each slot's next token and hands it to its request; finished requests free their slot."""
         rows = np.asarray(slots, np.int32)
         if logits.shape[0] != len(slots):
             logits = logits[self._replicated(rows)]
-        model_logits = logits  # logprobs are the model's, also for tokens the constraint chose among
+        model_logits = logits  # logprobs are the model's, before any adjustment, penalty or mask
+        added = [self.active[slot].adjustments() for slot in slots]
+        if any(added):  # else no adjustment work at all
+            width = 1 << (max(len(a or ()) for a in added) - 1).bit_length()
+            tokens, values = np.zeros((len(slots), width), np.int32), np.zeros((len(slots), width), np.float32)
+            for row, adjustment in enumerate(added):
+                tokens[row, : len(adjustment or ())] = list(adjustment or ())
+                values[row, : len(adjustment or ())] = list((adjustment or {}).values())
+            logits = self._adjust(logits, self._replicated(tokens), self._replicated(values))
         if any(self.active[slot].constraint is not None for slot in slots):  # else no mask work at all
             restricted = [constrain.fill(self.active[slot].constraint, self.bitmask, slot) for slot in slots]
             if any(restricted):  # masks filled on the host while the device computes the logits
@@ -218,6 +265,7 @@ class Engine:
             request = self.active[slot]
             self.last_tokens[slot] = token
             request.tokens.append(token)
+            request.counts[token] = request.counts.get(token, 0) + 1
             request.on_token(token, logprob)
             if token in request.stop_tokens or len(request.tokens) >= request.max_tokens:
                 del self.active[slot]
@@ -248,10 +296,12 @@ class Engine:
                        *(sharding.put(np.asarray(a), rows) for a in (cache.start, cache.length)))
 
 
-def _set_row(whole: jax.Array, one: jax.Array, slot) -> jax.Array:
-    """Row `slot` of a cache array: axis 1 of [layers, B, ...] tensors, axis 0 of start / length [B]."""
-    axis = 1 if whole.ndim > 1 else 0
-    return jax.lax.dynamic_update_index_in_dim(whole, jnp.take(one, 0, axis=axis), slot, axis)
+def _set_rows(whole: jax.Array, part: jax.Array, rows: jax.Array, slots: jax.Array) -> jax.Array:
+    """Rows `rows` of a prefilled batch written to rows `slots` of a cache array: axis 1 of [layers, B, ...]
+    tensors, axis 0 of start / length [B]."""
+    if whole.ndim == 1:
+        return whole.at[slots].set(part[rows])
+    return whole.at[:, slots].set(part[:, rows])
 
 
 def _sample_rows(logits, *, steps, temperature, top_p, top_k, seed):
@@ -282,12 +332,17 @@ def _plan(admissions, cancelled, slots: int, max_length: int) -> dict[str, np.nd
             "max_tokens": np.zeros(slots, np.int32), "temperature": np.zeros(slots, np.float32),
             "top_p": np.ones(slots, np.float32), "top_k": np.zeros(slots, np.int32), "seed": np.zeros(slots, np.int32),
             "stop_tokens": np.full((slots, MAX_STOP_TOKENS), -1, np.int32),
+            "presence_penalty": np.zeros(slots, np.float32), "frequency_penalty": np.zeros(slots, np.float32),
+            "bias_tokens": np.full((slots, MAX_LOGIT_BIAS), -1, np.int32),
+            "bias_values": np.zeros((slots, MAX_LOGIT_BIAS), np.float32),
             "cancelled": np.full(slots, -1, np.int32)}
     for index, (slot, request) in enumerate(admissions):
         plan["slot"][index] = slot
         plan["prompt"][index, : len(request.prompt)] = request.prompt
         plan["stop_tokens"][index, : len(request.stop_tokens)] = request.stop_tokens
-        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        plan["bias_tokens"][index, : len(request.logit_bias)] = list(request.logit_bias)
+        plan["bias_values"][index, : len(request.logit_bias)] = list(request.logit_bias.values())
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty"):
             plan[name][index] = getattr(request, name)
     plan["cancelled"][: len(cancelled)] = cancelled
     return plan

@@ -199,6 +199,69 @@ def test_server_engine_decodes_like_generate_at_every_bucket_and_context_edge(pa
         engine.submit(Request(list(range(40)), 25))
 
 
+def _run_engine(engine, requests, timeout=300):
+    """Submits every request before the engine starts (they are admitted in one step), waits for their ends."""
+    ends = []
+    for request in requests:
+        request.on_done = ends.append
+        engine.submit(request)
+    engine.start()
+    try:
+        deadline = time.time() + timeout
+        while len(ends) < len(requests) and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        engine.stop()
+    return ends
+
+
+def test_requests_admitted_together_share_one_prefill_per_bucket_and_decode_as_alone(pair):
+    """Five requests arriving together: two prompt buckets (16 and 32 positions), two requests with the same
+    prompt (one prefill row), so two prefills of [2, 16] and [2, 32] rows; each decodes as `generate` alone."""
+    _, model = pair
+    engine = Engine(model, slots=8, max_length=64)
+    prefilled = []
+    prefill = engine._prefill
+    engine._prefill = lambda state, tokens, cache: prefilled.append(tokens.shape) or prefill(state, tokens, cache)
+    rng = np.random.default_rng(9)
+    short, other, long = (rng.integers(0, 300, n).tolist() for n in (5, 14, 20))
+    requests = [Request(short, 8), Request(other, 6), Request(short, 8), Request(long, 7), Request(long[:18], 9)]
+    assert _run_engine(engine, requests) == ["length"] * 5
+    assert sorted(prefilled) == [(2, 16), (2, 32)]
+    generator = Generator(model)
+    for request in requests:
+        assert request.tokens == generator.generate([request.prompt], request.max_tokens, stop_tokens=[])[0]
+
+
+def test_penalties_and_logit_bias_change_the_logits_as_openai_defines_them(pair):
+    """Greedy decoding under presence / frequency penalties (over the generated tokens) and a logit bias, against
+    a loop that recomputes the whole sequence's logits and applies OpenAI's formula in numpy:
+    logit[t] + bias[t] - presence * (count[t] > 0) - frequency * count[t]."""
+    _, model = pair
+    prompt, new = np.random.default_rng(4).integers(0, 300, 9).tolist(), 10
+    plain = Generator(model).generate([prompt], new, stop_tokens=[])[0]
+    settings = [dict(frequency_penalty=1.5), dict(presence_penalty=2.0, frequency_penalty=-0.5),
+                dict(logit_bias={7: 3.0, plain[0]: -100.0})]  # the greedy choice banned
+    requests = [Request(prompt, new, **kwargs) for kwargs in settings]
+    assert _run_engine(Engine(model, slots=4, max_length=64), requests) == ["length"] * 3
+    graphdef, state = nnx.split(model)
+    # Causal: the logits at the last real position ignore the zeros after it, so one shape compiles once.
+    forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens)[0])
+    for kwargs, request in zip(settings, requests, strict=True):
+        tokens, counts = list(prompt), np.zeros(300)
+        for _ in range(new):
+            logits = np.asarray(forward(state, jnp.asarray([tokens + [0] * (32 - len(tokens))]))[len(tokens) - 1],
+                                np.float64)
+            for token, bias in kwargs.get("logit_bias", {}).items():
+                logits[token] += bias
+            logits -= kwargs.get("presence_penalty", 0) * (counts > 0) + kwargs.get("frequency_penalty", 0) * counts
+            tokens.append(int(np.argmax(logits)))
+            counts[tokens[-1]] += 1
+        assert request.tokens == tokens[len(prompt):], kwargs
+        assert request.tokens != plain, kwargs  # the settings made a difference
+    assert plain[0] not in requests[2].tokens
+
+
 def test_a_request_cancelled_while_queued_is_never_run(pair):
     _, model = pair
     engine = Engine(model, slots=1, max_length=64)

@@ -326,6 +326,33 @@ def test_served_adapter_and_sampling_equal_generate(adapted):
     assert expected(generator, **sampled) != expected(generator, **{**sampled, "seed": 12})
 
 
+def test_n_choices_draw_with_seeds_seed_plus_i_and_stream_by_index(adapted):
+    """n = 3 sampled choices through the openai client: choice i draws what `generate` draws with seed + i (the
+    three share one prefill in the engine); streamed, each index's deltas add up to that choice's answer."""
+    url, generator, _ = adapted
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    prompt = harmony.encode_chat({"messages": messages})
+    settings = {"temperature": 1.0, "max_tokens": 10, "seed": 5, "n": 3}
+    response = client.chat.completions.create(model="m", messages=messages, logprobs=True, **settings)
+    assert [choice.index for choice in response.choices] == [0, 1, 2]
+    expected = [generator.generate([prompt], 10, temperature=1.0, seed=5 + i)[0] for i in range(3)]
+    enc = tok.get_encoding()
+    for choice, tokens in zip(response.choices, expected, strict=True):
+        assert [bytes(item.bytes) for item in choice.logprobs.content] == [enc.decode_single_token_bytes(t)
+                                                                            for t in tokens]
+    assert len({tuple(tokens) for tokens in expected}) == 3
+    assert response.usage.prompt_tokens == len(prompt)
+    assert response.usage.completion_tokens == sum(map(len, expected))
+    streamed = {(i, field): "" for i in range(3) for field in ("content", "reasoning")}
+    for chunk in client.chat.completions.create(model="m", messages=messages, stream=True, **settings):
+        for choice in chunk.choices:
+            for field in ("content", "reasoning"):
+                streamed[choice.index, field] += getattr(choice.delta, field, None) or ""
+    assert streamed == {(c.index, field): getattr(c.message, field) or "" for c in response.choices
+                        for field in ("content", "reasoning")}
+
+
 def test_a_client_that_leaves_frees_its_slot(adapted):
     """A streamed request for 1900 tokens (minutes of decoding here) whose client disconnects while it decodes is
     cancelled: its slot frees within seconds."""
@@ -368,10 +395,18 @@ def test_spec_fields_at_their_defaults_are_accepted_and_other_values_named():
                               "logit_bias": {}, "metadata": {"run": "a"}, "store": False, "user": "u",
                               "service_tier": "auto", "modalities": ["text"]}, 512)
     assert labelled[0] == plain[0] and labelled[1].keys() == plain[1].keys()
-    for field, value in (("frequency_penalty", 0.5), ("logit_bias", {"1": 5}), ("modalities", ["audio"]),
-                         ("functions", [{"name": "f"}])):
+    for field, value in (("modalities", ["audio"]), ("functions", [{"name": "f"}])):
         with pytest.raises(BadRequest, match=f"^{field}: .* is not supported"):
             parse_request({"messages": messages, field: value}, 512)
+    for field, value, message in (("frequency_penalty", 2.5, r"expected a number in \[-2.0, 2.0\]"),
+                                  ("logit_bias", {"x": 1}, r"'x' is not a token id in \[0, 201088\)"),
+                                  ("logit_bias", {"5": 101}, r"\['5'\]: expected a number in \[-100, 100\]"),
+                                  ("n", 0, r"expected an integer in \[1, 64\]")):
+        with pytest.raises(BadRequest, match=f"^{field}.*{message}"):
+            parse_request({"messages": messages, field: value}, 512)
+    honoured = parse_request({"messages": messages, "presence_penalty": 0.5, "logit_bias": {"17": -100}, "n": 3},
+                             512)[1]
+    assert (honoured["presence_penalty"], honoured["logit_bias"], honoured["n"]) == (0.5, {17: -100}, 3)
     with pytest.raises(BadRequest, match="unknown field 'colour'"):
         parse_request({"messages": messages, "colour": 1}, 512)
 
