@@ -12,7 +12,8 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from gptoss_jax import harmony
+from gptoss_jax import agent, harmony
+from gptoss_jax import tokenizer as tok
 from gptoss_jax.checkpoint import load_model
 from gptoss_jax.generation import Generator
 from gptoss_jax.lora import load_peft_adapter
@@ -57,6 +58,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def add_tool_arguments(parser: argparse.ArgumentParser) -> None:
+    """The built-in tools (chat, serve)."""
+    parser.add_argument("--tools", default="", metavar="python,browser",
+                        help="built-in tools the model may call: python (a sandboxed Jupyter kernel), browser "
+                        "(search / open / find over --browser-docs)")
+    parser.add_argument("--browser-docs", metavar="DIR", help="the folder of documents the browser tool searches")
+    parser.add_argument("--unsafe-python-tool", action="store_true",
+                        help="run the python tool without its bubblewrap sandbox (README: the python tool's sandbox)")
+    parser.add_argument("--max-turns", type=int, default=16,
+                        help="with --tools: generations per user turn (each tool call takes one)")
+
+
+def tool_names(args: argparse.Namespace) -> list[str]:
+    return [name.strip() for name in args.tools.split(",") if name.strip()]
 
 
 def start(args: argparse.Namespace) -> GptOss:
@@ -139,6 +156,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_chat(args: argparse.Namespace) -> int:
     """Reads user turns until EOF or /exit; earlier turns' analysis is dropped as harmony requires."""
+    if tool_names(args):
+        return _chat_with_tools(args)
     generator = Generator(start(args))
     messages = []
     while True:
@@ -156,6 +175,58 @@ def run_chat(args: argparse.Namespace) -> int:
         if jax.process_index() == 0:
             print()
             _report(turn)
+
+
+def _chat_with_tools(args: argparse.Namespace) -> int:
+    """The chat with built-in tools: each turn runs the agent loop, which prints the model's calls and the tools'
+    answers as they happen."""
+    if args.coordinator or args.distributed:
+        raise ValueError("--tools: chat runs built-in tools in a single process (the tools' answers would have to "
+                         "reach every process)")
+    tools = agent.builtin_tools(tool_names(args), browser_docs=args.browser_docs,
+                                unsafe_python=args.unsafe_python_tool)()  # a missing sandbox fails here
+    generator = Generator(start(args))
+    messages: list[dict] = []
+    with tools:
+        while True:
+            line = _read_line("you> ")
+            if line is None or line.strip() == "/exit":
+                return 0
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            record = {"messages": messages, "reasoning_effort": args.reasoning_effort,
+                      "builtin_tools": sorted(tools)}
+            print("assistant> ", end="", flush=True)
+            printer, parsers = _printer(args.show_analysis), [harmony.StreamParser(role="assistant")]
+
+            def on_token(_conversation: int, token: int, printer=printer, parsers=parsers) -> None:
+                parser = parsers[-1].feed(token)
+                if parser.delta and parser.current.recipient is None:
+                    printer(parser.current.channel, parser.delta)
+                if token in (tok.CALL, tok.RETURN):  # the next generation starts after `<|start|>assistant`
+                    parsers.append(harmony.StreamParser(role="assistant"))
+
+            def on_step(_conversation: int, step: agent.Step) -> None:
+                for message in step.messages:
+                    if step.kind == "tool":
+                        print(f"\n[{message.name} answered]\n{message.text}", flush=True)
+                    elif message.recipient is not None:
+                        print(f"\n[call {message.recipient}]\n{message.text}", flush=True)
+
+            started = time.perf_counter()
+            (done,) = agent.run(generator, [record], [tools], max_turns=args.max_turns,
+                                max_new_tokens=args.max_new_tokens,
+                                max_tokens=generator.model.config.max_position_embeddings,
+                                temperature=args.temperature, top_p=args.top_p, seed=args.seed + len(messages),
+                                on_token=on_token, on_step=on_step)
+            messages += done.as_records()
+            generated = sum(step.tokens for step in done.steps if step.kind == "model")
+            print()
+            _report(Turn(done.analysis, done.final, generated, time.perf_counter() - started,
+                         done.finish.removeprefix("error: ") if done.finish.startswith("error") else None))
+            if done.finish not in ("final",) and not done.finish.startswith("error"):
+                print(f"[the turn ended without an answer: {done.finish}]", file=sys.stderr)
 
 
 def _read_line(prompt: str) -> str | None:

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_arguments(generate)
     conversation = commands.add_parser("chat", help="interactive multi-turn harmony chat (/exit or EOF to leave)")
     chat.add_arguments(conversation)
+    chat.add_tool_arguments(conversation)
     serve = commands.add_parser("serve", help="OpenAI-compatible chat completions server (continuous batching)",
                                 description="POST /v1/chat/completions, GET /v1/models, GET /health. Needs the "
                                 "serve extra: pip install 'gptoss-jax[serve]'.")

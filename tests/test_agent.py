@@ -178,3 +178,23 @@ def test_a_real_model_calls_python_and_reads_its_answer(tmp_path):
     assert done.finish == "max_turns"
     assert [m.text for m in done.tool_calls] == ["print(6*7)"] * 2
     assert [s.messages[0].text for s in done.steps if s.kind == "tool"] == ["42"] * 2
+
+
+def test_chat_with_tools_shows_the_calls_and_answers_as_they_happen(tmp_path):
+    """`gptoss-jax chat --tools python` with the python-calling checkpoint: the call and the sandbox's answer
+    are printed, and the turn ends at the loop's turn limit with a note."""
+    import subprocess
+    import sys
+
+    prompt = harmony.encode_chat(record("Compute."))
+    call = python("print(6*7)")
+    bigram_hf_model([prompt[-1], *call], num_hidden_layers=2).save_pretrained(tmp_path / "ckpt")
+    command = [sys.executable, "-m", "gptoss_jax.cli", "chat", "--checkpoint", str(tmp_path / "ckpt"),
+               "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "40", "--max-turns", "3", "--tools", "python"]
+    result = subprocess.run(command, input="Compute.\n/exit\n", capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("[call python]\nprint(6*7)") == 3
+    assert result.stdout.count("[python answered]\n42") == 3
+    assert "[the turn ended without an answer: max_turns]" in result.stderr
+    bad = subprocess.run([*command[:-1], "python,calculator"], input="", capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown built-in tool 'calculator'" in bad.stderr
