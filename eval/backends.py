@@ -8,7 +8,9 @@ metrics do not depend on the backend: token counts are the o200k_harmony encodin
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import itertools
 import os
 import zlib
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ class Request:
     effort: str  # low | medium | high
     seed: int  # sampling seed of this sample
     response_format: dict | None = None  # OpenAI's response_format for the final answer (None: free text)
+    tools: tuple[str, ...] = ()  # built-in tools the model may call ("python", "browser")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Reply:
     completion_tokens: int = 0  # tokens generated (as the backend counts them)
     truncated: bool = False  # stopped by max_tokens
     error: str | None = None  # the generation failed; the sample is recorded as failed
+    tool_calls: tuple[dict, ...] = ()  # built-in calls made: {"recipient", "input", "output"}
 
 
 class BackendError(RuntimeError):
@@ -52,17 +56,23 @@ def _reply_text(analysis: str, final: str, stop: str) -> str:
 
 class JaxBackend:
     """The model in this process; each chunk of requests is one left-padded batched generation, each row sampled
-    with its request's own seed (so what a sample draws does not depend on the chunk it falls in)."""
+    with its request's own seed (so what a sample draws does not depend on the chunk it falls in). Requests with
+    built-in tools run the agent loop instead (a python kernel per sample); `max_tokens` then bounds each of its
+    generations, `max_turns` their number."""
 
-    def __init__(self, generator, *, max_tokens: int, temperature: float, top_p: float):
+    def __init__(self, generator, *, max_tokens: int, temperature: float, top_p: float, max_turns: int = 16,
+                 browser_docs: str | None = None, unsafe_python_tool: bool = False):
         self.generator = generator  # a gptoss_jax.generation.Generator
         self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
+        self.max_turns, self.browser_docs, self.unsafe_python_tool = max_turns, browser_docs, unsafe_python_tool
         self.describe = f"in-process JAX model ({generator.model.config.num_hidden_layers} layers)"
 
     def __call__(self, requests: Sequence[Request]) -> list[Reply]:
-        prompts = [harmony.encode_chat({"messages": [{"role": "user", "content": r.prompt}],
-                                        "reasoning_effort": r.effort, "response_format": r.response_format})
-                   for r in requests]
+        records = [{"messages": [{"role": "user", "content": r.prompt}], "reasoning_effort": r.effort,
+                    "response_format": r.response_format, "builtin_tools": list(r.tools)} for r in requests]
+        if any(r.tools for r in requests):
+            return self._with_tools(requests, records)
+        prompts = [harmony.encode_chat(record) for record in records]
         finals = [constrain.for_response_format(r.response_format) for r in requests]
         try:
             outputs = self.generator.generate(prompts, self.max_tokens, temperature=self.temperature,
@@ -73,6 +83,29 @@ class JaxBackend:
                 return [Reply(error=f"{type(error).__name__}: {error}")]
             return [reply for request in requests for reply in self([request])]
         return [self._reply(tokens) for tokens in outputs]
+
+    def _with_tools(self, requests: Sequence[Request], records: list[dict]) -> list[Reply]:
+        from gptoss_jax import agent
+
+        with contextlib.ExitStack() as stack:
+            toolsets = [stack.enter_context(agent.builtin_tools(
+                r.tools, browser_docs=self.browser_docs, unsafe_python=self.unsafe_python_tool)()) for r in requests]
+            conversations = agent.run(self.generator, records, toolsets, max_turns=self.max_turns,
+                                      max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                                      seed=[r.seed for r in requests])
+        replies = []
+        for record, done in zip(records, conversations, strict=True):
+            calls = [m for m in done.messages if m.role == "assistant" and m.recipient and m.channel == "analysis"]
+            answers = [m for m in done.messages if m.role == "tool"]
+            replies.append(Reply(
+                analysis=done.analysis, final=done.final,
+                output=tok.get_encoding().decode(done.tokens[len(harmony.encode_chat(record)):]),
+                completion_tokens=sum(step.tokens for step in done.steps if step.kind == "model"),
+                truncated=done.finish != "final" and not done.finish.startswith("error"),
+                tool_calls=tuple({"recipient": call.recipient, "input": call.text,
+                                  "output": answer.text if answer else None}
+                                 for call, answer in itertools.zip_longest(calls, answers))))
+        return replies
 
     def _reply(self, tokens: list[int]) -> Reply:
         parsed = harmony.parse(tokens, role="assistant")

@@ -5,6 +5,7 @@ accuracy    mean of the samples' grades (a failed or truncated sample counts as 
 pass@k      the unbiased estimator of Chen et al. (2021) for k = 1, 2, 4, ... up to the samples per problem.
 tokens      analysis and final tokens per sample (o200k_harmony encodings of the texts), mean and median.
 rates       truncated (max_tokens reached), parse failures (the grader read no answer), failed (generation error).
+tools       the built-in tools the task's samples could call, and the calls per sample (mean).
 time        the summed generation wall time of the cell's chunks, and generated tokens per second over it.
 """
 
@@ -40,6 +41,8 @@ def cell_metrics(records: list[dict[str, Any]], samples: int) -> dict[str, Any]:
     ks = sorted({2 ** i for i in range(samples.bit_length()) if 2 ** i <= samples} | {samples})
     count = len(records)
     return {
+        "tools": ", ".join(records[0].get("tools", [])) or "none",
+        "tool_calls_mean": statistics.fmean(len(r.get("tool_calls", [])) for r in records),
         "problems": len(per_problem), "samples": count,
         "accuracy": sum(problem_means) / len(problem_means),
         "stderr": statistics.stdev(problem_means) / math.sqrt(len(problem_means)) if len(problem_means) > 1 else 0.0,
@@ -70,15 +73,15 @@ def markdown(summary: dict[str, Any]) -> str:
     """The results as a markdown table, one row per task x effort."""
     rows = summary["results"]
     pass_keys = [key for key in rows[0] if key.startswith("pass@") and key != "pass@1"] if rows else []
-    header = ["task", "effort", "accuracy", *pass_keys, "analysis tokens (mean / median)",
-              "final tokens (mean / median)", "truncated", "parse failures", "failed", "samples", "time (s)",
-              "tokens/s"]
+    header = ["task", "effort", "tools", "accuracy", *pass_keys, "analysis tokens (mean / median)",
+              "final tokens (mean / median)", "tool calls (mean)", "truncated", "parse failures", "failed", "samples",
+              "time (s)", "tokens/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["task"], row["effort"], f"{row['accuracy']:.3f} ± {row['stderr']:.3f}",
+        cells = [row["task"], row["effort"], row["tools"], f"{row['accuracy']:.3f} ± {row['stderr']:.3f}",
                  *(f"{row[key]:.3f}" for key in pass_keys),
                  f"{row['analysis_tokens_mean']:.1f} / {row['analysis_tokens_median']:g}",
-                 f"{row['final_tokens_mean']:.1f} / {row['final_tokens_median']:g}",
+                 f"{row['final_tokens_mean']:.1f} / {row['final_tokens_median']:g}", f"{row['tool_calls_mean']:.1f}",
                  f"{row['truncated_rate']:.1%}", f"{row['parse_failure_rate']:.1%}", f"{row['failed_rate']:.1%}",
                  str(row["samples"]), f"{row['wall_seconds']:.1f}", f"{row['tokens_per_second']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -23,7 +23,7 @@ from gptoss_jax import tokenizer as tok
 from gptoss_jax.eval import report
 from gptoss_jax.eval.backends import JaxBackend, OpenAIBackend, Request, seed_of
 from gptoss_jax.eval.graders import answer_format, answer_text, grade
-from gptoss_jax.eval.tasks import Problem, load_task, task_name
+from gptoss_jax.eval.tasks import Problem, load_task, task_name, task_tools
 from gptoss_jax.train.config import ConfigError, read_config, setting
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ SAMPLES_FILE, SETTINGS_FILE = "samples.jsonl", "settings.json"
 # Settings that change what a sample's generation is; a rerun into the same output_dir must keep them. (A changed
 # problem — prompt, answer or grader — is caught per sample: its old record is not reused.)
 _GENERATION_KEYS = ("backend", "model.checkpoint", "model.dtype", "model.lora", "endpoint.base_url", "endpoint.model",
-                    "max_tokens", "temperature", "top_p", "seed", "response_format")
+                    "max_tokens", "temperature", "top_p", "seed", "response_format", "max_turns", "browser_docs")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -55,7 +55,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.endpoint.api_key_env = "OPENAI_API_KEY"  # environment variable holding the API key (if any)
     c.endpoint.timeout = 600.0  # seconds per request
 
-    c.tasks = ("synthetic",)  # gsm8k, aime, gpqa, math, synthetic, or paths of custom JSONL files
+    c.tasks = ("synthetic",)  # gsm8k, aime, gpqa, math, synthetic, or paths of custom JSONL files; "+python",
+    # "+browser" after a name lets the model call those built-in tools (e.g. "aime+python"; backend jax)
+    c.max_turns = 16  # with tools: generations per sample (each tool call takes one), each up to max_tokens
+    c.browser_docs = ""  # the folder of documents the browser tool searches (tasks with +browser)
+    c.unsafe_python_tool = False  # run the python tool without its sandbox (README: the python tool's sandbox)
     c.efforts = ("low", "medium", "high")  # reasoning efforts swept
     c.samples = 1  # samples per problem (pass@k is reported for k up to this)
     c.limit = 0  # the first N problems of each task; 0: all
@@ -106,6 +110,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.limit < 0 or config.temperature < 0 or not 0 < config.top_p <= 1:
         raise ConfigError(f"config: limit >= 0, temperature >= 0 and top_p in (0, 1] are required; got "
                           f"{config.limit}, {config.temperature}, {config.top_p}")
+    tools = {tool for entry in config.tasks for tool in task_tools(entry)[1]}
+    if tools and config.backend != "jax":
+        raise ConfigError(f"config.tasks: built-in tools ({', '.join(sorted(tools))}) run with backend 'jax' only")
+    if "browser" in tools and not config.browser_docs:
+        raise ConfigError("config.browser_docs: tasks with +browser need a folder of documents to search")
+    if config.max_turns < 1:
+        raise ConfigError(f"config.max_turns: must be positive, got {config.max_turns}")
     names = [task_name(entry) for entry in config.tasks]
     if len(set(names)) < len(names):
         raise ConfigError(f"config.tasks: two tasks share a name: {names}")
@@ -129,6 +140,7 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, backend=Non
     output = Path(config.output_dir)
     tasks = {task_name(entry): load_task(entry, config.data, limit=config.limit, seed=config.seed)
              for entry in config.tasks}
+    tools = {task_name(entry): task_tools(entry)[1] for entry in config.tasks}
     samples_file = output / SAMPLES_FILE
     _check_settings(output, config)
     records = _read_samples(samples_file)
@@ -154,13 +166,14 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True, backend=Non
                 tqdm(total=generated, desc="eval", unit="sample", disable=not progress) as bar:
             for name, effort, chunk in todo:
                 requests = [Request(problem.prompt, effort, seed_of(config.seed, name, effort, problem.id, k),
-                                    answer_format(problem.grader) if config.response_format else None)
+                                    answer_format(problem.grader) if config.response_format else None,
+                                    tools[name])
                             for problem, k in chunk]
                 start = time.perf_counter()
                 replies = backend(requests)
                 seconds = (time.perf_counter() - start) / len(chunk)
                 for (problem, k), reply in zip(chunk, replies, strict=True):
-                    record = _record(name, effort, problem, k, reply, seconds, config.response_format)
+                    record = _record(name, effort, problem, k, reply, seconds, config.response_format, tools[name])
                     out.write(json.dumps(record, ensure_ascii=False) + "\n")
                     records[_key(name, effort, problem.id, k)] = record
                 out.flush()
@@ -185,7 +198,7 @@ def _chunks(problems: list[Problem], samples: int, size: int) -> list[list[tuple
 
 
 def _record(task: str, effort: str, problem: Problem, sample: int, reply, seconds: float,
-            response_format: str) -> dict[str, Any]:
+            response_format: str, tools: tuple[str, ...]) -> dict[str, Any]:
     encoding = tok.get_encoding()
     answer = answer_text(problem.grader, reply.final) if response_format else reply.final
     graded = grade(problem.grader, answer, problem.answer) if reply.error is None else None
@@ -198,6 +211,7 @@ def _record(task: str, effort: str, problem: Problem, sample: int, reply, second
         "analysis_tokens": len(encoding.encode(reply.analysis, disallowed_special=())),
         "final_tokens": len(encoding.encode(reply.final, disallowed_special=())),
         "completion_tokens": reply.completion_tokens, "seconds": seconds, "error": reply.error,
+        "tools": list(tools), "tool_calls": list(reply.tool_calls),
     }
 
 
@@ -250,4 +264,5 @@ def _backend(config: ml_collections.ConfigDict):
 
     model = load_for_inference(config.model.checkpoint, dtype=config.model.dtype, mesh=config.model.mesh,
                                lora=config.model.lora or None, kernels=config.model.kernels)
-    return JaxBackend(Generator(model), **sampling)
+    return JaxBackend(Generator(model), **sampling, max_turns=config.max_turns,
+                      browser_docs=config.browser_docs or None, unsafe_python_tool=config.unsafe_python_tool)

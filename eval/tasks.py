@@ -9,6 +9,9 @@
   synthetic  the tiny demo's counting questions (`gptoss_jax.train.synthetic`, held-out seed); numeric grader.
   custom     any other task name is a JSONL file of {prompt, answer, grader[, id]}; the task is named after the
              file.
+
+A task entry may name built-in tools after a `+`: "aime+python" is AIME with the python tool (as the model card
+reports it), "gsm8k+python+browser" both tools; the model may call them while it reasons (`gptoss_jax.agent`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_jax.eval.graders import GRADERS, answer_number, boxed
+from gptoss_jax.harmony import BUILTIN_TOOLS
 from gptoss_jax.train.data import DataError, read_records
 from gptoss_jax.train.synthetic import counting_records
 
@@ -41,14 +45,24 @@ class Problem:
     grader: str
 
 
+def task_tools(entry: str) -> tuple[str, tuple[str, ...]]:
+    """(the task's data entry, its built-in tools) of an entry such as "aime+python"."""
+    base, *tools = entry.split("+")
+    if tools and all(tool in BUILTIN_TOOLS for tool in tools):
+        return base, tuple(tools)
+    return entry, ()
+
+
 def task_name(entry: str) -> str:
-    """A task's name in reports: the built-in name, or a custom file's stem."""
-    return entry if entry in BUILTIN else Path(entry).stem
+    """A task's name in reports: the built-in name, or a custom file's stem; with its tools ("aime+python")."""
+    base, tools = task_tools(entry)
+    return "+".join([base if base in BUILTIN else Path(base).stem, *tools])
 
 
 def load_task(entry: str, data: Any, *, limit: int = 0, seed: int = 0) -> list[Problem]:
     """The problems of a built-in task (read from `data.<name>.source`) or of a custom JSONL file; the first
     `limit` of them when limit > 0. Raises TaskError on an unreadable, malformed or empty source."""
+    entry = task_tools(entry)[0]
     if entry == "synthetic":
         problems = _synthetic(data.synthetic.count, data.synthetic.seed)
     elif entry in BUILTIN:

@@ -92,17 +92,19 @@ class Conversation:
 
 def run(generator, records: Sequence[Mapping[str, Any]], toolsets: Sequence[Mapping[str, Any]], *,
         max_turns: int = 16, max_tokens: int = 8192, max_new_tokens: int = 2048, temperature: float = 1.0,
-        top_p: float = 1.0, seed: int = 0, on_token: Callable[[int, int], None] | None = None,
+        top_p: float = 1.0, seed: int | Sequence[int] = 0, on_token: Callable[[int, int], None] | None = None,
         on_step: Callable[[int, Step], None] | None = None) -> list[Conversation]:
     """Runs each record's conversation until the assistant answers, calls a function, or a limit is reached.
 
     toolsets[i]: conversation i's built-in tools by name (a `Toolset`); the model is shown the ones its record
     lists in `builtin_tools`, and a call to one it lacks is answered with an error it can read.
+    seed: one for all (each conversation then draws its own from it and its index), or one per conversation.
     on_token(i, token) sees every generated token; on_step(i, step) every generation and tool answer.
     """
     limit = min(max_tokens, generator.model.config.max_position_embeddings)
-    if len(toolsets) != len(records):
-        raise ValueError(f"{len(toolsets)} toolsets for {len(records)} conversations")
+    seeds = [seed * 1_000_003 + 7_919 * i for i in range(len(records))] if isinstance(seed, int) else list(seed)
+    if not len(toolsets) == len(seeds) == len(records):
+        raise ValueError(f"{len(toolsets)} toolsets and {len(seeds)} seeds for {len(records)} conversations")
     conversations = [Conversation(record, harmony.encode_chat(record), tools)
                      for record, tools in zip(records, toolsets, strict=True)]
     for conversation in conversations:
@@ -124,7 +126,7 @@ def run(generator, records: Sequence[Mapping[str, Any]], toolsets: Sequence[Mapp
             started = time.perf_counter()
             outputs = generator.generate([conversations[i].tokens for i in going], min(max_new_tokens, room),
                                          temperature=temperature, top_p=top_p, stream=stream,
-                                         seed=[harmony_seed(seed, i, turn) for i in going])
+                                         seed=[(seeds[i] + turn * 104_729) % (1 << 31) for i in going])
             seconds = (time.perf_counter() - started) / len(going)
             calls = {}
             for i, output in zip(going, outputs, strict=True):
@@ -145,11 +147,6 @@ def run(generator, records: Sequence[Mapping[str, Any]], toolsets: Sequence[Mapp
         if conversation.finish is None:
             conversation.finish = "max_turns"
     return conversations
-
-
-def harmony_seed(seed: int, conversation: int, turn: int) -> int:
-    """Each conversation's draws at each turn, independent of the others in its batch."""
-    return (seed * 1_000_003 + conversation * 7_919 + turn) % (1 << 31)
 
 
 def _take_output(conversation: Conversation, output: list[int], parsed: harmony.ParseResult, seconds: float,

@@ -212,8 +212,41 @@ def test_every_eval_config_loads(path):
     assert config.tasks and config.efforts == ("low", "medium", "high")
 
 
+def test_a_task_with_the_python_tool_records_its_calls_and_reports_a_tools_column(tmp_path):
+    """A custom task asked "+python" of a checkpoint whose greedy output is a python call (`bigram_hf_model`):
+    each sample records the calls and the sandbox's answers; the report's row names the tools and counts the calls
+    (the model calls again at every turn, so max_turns ends it: truncated, not graded right)."""
+    import shutil
+
+    from hf_models import bigram_hf_model
+
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap (bwrap) is not installed: the python tool's sandbox needs it")
+    record = {"messages": [{"role": "user", "content": "What is 6*7?"}], "reasoning_effort": "low",
+              "builtin_tools": ["python"]}
+    call = harmony.render_message(harmony.Message("assistant", "print(6*7)", "analysis", "python", "code"))
+    bigram_hf_model([harmony.encode_chat(record)[-1], *call[0][call[1]:]], num_hidden_layers=2).save_pretrained(
+        tmp_path / "ckpt")
+    task = tmp_path / "sums.jsonl"
+    task.write_text(json.dumps({"prompt": "What is 6*7?", "answer": "42", "grader": "numeric"}) + "\n")
+    config = _config(tmp_path / "eval", tmp_path / "ckpt", tasks=(f"{task}+python",), efforts=("low",),
+                     max_turns=2)
+    result = sweep.run(config, progress=False)
+    (sample,) = _samples(tmp_path / "eval")
+    assert sample["task"] == "sums+python" and sample["tools"] == ["python"]
+    assert sample["tool_calls"] == [{"recipient": "python", "input": "print(6*7)", "output": "42"}] * 2
+    assert sample["truncated"] and not sample["correct"]
+    (row,) = result.summary["results"]
+    assert (row["tools"], row["tool_calls_mean"]) == ("python", 2.0)
+    assert "| sums+python | low | python | 0.000" in result.report.read_text()
+    config.backend, config.endpoint.base_url = "openai", "http://127.0.0.1:1/v1"
+    with pytest.raises(ConfigError, match="built-in tools \\(python\\) run with backend 'jax' only"):
+        sweep.validate(config)
+
+
 @pytest.mark.parametrize("override, message", [
     ("--config.tasks=gsm9k", "unknown task 'gsm9k'"),
+    ("--config.tasks=gsm8k+browser", "config.browser_docs: tasks with +browser need a folder"),
     ("--config.efforts=low,extreme", "config.efforts: 'extreme'"),
     ("--config.backend=vllm", "config.backend"),
     ("--config.sample=2", "unknown key 'sample'"),
