@@ -6,7 +6,8 @@ Many conversations run at once on one `Generator`: each round generates for ever
 batch), then runs the round's tool calls (in threads: a python call may take seconds). A conversation is kept as
 tokens — the prompt, the model's tokens exactly as sampled, each tool answer rendered as a harmony message — so
 what the model reads back is what it wrote, and as messages, for the caller. Every generation and every tool call
-is recorded as a `Step`. Limits: `max_turns` generations per conversation and `max_tokens` in its context
+is recorded as a `Step`. Limits: `max_turns` generations per conversation (a call made in the last one is left
+unanswered) and `max_tokens` in its context
 (prompt, output and tool answers together).
 
 Each round prefills a conversation's whole context again (`Generator.generate` starts from an empty cache): a tool
@@ -82,7 +83,7 @@ class Conversation:
     @property
     def tool_calls(self) -> list[harmony.Message]:
         """Every built-in call the model made, in order."""
-        return [m for m in self.messages if m.role == "assistant" and _tool_name(m.recipient) is not None]
+        return [m for m in self.messages if m.role == "assistant" and tool_name(m.recipient) is not None]
 
     def as_records(self) -> list[dict[str, Any]]:
         """The added messages as harmony-native record messages (to append to the record and run on)."""
@@ -133,9 +134,11 @@ def run(generator, records: Sequence[Mapping[str, Any]], toolsets: Sequence[Mapp
                 calls[i] = _take_output(conversations[i], output, parsers[i].result(), seconds, limit)
                 if on_step is not None:
                     on_step(i, conversations[i].steps[-1])
-            answers = {i: pool.submit(_answer, conversations[i], call) for i, call in calls.items() if call}
-            for i, answer in answers.items():
-                conversation, step = conversations[i], answer.result()
+            if turn + 1 == max_turns:  # no generation left to read an answer: the calls stay unanswered
+                break
+            pending = {i: pool.submit(answer, conversations[i].tools, call) for i, call in calls.items() if call}
+            for i, future in pending.items():
+                conversation, step = conversations[i], future.result()
                 conversation.steps.append(step)
                 conversation.messages += step.messages
                 conversation.tokens += harmony.render_message(step.messages[0])[0] + ASSISTANT_PROMPT
@@ -171,24 +174,24 @@ def _take_output(conversation: Conversation, output: list[int], parsed: harmony.
     return None
 
 
-def _answer(conversation: Conversation, call: harmony.Message) -> Step:
+def answer(tools: Mapping[str, Any], call: harmony.Message) -> Step:
     """The tool's answer to a built-in call, as the message the model reads (an unknown tool is told so)."""
     started = time.perf_counter()
-    name = _tool_name(call.recipient)
-    tool = conversation.tools.get(name) if name else None
+    name = tool_name(call.recipient)
+    tool = tools.get(name) if name else None
     if tool is None:
-        available = ", ".join(sorted(conversation.tools)) or "none"
+        available = ", ".join(sorted(tools)) or "none"
         text = f"Error: there is no tool {call.recipient!r} in this conversation (tools: {available})."
     else:
         try:
             text = tool.run(call.text) if name == "python" else tool.call(call.recipient, call.text)
         except Exception as error:  # a tool's failure is the model's to read, never the host's end
             text = f"Error: {type(error).__name__}: {error}"
-    answer = harmony.Message("tool", text, call.channel, "assistant", name=call.recipient)
-    return Step("tool", [answer], len(harmony.render_message(answer)[0]), time.perf_counter() - started)
+    reply = harmony.Message("tool", text, call.channel, "assistant", name=call.recipient)
+    return Step("tool", [reply], len(harmony.render_message(reply)[0]), time.perf_counter() - started)
 
 
-def _tool_name(recipient: str | None) -> str | None:
+def tool_name(recipient: str | None) -> str | None:
     """"python" for `python`, "browser" for `browser.search` etc.; None for function calls and plain text."""
     if not recipient or recipient.startswith("functions.") or recipient in ("all", "assistant", "user"):
         return None
@@ -196,7 +199,7 @@ def _tool_name(recipient: str | None) -> str | None:
 
 
 def builtin_tools(names: Sequence[str], *, browser_docs: str | None = None,
-                  unsafe_python: bool = False) -> Callable[[], Toolset]:
+                  unsafe_python: bool = False) -> Callable[..., Toolset]:
     """A maker of the named built-in tools, a fresh `Toolset` per conversation: `python` (a sandboxed kernel) and
     `browser` (over the local folder `browser_docs`, indexed once). Bad names and settings fail here."""
     unknown = set(names) - set(harmony.BUILTIN_TOOLS)
@@ -208,13 +211,34 @@ def builtin_tools(names: Sequence[str], *, browser_docs: str | None = None,
     from gptoss_jax.tools import BrowserTool, LocalBackend, PythonTool
 
     backend = LocalBackend(browser_docs) if "browser" in names else None
+    if "python" in names:  # a machine that cannot sandbox the kernel fails here, before any conversation
+        PythonTool(unsafe=unsafe_python).close()
 
-    def make() -> Toolset:
+    def make(only: Sequence[str] | None = None) -> Toolset:
+        """The tools (all, or those in `only`) of one new conversation."""
+        wanted = names if only is None else only
         made = Toolset()
-        if "browser" in names:
+        if "browser" in wanted:
             made["browser"] = BrowserTool(backend)
-        if "python" in names:
-            made["python"] = PythonTool(unsafe=unsafe_python)
+        if "python" in wanted:
+            made["python"] = _OnFirstUse(lambda: PythonTool(unsafe=unsafe_python))
         return made
 
     return make
+
+
+class _OnFirstUse:
+    """A tool made when the model first calls it: a kernel takes a second to start, and most conversations
+    that may call python never do."""
+
+    def __init__(self, make: Callable[[], Any]):
+        self._make, self._tool = make, None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._tool is None:
+            self._tool = self._make()
+        return getattr(self._tool, name)
+
+    def close(self) -> None:
+        if self._tool is not None:
+            self._tool.close()

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-context", type=int, help="tokens per request, prompt included (default: 8192, or the "
                        "model's max_position_embeddings if smaller)")
     serve.add_argument("--served-model-name", help="the model id clients use (default: the checkpoint's name)")
+    chat.add_tool_arguments(serve)
 
     for name, help_text in (("train", "fine-tune (LoRA or full) from a config file"),
                             ("plan", "compile the train step on abstract inputs and report per-device memory"),

@@ -18,10 +18,11 @@ import secrets
 import signal
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gptoss_jax import constrain, harmony
+from gptoss_jax import agent, constrain, harmony
 from gptoss_jax import tokenizer as tok
 from gptoss_jax.generation import DEFAULT_STOP_TOKENS
 from gptoss_jax.serving import MAX_LOGIT_BIAS, Engine, Request
@@ -47,8 +48,9 @@ class BadRequest(ValueError):
 # ---- requests -------------------------------------------------------------------------------------------------
 
 
-def parse_request(body: Any, max_length: int) -> tuple[list[int], dict[str, Any]]:
-    """(prompt tokens, generation settings) of a chat completion request."""
+def parse_request(body: Any, max_length: int, server_tools: Sequence[str] = ()) -> tuple[list[int], dict[str, Any]]:
+    """(prompt tokens, generation settings) of a chat completion request. `server_tools`: the built-in tools this
+    server runs (`serve --tools`), which a request may enable."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     unknown = sorted(set(body) - _FIELDS - _LABELS - set(_NEUTRAL))
@@ -62,24 +64,21 @@ def parse_request(body: Any, max_length: int) -> tuple[list[int], dict[str, Any]
         raise BadRequest("top_logprobs: only the chosen token's logprob is returned (logprobs=true)")
     if not isinstance(body.get("messages"), list) or not body["messages"]:
         raise BadRequest("messages: a non-empty list is required")
-    tools = body.get("tools") or []
     calls_allowed = _tool_choice(body.get("tool_choice")) != "none"
+    functions, builtin = split_tools(body.get("tools") or [], server_tools)
     if not calls_allowed:
-        tools = []  # the model is not told of them (and `Completion` reports no call)
+        functions, builtin = [], []  # the model is not told of them (and `Completion` reports no call)
     if not isinstance(body.get("parallel_tool_calls", True), bool):
         raise BadRequest("parallel_tool_calls: expected true or false")
-    record = {"messages": [_message(m, i) for i, m in enumerate(body["messages"])],
-              "tools": tools, "reasoning_effort": body.get("reasoning_effort") or "medium",
+    record = {"messages": [_message(m, i) for i, m in enumerate(body["messages"])], "tools": functions,
+              "builtin_tools": builtin, "reasoning_effort": body.get("reasoning_effort") or "medium",
               "response_format": body.get("response_format")}
-    try:
-        prompt = harmony.encode_chat(record)
-        final, strict = constrain.for_response_format(record["response_format"]), constrain.strict_tools(tools)
-    except (harmony.RecordError, constrain.ConstraintError) as error:
-        raise BadRequest(str(error)) from None
+    prompt, settings = prepare(record, max_length, body.get("max_completion_tokens", body.get("max_tokens")),
+                               "max_tokens")
     choices = 1 if body.get("n") is None else body["n"]
     if isinstance(choices, bool) or not isinstance(choices, int) or not 1 <= choices <= MAX_CHOICES:
         raise BadRequest(f"n: expected an integer in [1, {MAX_CHOICES}], got {choices!r}")
-    settings = {
+    settings.update({
         "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
         "top_p": _number(body, "top_p", 1.0, 1e-9, 1.0),
         "top_k": int(_number(body, "top_k", 0, 0, 1 << 20)),
@@ -93,20 +92,57 @@ def parse_request(body: Any, max_length: int) -> tuple[list[int], dict[str, Any]
         "stop": _stop_strings(body.get("stop")),
         "logprobs": bool(body.get("logprobs", False)),
         "tool_calls": calls_allowed,
-        # each choice follows the constraint on its own
-        "constraints": [constrain.start(prompt, final, strict) if final or strict else None
-                        for _ in range(choices)],
-        "formatted": final is not None,
-    }
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    })
+    return prompt, settings
+
+
+# What a request's `tools` may name besides functions: the built-in tools by their harmony names, and by the
+# Responses API's names for the same kinds of tool.
+BUILTIN_TYPES = {"python": "python", "code_interpreter": "python", "browser": "browser", "web_search": "browser",
+                 "web_search_preview": "browser"}
+
+
+def split_tools(tools: Any, server_tools: Sequence[str]) -> tuple[list, list[str]]:
+    """(function tools, names of the built-in tools enabled) of a request's `tools`."""
+    if not isinstance(tools, list):
+        raise BadRequest("tools: expected a list")
+    functions, builtin = [], []
+    for index, tool in enumerate(tools):
+        kind = tool.get("type", "function") if isinstance(tool, dict) else "function"
+        if kind == "function":
+            functions.append(tool)
+        elif kind in BUILTIN_TYPES:
+            name = BUILTIN_TYPES[kind]
+            if name not in server_tools:
+                raise BadRequest(f"tools[{index}]: the built-in {name} tool is not enabled on this server (start it "
+                                 f"with --tools {name})")
+            builtin.append(name)
+        else:
+            raise BadRequest(f"tools[{index}].type: expected \"function\" or a built-in tool "
+                             f"({', '.join(BUILTIN_TYPES)}), got {kind!r}")
+    return functions, sorted(set(builtin))
+
+
+def prepare(record: dict, max_length: int, limit: Any, limit_name: str) -> tuple[list[int], dict[str, Any]]:
+    """The prompt of a conversation record, and the settings that follow from it: the structured-output
+    constraint, the built-in tools, and the completion budget (`limit`: the request's, None for the default)."""
+    try:
+        prompt = harmony.encode_chat(record)
+        final = constrain.for_response_format(record.get("response_format"))
+        strict = constrain.strict_tools(record["tools"])
+        if final or strict:
+            constrain.start(prompt, final, strict)  # a grammar the engine cannot compile is a 400 now
+    except (harmony.RecordError, constrain.ConstraintError) as error:
+        raise BadRequest(str(error)) from None
     room = max_length - len(prompt)
     if room < 1:
         raise BadRequest(f"the prompt is {len(prompt)} tokens; this server's context holds {max_length}")
-    settings["max_tokens"] = min(DEFAULT_MAX_TOKENS, room) if limit is None else int(_number(
-        {"max_tokens": limit}, "max_tokens", 0, 1, room,
+    max_tokens = min(DEFAULT_MAX_TOKENS, room) if limit is None else int(_number(
+        {limit_name: limit}, limit_name, 0, 1, room,
         f"the prompt is {len(prompt)} tokens, so at most {room} more fit in this server's {max_length}-token "
         "context"))
-    return prompt, settings
+    return prompt, {"max_tokens": max_tokens, "final_format": final, "strict_tools": strict,
+                    "formatted": final is not None, "builtin_tools": record["builtin_tools"]}
 
 
 def _tool_choice(choice: Any) -> str:
@@ -189,11 +225,11 @@ class Completion:
         current, delta = self.parser.current, self.parser.delta
         if not delta or current is None or self.stopped:
             return {}
+        if current.recipient is not None:  # a call's arguments or code: reported whole at the end (or run here)
+            return {}
         if current.channel == "analysis":
             self.reasoning += delta
             return {"reasoning_content": delta, "reasoning": delta}
-        if current.recipient is not None:  # a tool call's arguments: reported whole at the end
-            return {}
         if self.final_only and current.channel != "final":  # a preamble would break the formatted answer
             return {}
         self.content += delta
@@ -203,6 +239,10 @@ class Completion:
         held = 0 if self.stopped else max((k for stop in self.stops for k in range(1, len(stop))
                                           if self.content.endswith(stop[:k])), default=0)
         return self._hand_out(len(self.content) - held)
+
+    def new_turn(self) -> None:
+        """The model generates again after a built-in tool's answer: a new `<|start|>assistant` message."""
+        self.parser = harmony.StreamParser(role="assistant")
 
     def rest(self) -> dict[str, str]:
         """The content still held back, once generation has ended."""
@@ -228,6 +268,93 @@ def _logprob(token: int, logprob: float) -> dict:
             "top_logprobs": []}
 
 
+class Choice:
+    """One choice of a request, generated on the engine turn by turn. A turn is one engine request; when the model
+    calls a built-in tool the request enabled, the server answers the call (in a worker thread: python may take
+    seconds) and the next turn generates from the prompt extended by the call and its answer, within the budget
+    left. Events go to `events` as (index, "token", (token, logprob)), (index, "tool", (call, answer)) and, last,
+    (index, "done", reason): "stop", "length", "cancelled" or "error: ...".
+
+    Each turn prefills its whole prompt again (the engine's requests start from an empty cache row)."""
+
+    def __init__(self, engine: Engine, prompt: list[int], settings: dict[str, Any], index: int,
+                 events: asyncio.Queue, make_tools: Callable[[Sequence[str]], agent.Toolset] | None):
+        self.engine, self.prompt, self.settings, self.index, self.events = engine, prompt, settings, index, events
+        self.tools = make_tools(settings["builtin_tools"]) if settings["builtin_tools"] else None
+        self.loop = asyncio.get_running_loop()
+        self.inbox: asyncio.Queue = asyncio.Queue()  # this turn's engine events
+        self.generated = 0  # tokens generated over all turns
+        self.job: Request | None = None
+        self.cancelled = False
+        self.ended = False
+
+    def start(self) -> None:
+        """Submits the first turn now, so that a request the engine refuses fails before any response."""
+        self._submit(self.prompt, 0, self.settings["max_tokens"])
+        asyncio.create_task(self._turns())
+
+    def cancel(self) -> None:
+        """Ends the choice early (its client left, or a stop string was reached)."""
+        if not self.ended:
+            self.cancelled = True
+            if self.job is not None:
+                self.engine.cancel(self.job)
+
+    def _submit(self, prompt: list[int], turn: int, max_tokens: int) -> None:
+        settings = self.settings
+        final, strict = settings["final_format"], settings["strict_tools"]
+
+        def put(kind):
+            return lambda *value: self.loop.call_soon_threadsafe(self.inbox.put_nowait, (kind, value))
+
+        self.job = Request(prompt, max_tokens, settings["temperature"], settings["top_p"], settings.get("top_k", 0),
+                           _int32(settings["seed"] + self.index + turn * 1_000_003), DEFAULT_STOP_TOKENS,
+                           settings.get("presence_penalty", 0.0), settings.get("frequency_penalty", 0.0),
+                           settings.get("logit_bias", {}), on_token=put("token"), on_done=put("done"),
+                           constraint=constrain.start(prompt, final, strict) if final or strict else None)
+        self.engine.submit(self.job)
+
+    async def _turns(self) -> None:
+        prompt, reason = self.prompt, "length"
+        try:
+            for turn in range(self.settings["max_turns"]):
+                if turn:
+                    left = min(self.settings["max_tokens"] - self.generated, self.engine.max_length - len(prompt))
+                    if left < 1 or self.cancelled:
+                        reason = "cancelled" if self.cancelled else "length"
+                        break
+                    self._submit(prompt, turn, left)
+                while (event := await self.inbox.get())[0] == "token":
+                    self.generated += 1
+                    self.events.put_nowait((self.index, "token", event[1]))
+                reason = event[1][0]
+                call = self._builtin_call(reason)
+                if call is None:
+                    break
+                if turn + 1 == self.settings["max_turns"]:  # no turn left to read an answer in
+                    reason = "length"
+                    break
+                step = await asyncio.to_thread(agent.answer, self.tools, call)
+                self.events.put_nowait((self.index, "tool", (call, step.messages[0])))
+                answer = harmony.render_message(step.messages[0])[0]
+                prompt = prompt + self.job.tokens + answer + agent.ASSISTANT_PROMPT
+        except Exception as error:  # a failed turn fails this choice, never the server
+            reason = f"error: {error}"
+        finally:
+            self.ended = True
+            if self.tools is not None:
+                await asyncio.to_thread(self.tools.close)
+            self.events.put_nowait((self.index, "done", reason))
+
+    def _builtin_call(self, reason: str) -> harmony.Message | None:
+        """The built-in call the turn ended with, if it ended with one the server answers."""
+        tokens = self.job.tokens
+        if self.tools is None or reason != "stop" or not tokens or tokens[-1] != tok.CALL:
+            return None
+        messages = harmony.parse(tokens, role="assistant").messages
+        return messages[-1] if messages and agent.tool_name(messages[-1].recipient) else None
+
+
 def _int32(seed: int) -> int:
     return (seed + (1 << 31)) % (1 << 32) - (1 << 31)
 
@@ -241,7 +368,10 @@ def _finish_reason(reason: str, calls: list[dict], stopped: bool) -> str:
 # ---- the app --------------------------------------------------------------------------------------------------
 
 
-def create_app(engine: Engine, model_name: str):
+def create_app(engine: Engine, model_name: str, server_tools: Sequence[str] = (),
+               make_tools: Callable[[Sequence[str]], agent.Toolset] | None = None, max_turns: int = 16):
+    """The ASGI app. `server_tools`: the built-in tools this server runs when a request enables them, each
+    conversation's made by `make_tools(names)` (`agent.builtin_tools`), up to `max_turns` generations each."""
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
@@ -255,60 +385,53 @@ def create_app(engine: Engine, model_name: str):
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return error(400, f"the request body is not valid JSON: {exc}")
         try:
-            prompt, settings = parse_request(body, engine.max_length)
+            prompt, settings = parse_request(body, engine.max_length, server_tools)
         except BadRequest as exc:
             return error(400, str(exc))
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()  # (choice, "token" | "done", value) from the engine thread
-
-        def job(index: int) -> Request:
-            def put(kind):
-                return lambda *value: loop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
-
-            return Request(prompt, settings["max_tokens"], settings["temperature"], settings["top_p"],
-                           settings["top_k"], _int32(settings["seed"] + index), DEFAULT_STOP_TOKENS,
-                           settings["presence_penalty"], settings["frequency_penalty"], settings["logit_bias"],
-                           on_token=put("token"), on_done=put("done"), constraint=settings["constraints"][index])
-
-        jobs = [job(index) for index in range(settings["n"])]  # the engine prefills their shared prompt once
+        settings["max_turns"] = max_turns
+        events: asyncio.Queue = asyncio.Queue()  # (choice, "token" | "tool" | "done", value)
+        choices = [Choice(engine, prompt, settings, index, events, make_tools) for index in range(settings["n"])]
         try:
-            for submitted in jobs:
-                engine.submit(submitted)
+            for choice in choices:  # submitted together: the engine prefills their shared prompt once
+                choice.start()
         except ValueError as exc:
+            for choice in choices:
+                choice.cancel()
             return error(400, str(exc))
-        completions = [Completion(settings["stop"], settings["tool_calls"], settings["formatted"]) for _ in jobs]
+        completions = [Completion(settings["stop"], settings["tool_calls"], settings["formatted"]) for _ in choices]
         identity = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
-        logprobs = [[] for _ in jobs]
-        reasons: dict[int, str] = {}  # each choice's end, as the engine reported it
+        logprobs = [[] for _ in choices]
 
         async def outcome():
             """Yields (choice, its deltas, None) per token, and (choice, None, finish reason) at its end."""
-            while len(reasons) < len(jobs):
+            ended = 0
+            while ended < len(choices):
                 index, kind, value = await events.get()
-                if kind == "done":
-                    reasons[index] = value[0]
-                    yield index, None, value[0]
-                    continue
-                token, logprob = value
-                logprobs[index].append(_logprob(token, logprob))
                 completion = completions[index]
-                stopped = completion.stopped
-                delta = completion.feed(token)
-                if completion.stopped and not stopped:
-                    engine.cancel(jobs[index])
-                if delta:
-                    yield index, delta, None
+                if kind == "done":
+                    ended += 1
+                    yield index, None, value
+                elif kind == "tool":
+                    completion.new_turn()
+                else:
+                    token, logprob = value
+                    logprobs[index].append(_logprob(token, logprob))
+                    stopped = completion.stopped
+                    delta = completion.feed(token)
+                    if completion.stopped and not stopped:
+                        choices[index].cancel()
+                    if delta:
+                        yield index, delta, None
 
         def usage():
-            generated = sum(len(j.tokens) for j in jobs)  # the prompt counts once, as OpenAI bills n choices
+            generated = sum(c.generated for c in choices)  # the prompt counts once, as OpenAI bills n choices
             return {"prompt_tokens": len(prompt), "completion_tokens": generated,
                     "total_tokens": len(prompt) + generated}
 
         def release():
             """A client that leaves before the end frees its slots (the engine would decode on for nobody)."""
-            for index, unfinished in enumerate(jobs):
-                if index not in reasons:
-                    engine.cancel(unfinished)
+            for choice in choices:
+                choice.cancel()
 
         if not settings["stream"]:
             async def leaving():
@@ -318,14 +441,14 @@ def create_app(engine: Engine, model_name: str):
 
             watcher = asyncio.create_task(leaving())
             try:
-                async for _ in outcome():
-                    pass
+                reasons = {index: reason async for index, delta, reason in outcome() if delta is None}
             finally:
                 watcher.cancel()
+                release()
             failed = [reason for reason in reasons.values() if reason.startswith("error")]
             if failed:
                 return error(500, f"generation failed: {failed[0]}", "server_error")
-            choices = []
+            answers = []
             for index, completion in enumerate(completions):
                 calls = completion.tool_calls()
                 message = {"role": "assistant", "content": completion.content or (None if calls else ""),
@@ -333,10 +456,10 @@ def create_app(engine: Engine, model_name: str):
                            "reasoning": completion.reasoning or None}
                 if calls:
                     message["tool_calls"] = calls
-                choices.append({"index": index, "message": message,
+                answers.append({"index": index, "message": message,
                                 "finish_reason": _finish_reason(reasons[index], calls, completion.stopped),
                                 "logprobs": {"content": logprobs[index]} if settings["logprobs"] else None})
-            return JSONResponse({**identity, "object": "chat.completion", "usage": usage(), "choices": choices})
+            return JSONResponse({**identity, "object": "chat.completion", "usage": usage(), "choices": answers})
 
         async def events_stream():
             def chunk(index, delta, finish=None, **extra):
@@ -345,7 +468,7 @@ def create_app(engine: Engine, model_name: str):
                 return f"data: {json.dumps(payload)}\n\n"
 
             try:
-                for index in range(len(jobs)):
+                for index in range(len(choices)):
                     yield chunk(index, {"role": "assistant", "content": ""})
                 async for index, delta, reason in outcome():
                     if delta is not None:
@@ -374,7 +497,10 @@ def create_app(engine: Engine, model_name: str):
     async def health(_request):
         return JSONResponse({"status": "ok", "busy_slots": len(engine.active), "slots": engine.slots})
 
+    from gptoss_jax import responses
+
     return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"]),
+                             *responses.routes(engine, model_name, server_tools, make_tools, max_turns, error),
                              Route("/v1/models", models, methods=["GET"]),
                              Route("/health", health, methods=["GET"])])
 
@@ -385,6 +511,9 @@ def run(args) -> int:
 
     from gptoss_jax import chat
 
+    names = chat.tool_names(args)
+    make_tools = agent.builtin_tools(names, browser_docs=args.browser_docs,
+                                     unsafe_python=args.unsafe_python_tool) if names else None
     model = chat.start(args)
     engine = Engine(model, slots=args.slots, max_length=args.max_context)
     if jax.process_index() != 0:
@@ -398,7 +527,8 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     engine.start()
     try:
-        uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(create_app(engine, name, names, make_tools, args.max_turns), host=args.host, port=args.port,
+                    log_level="warning")
     except KeyboardInterrupt:
         pass
     finally:

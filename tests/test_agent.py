@@ -132,7 +132,7 @@ def test_a_function_call_goes_back_to_the_caller_and_the_loop_resumes_with_the_t
 def test_turn_and_token_budgets_end_the_loop(toolset):
     forever = [python(f"print({i})") for i in range(10)]
     (turns,) = agent.run(ScriptedModel([forever]), [record("Loop.")], [toolset], max_turns=3)
-    assert turns.finish == "max_turns" and [s.kind for s in turns.steps] == ["model", "tool"] * 3
+    assert turns.finish == "max_turns" and [s.kind for s in turns.steps] == ["model", "tool"] * 2 + ["model"]
     prompt = len(harmony.encode_chat(record("Loop.")))
     (tokens,) = agent.run(ScriptedModel([forever]), [record("Loop.")], [toolset], max_tokens=prompt + 40)
     assert tokens.finish == "max_tokens" and len(tokens.tokens) >= prompt + 40 and len(tokens.steps) < 6
@@ -176,8 +176,8 @@ def test_a_real_model_calls_python_and_reads_its_answer(tmp_path):
         (done,) = agent.run(generator, [record("Compute.")], [tools], max_turns=2, temperature=0.0,
                             max_new_tokens=len(call) + 4)
     assert done.finish == "max_turns"
-    assert [m.text for m in done.tool_calls] == ["print(6*7)"] * 2
-    assert [s.messages[0].text for s in done.steps if s.kind == "tool"] == ["42"] * 2
+    assert [m.text for m in done.tool_calls] == ["print(6*7)"] * 2  # the second, in the last turn, unanswered
+    assert [s.messages[0].text for s in done.steps if s.kind == "tool"] == ["42"]
 
 
 def test_chat_with_tools_shows_the_calls_and_answers_as_they_happen(tmp_path):
@@ -190,11 +190,12 @@ def test_chat_with_tools_shows_the_calls_and_answers_as_they_happen(tmp_path):
     call = python("print(6*7)")
     bigram_hf_model([prompt[-1], *call], num_hidden_layers=2).save_pretrained(tmp_path / "ckpt")
     command = [sys.executable, "-m", "gptoss_jax.cli", "chat", "--checkpoint", str(tmp_path / "ckpt"),
-               "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "40", "--max-turns", "3", "--tools", "python"]
+               "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "40", "--max-turns", "3",
+               "--tools", "python"]
     result = subprocess.run(command, input="Compute.\n/exit\n", capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("[call python]\nprint(6*7)") == 3
-    assert result.stdout.count("[python answered]\n42") == 3
+    assert result.stdout.count("[python answered]\n42") == 2
     assert "[the turn ended without an answer: max_turns]" in result.stderr
     bad = subprocess.run([*command[:-1], "python,calculator"], input="", capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown built-in tool 'calculator'" in bad.stderr

@@ -234,7 +234,8 @@ def test_a_task_with_the_python_tool_records_its_calls_and_reports_a_tools_colum
     result = sweep.run(config, progress=False)
     (sample,) = _samples(tmp_path / "eval")
     assert sample["task"] == "sums+python" and sample["tools"] == ["python"]
-    assert sample["tool_calls"] == [{"recipient": "python", "input": "print(6*7)", "output": "42"}] * 2
+    assert sample["tool_calls"] == [{"recipient": "python", "input": "print(6*7)", "output": "42"},
+                                    {"recipient": "python", "input": "print(6*7)", "output": None}]
     assert sample["truncated"] and not sample["correct"]
     (row,) = result.summary["results"]
     assert (row["tools"], row["tool_calls_mean"]) == ("python", 2.0)

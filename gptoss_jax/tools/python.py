@@ -15,6 +15,7 @@ that dies or ignores the interrupt is replaced; either way the model is told, an
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import queue
@@ -38,6 +39,7 @@ SCRATCH = "/mnt/data"  # where the model was told its files live
 TRACEBACK_LINES = 20  # the end of a traceback names the error; the frames above it mostly cost context
 STARTUP_SECONDS = 60.0
 INTERRUPT_GRACE_SECONDS = 5.0  # how long an interrupted execution gets to stop before the kernel is replaced
+_LAUNCHER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="python-tool-launcher")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _INSTALL_HINT = (
     "Install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap), or run the "
@@ -241,7 +243,11 @@ class PythonTool:
         manager.connection_file = str(self._home / "conn" / "kernel.json")
         manager.ip = str(self._home / "conn" / "ipc")
         with open(self._home / "kernel.log", "wb") as kernel_log:
-            manager.start_kernel(cwd=str(self.scratch_dir), stdout=kernel_log, stderr=kernel_log)
+            # bwrap's --die-with-parent fires when the *thread* that started it ends, so every kernel is started
+            # from one thread that lives as long as the process (a tool made in a short-lived worker thread, as
+            # the agent loop and the server do, would otherwise lose its kernel with that thread).
+            _LAUNCHER.submit(manager.start_kernel, cwd=str(self.scratch_dir), stdout=kernel_log,
+                             stderr=kernel_log).result()
         self._manager = manager
         self._client = manager.client()
         self._client.start_channels()
