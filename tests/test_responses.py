@@ -58,6 +58,12 @@ def test_a_response_equals_generate_and_streams_as_responses_events(demo):
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == final
     done = [e.item.type for e in events if e.type == "response.output_item.done"]
     assert done == ["reasoning", "message"] and events[-1].response.output_text == final
+    # what OpenAI's gpt-oss eval client (ResponsesSampler) sends: role/content messages, a developer one first
+    listed = client.responses.create(model="demo", input=[{"role": "developer", "content": "Be brief."},
+                                                          {"role": "user", "content": QUESTION}],
+                                     reasoning={"effort": "low"}, temperature=0, max_output_tokens=100)
+    conversation = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": QUESTION}]
+    assert (listed.output_text, listed.usage.input_tokens) == _expected(generator, conversation, "low", 100)[1:]
 
 
 def test_previous_response_id_continues_the_stored_conversation(demo):
