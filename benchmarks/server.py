@@ -3,8 +3,8 @@
 A random tiny gpt-oss (the tiny preset's sizes, real vocabulary, float32) saved as a checkpoint; `gptoss-jax
 serve` runs it in its own process on 127.0.0.1 with N slots; N threads send one request each through the
 `openai` client (64 new tokens, temperature 0). The same N prompts then go through `Generator.generate` in this
-process as one batch. The ratio of the two token rates is the server's overhead (HTTP, JSON, one-at-a-time
-prefills, per-step scheduling).
+process as one batch. The ratio of the two token rates is the server's overhead (HTTP, JSON, per-step
+scheduling, requests split over several prefills).
 
     python benchmarks/server.py [N]
 """
@@ -65,9 +65,12 @@ def main(concurrency: int = 16):
                     max_tokens=max_tokens, stop=None)
                 return time.perf_counter() - started, response.usage.completion_tokens
 
-            # Compile before timing: the prefill of every prompt bucket the timed requests use, the decode step.
-            for question in questions:
-                ask(question, max_tokens=1)
+            # Compile before timing: requests that arrive together are prefilled together, and how a burst splits
+            # between engine steps varies, so bursts of every size from 1 to N (two tokens each: a prefill, a
+            # decode) compile every prefill batch, row gather and sampling shape the timed burst can meet.
+            with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+                for size in range(1, concurrency + 1):
+                    list(pool.map(lambda question: ask(question, max_tokens=2), questions[:size]))
             ask(questions[0])
             with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
                 started = time.perf_counter()

@@ -310,7 +310,8 @@ class Choice:
         self.job = Request(prompt, max_tokens, settings["temperature"], settings["top_p"], settings.get("top_k", 0),
                            _int32(settings["seed"] + self.index + turn * 1_000_003), DEFAULT_STOP_TOKENS,
                            settings.get("presence_penalty", 0.0), settings.get("frequency_penalty", 0.0),
-                           settings.get("logit_bias", {}), on_token=put("token"), on_done=put("done"),
+                           settings.get("logit_bias", {}), settings.get("logprobs", False), on_token=put("token"),
+                           on_done=put("done"),
                            constraint=constrain.start(prompt, final, strict) if final or strict else None)
         self.engine.submit(self.job)
 
@@ -415,7 +416,8 @@ def create_app(engine: Engine, model_name: str, server_tools: Sequence[str] = ()
                     completion.new_turn()
                 else:
                     token, logprob = value
-                    logprobs[index].append(_logprob(token, logprob))
+                    if settings["logprobs"]:
+                        logprobs[index].append(_logprob(token, logprob))
                     stopped = completion.stopped
                     delta = completion.feed(token)
                     if completion.stopped and not stopped:

@@ -51,6 +51,7 @@ class Request:
     presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
     frequency_penalty: float = 0.0  # subtracted once per time the token has been generated
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)  # token -> added to its logit
+    logprobs: bool = False  # report each token's log probability (else on_token gets NaN: one less vocabulary pass)
     on_token: Callable[[int, float], None] = lambda token, logprob: None  # called on the engine thread
     on_done: Callable[[str], None] = lambda reason: None  # "stop", "length", "cancelled" or "error: ..."
     tokens: list[int] = dataclasses.field(default_factory=list)
@@ -197,11 +198,13 @@ class Engine:
             admissions = [
                 (int(slot), Request(prompt[prompt >= 0].tolist(), int(limit), float(t), float(p), int(k), int(s),
                                     tuple(int(x) for x in stops if x >= 0), float(presence), float(frequency),
-                                    {int(x): float(v) for x, v in zip(biased, bias, strict=True) if x >= 0}))
-                for slot, prompt, limit, t, p, k, s, stops, presence, frequency, biased, bias in zip(
+                                    {int(x): float(v) for x, v in zip(biased, bias, strict=True) if x >= 0},
+                                    bool(logprobs)))
+                for slot, prompt, limit, t, p, k, s, stops, presence, frequency, biased, bias, logprobs in zip(
                     plan["slot"], plan["prompt"], plan["max_tokens"], plan["temperature"], plan["top_p"],
                     plan["top_k"], plan["seed"], plan["stop_tokens"], plan["presence_penalty"],
-                    plan["frequency_penalty"], plan["bias_tokens"], plan["bias_values"], strict=True)
+                    plan["frequency_penalty"], plan["bias_tokens"], plan["bias_values"], plan["logprobs"],
+                    strict=True)
                 if slot >= 0
             ]
             self.step(admissions, [int(slot) for slot in plan["cancelled"] if slot >= 0])
@@ -260,7 +263,10 @@ class Engine:
             tokens = self._sample(logits, steps=self._replicated(self.steps[rows]), **settings)
         else:  # all greedy: no sorting of the vocabulary
             tokens = self._argmax(logits)
-        logprobs = _on_host(self._logprob(model_logits, tokens)).tolist()
+        if any(self.active[slot].logprobs for slot in slots):
+            logprobs = _on_host(self._logprob(model_logits, tokens)).tolist()
+        else:
+            logprobs = [float("nan")] * len(slots)
         for slot, token, logprob in zip(slots, _on_host(tokens).tolist(), logprobs, strict=True):
             request = self.active[slot]
             self.last_tokens[slot] = token
@@ -334,7 +340,7 @@ def _plan(admissions, cancelled, slots: int, max_length: int) -> dict[str, np.nd
             "stop_tokens": np.full((slots, MAX_STOP_TOKENS), -1, np.int32),
             "presence_penalty": np.zeros(slots, np.float32), "frequency_penalty": np.zeros(slots, np.float32),
             "bias_tokens": np.full((slots, MAX_LOGIT_BIAS), -1, np.int32),
-            "bias_values": np.zeros((slots, MAX_LOGIT_BIAS), np.float32),
+            "bias_values": np.zeros((slots, MAX_LOGIT_BIAS), np.float32), "logprobs": np.zeros(slots, np.int32),
             "cancelled": np.full(slots, -1, np.int32)}
     for index, (slot, request) in enumerate(admissions):
         plan["slot"][index] = slot
@@ -342,7 +348,8 @@ def _plan(admissions, cancelled, slots: int, max_length: int) -> dict[str, np.nd
         plan["stop_tokens"][index, : len(request.stop_tokens)] = request.stop_tokens
         plan["bias_tokens"][index, : len(request.logit_bias)] = list(request.logit_bias)
         plan["bias_values"][index, : len(request.logit_bias)] = list(request.logit_bias.values())
-        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty"):
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
+                     "logprobs"):
             plan[name][index] = getattr(request, name)
     plan["cancelled"][: len(cancelled)] = cancelled
     return plan
