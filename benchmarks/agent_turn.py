@@ -1,0 +1,94 @@
+"""What one tool turn of the agent loop costs, and how much of it is prefilling the conversation again.
+
+A real checkpoint (the inference benchmark's sizes: 4 layers, hidden 512, 16 experts, vocabulary 201,088, float32)
+whose greedy output is a call to the python tool (`tests/hf_models.bigram_hf_model`: its layers add nothing, so
+the output is known, but every layer is computed as usual), after a user message of about N tokens. The loop runs
+`TURNS` turns through `Generator`, the sandboxed `PythonTool` answering each call; then each part of a turn is
+timed alone: the prefill of the whole conversation (what every turn pays now: a cache kept across turns would
+prefill only the ~40 tokens a turn appends), the decode of the call, rendering the answer and parsing the output,
+and the python call.
+
+    python benchmarks/agent_turn.py [N ...]
+"""
+
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import jax  # noqa: E402
+
+import gptoss_jax  # noqa: E402
+from gptoss_jax import agent, harmony  # noqa: E402
+from gptoss_jax.generation import Generator  # noqa: E402
+from gptoss_jax.tools import PythonTool  # noqa: E402
+
+from hf_models import bigram_hf_model  # noqa: E402
+
+TURNS = 4
+SIZES = {"num_hidden_layers": 4, "hidden_size": 512, "intermediate_size": 512, "head_dim": 64,
+         "num_attention_heads": 8, "num_key_value_heads": 2, "num_local_experts": 16, "num_experts_per_tok": 4}
+
+
+def best(function, repeats=3):
+    """The fastest of a few runs after one warm-up (seconds)."""
+    function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main(*lengths: int):
+    lengths = lengths or (256, 1024, 2048)
+    record = {"messages": [{"role": "user", "content": "x"}], "builtin_tools": ["python"]}
+    call_message = harmony.Message("assistant", "print(6*7)", "analysis", "python", "code")
+    rendered, prefix = harmony.render_message(call_message)
+    call = rendered[prefix:]
+    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}; "
+          f"model: 4 layers, hidden 512, 16 experts, float32; {TURNS} turns per conversation")
+    print("| prompt (tokens) | a turn of the loop (ms) | prefill of the whole conversation (ms) | decode of the call "
+          "(ms) | render + parse (ms) | python call (ms) |")
+    with tempfile.TemporaryDirectory() as directory:
+        assistant = harmony.encode_chat(record)[-1]
+        bigram_hf_model([assistant, *call], **SIZES).save_pretrained(directory)
+        generator = Generator(gptoss_jax.load_model(directory, dtype="float32"))
+        with PythonTool() as python:
+            for length in lengths:
+                words = " ".join(["word"] * (length - 8))
+                question = {**record, "messages": [{"role": "user", "content": words}]}
+                prompt = harmony.encode_chat(question)
+                answer = harmony.Message("tool", python.run("print(6*7)"), "analysis", "assistant", name="python")
+                appended = call + harmony.render_message(answer)[0] + agent.ASSISTANT_PROMPT
+                context = prompt + appended  # the second turn's prompt
+                with agent.Toolset(python=python) as tools:
+                    agent.run(generator, [question], [tools], max_turns=TURNS, temperature=0.0,
+                              max_new_tokens=len(call) + 2)  # compiles
+                    started = time.perf_counter()
+                    agent.run(generator, [question], [tools], max_turns=TURNS, temperature=0.0,
+                              max_new_tokens=len(call) + 2)
+                    tools.pop("python")  # the kernel is closed by the outer `with`
+                per_turn = (time.perf_counter() - started) / TURNS
+                whole = best(lambda context=context: generator.generate([context], 1))
+                decode = best(lambda context=context: generator.generate([context], len(call))) - whole
+                output = call
+
+                def host(output=output, answer=answer):
+                    harmony.parse(output, role="assistant")
+                    harmony.render_message(answer)
+
+                render_parse = best(host)
+                tool = best(lambda: python.run("print(6*7)"))
+                print(f"| {len(prompt)} | {per_turn * 1e3:.0f} | {whole * 1e3:.0f} | {decode * 1e3:.0f} | "
+                      f"{render_parse * 1e3:.2f} | {tool * 1e3:.0f} |")
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:]))
