@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import jax  # noqa: E402
+from timing import seconds  # noqa: E402
 
 import gptoss_jax  # noqa: E402
 from gptoss_jax import agent, harmony  # noqa: E402
@@ -33,17 +34,6 @@ from hf_models import bigram_hf_model  # noqa: E402
 TURNS = 4
 SIZES = {"num_hidden_layers": 4, "hidden_size": 512, "intermediate_size": 512, "head_dim": 64,
          "num_attention_heads": 8, "num_key_value_heads": 2, "num_local_experts": 16, "num_experts_per_tok": 4}
-
-
-def best(function, repeats=3):
-    """The fastest of a few runs after one warm-up (seconds)."""
-    function()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def main(*lengths: int):
@@ -76,16 +66,16 @@ def main(*lengths: int):
                               max_new_tokens=len(call) + 2)
                     tools.pop("python")  # the kernel is closed by the outer `with`
                 per_turn = (time.perf_counter() - started) / TURNS
-                whole = best(lambda context=context: generator.generate([context], 1))
-                decode = best(lambda context=context: generator.generate([context], len(call))) - whole
+                whole = seconds(lambda context=context: generator.generate([context], 1), 3)
+                decode = seconds(lambda context=context: generator.generate([context], len(call)), 3) - whole
                 output = call
 
                 def host(output=output, answer=answer):
                     harmony.parse(output, role="assistant")
                     harmony.render_message(answer)
 
-                render_parse = best(host)
-                tool = best(lambda: python.run("print(6*7)"))
+                render_parse = seconds(host, 3)
+                tool = seconds(lambda: python.run("print(6*7)"), 3)
                 print(f"| {len(prompt)} | {per_turn * 1e3:.0f} | {whole * 1e3:.0f} | {decode * 1e3:.0f} | "
                       f"{render_parse * 1e3:.2f} | {tool * 1e3:.0f} |")
 

@@ -155,38 +155,16 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    """Reads user turns until EOF or /exit; earlier turns' analysis is dropped as harmony requires."""
-    if tool_names(args):
-        return _chat_with_tools(args)
-    generator = Generator(start(args))
-    messages = []
-    while True:
-        line = _read_line("you> ")
-        if line is None or line.strip() == "/exit":
-            return 0
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        record = {"messages": messages, "reasoning_effort": args.reasoning_effort}
-        if jax.process_index() == 0:
-            print("assistant> ", end="", flush=True)
-        turn = respond(generator, record, args, _printer(args.show_analysis))
-        messages.append({"role": "assistant", "thinking": turn.analysis, "content": turn.final})
-        if jax.process_index() == 0:
-            print()
-            _report(turn)
-
-
-def _chat_with_tools(args: argparse.Namespace) -> int:
-    """The chat with built-in tools: each turn runs the agent loop, which prints the model's calls and the tools'
-    answers as they happen."""
-    if args.coordinator or args.distributed:
+    """Reads user turns until EOF or /exit; earlier turns' analysis is dropped as harmony requires. With --tools,
+    each turn runs the agent loop, which prints the model's calls and the tools' answers as they happen."""
+    names = tool_names(args)
+    if names and (args.coordinator or args.distributed):
         raise ValueError("--tools: chat runs built-in tools in a single process (the tools' answers would have to "
                          "reach every process)")
-    tools = agent.builtin_tools(tool_names(args), browser_docs=args.browser_docs,
-                                unsafe_python=args.unsafe_python_tool)()  # a missing sandbox fails here
+    tools = agent.builtin_tools(names, browser_docs=args.browser_docs, unsafe_python=args.unsafe_python_tool)(
+        ) if names else agent.Toolset()  # a missing sandbox fails here, before the model loads
     generator = Generator(start(args))
-    messages: list[dict] = []
+    messages = []
     with tools:
         while True:
             line = _read_line("you> ")
@@ -195,38 +173,49 @@ def _chat_with_tools(args: argparse.Namespace) -> int:
             if not line.strip():
                 continue
             messages.append({"role": "user", "content": line})
-            record = {"messages": messages, "reasoning_effort": args.reasoning_effort,
-                      "builtin_tools": sorted(tools)}
-            print("assistant> ", end="", flush=True)
-            printer, parsers = _printer(args.show_analysis), [harmony.StreamParser(role="assistant")]
+            record = {"messages": messages, "reasoning_effort": args.reasoning_effort, "builtin_tools": names}
+            if jax.process_index() == 0:
+                print("assistant> ", end="", flush=True)
+            if tools:
+                turn, added = _agent_turn(generator, record, tools, args)
+            else:
+                turn = respond(generator, record, args, _printer(args.show_analysis))
+                added = [{"role": "assistant", "thinking": turn.analysis, "content": turn.final}]
+            messages += added
+            if jax.process_index() == 0:
+                print()
+                _report(turn)
 
-            def on_token(_conversation: int, token: int, printer=printer, parsers=parsers) -> None:
-                parser = parsers[-1].feed(token)
-                if parser.delta and parser.current.recipient is None:
-                    printer(parser.current.channel, parser.delta)
-                if token in (tok.CALL, tok.RETURN):  # the next generation starts after `<|start|>assistant`
-                    parsers.append(harmony.StreamParser(role="assistant"))
 
-            def on_step(_conversation: int, step: agent.Step) -> None:
-                for message in step.messages:
-                    if step.kind == "tool":
-                        print(f"\n[{message.name} answered]\n{message.text}", flush=True)
-                    elif message.recipient is not None:
-                        print(f"\n[call {message.recipient}]\n{message.text}", flush=True)
+def _agent_turn(generator: Generator, record: dict, tools: agent.Toolset,
+                args: argparse.Namespace) -> tuple[Turn, list[dict]]:
+    """One assistant turn through the agent loop, printed as it happens: (the turn, the messages it added)."""
+    printer, parsers = _printer(args.show_analysis), [harmony.StreamParser(role="assistant")]
 
-            started = time.perf_counter()
-            (done,) = agent.run(generator, [record], [tools], max_turns=args.max_turns,
-                                max_new_tokens=args.max_new_tokens,
-                                max_tokens=generator.model.config.max_position_embeddings,
-                                temperature=args.temperature, top_p=args.top_p, seed=args.seed + len(messages),
-                                on_token=on_token, on_step=on_step)
-            messages += done.as_records()
-            generated = sum(step.tokens for step in done.steps if step.kind == "model")
-            print()
-            _report(Turn(done.analysis, done.final, generated, time.perf_counter() - started,
-                         done.finish.removeprefix("error: ") if done.finish.startswith("error") else None))
-            if done.finish not in ("final",) and not done.finish.startswith("error"):
-                print(f"[the turn ended without an answer: {done.finish}]", file=sys.stderr)
+    def on_token(_conversation: int, token: int) -> None:
+        parser = parsers[-1].feed(token)
+        if parser.delta and parser.current.recipient is None:
+            printer(parser.current.channel, parser.delta)
+        if token in (tok.CALL, tok.RETURN):  # the next generation starts after `<|start|>assistant`
+            parsers.append(harmony.StreamParser(role="assistant"))
+
+    def on_step(_conversation: int, step: agent.Step) -> None:
+        for message in step.messages:
+            if step.kind == "tool":
+                print(f"\n[{message.name} answered]\n{message.text}", flush=True)
+            elif message.recipient is not None:
+                print(f"\n[call {message.recipient}]\n{message.text}", flush=True)
+
+    started = time.perf_counter()
+    (done,) = agent.run(generator, [record], [tools], max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                        max_tokens=generator.model.config.max_position_embeddings, temperature=args.temperature,
+                        top_p=args.top_p, seed=args.seed + len(record["messages"]), on_token=on_token,
+                        on_step=on_step)
+    if done.finish != "final" and not done.finish.startswith("error"):
+        print(f"\n[the turn ended without an answer: {done.finish}]", file=sys.stderr)
+    generated = sum(step.tokens for step in done.steps if step.kind == "model")
+    error = done.finish.removeprefix("error: ") if done.finish.startswith("error") else None
+    return Turn(done.analysis, done.final, generated, time.perf_counter() - started, error), done.as_records()
 
 
 def _read_line(prompt: str) -> str | None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gptoss_jax import agent, harmony
-from gptoss_jax.server import BadRequest, Choice, _number, prepare, split_tools
+from gptoss_jax.server import BadRequest, Choice, _number, check_fields, prepare, split_tools
 
 STORED_RESPONSES = 1000
 _FIELDS = {"model", "input", "instructions", "reasoning", "tools", "tool_choice", "parallel_tool_calls",
@@ -59,15 +59,7 @@ class Store:
 
 def parse(body: Any, store: Store, max_length: int, server_tools: Sequence[str]) -> tuple[list[int], dict, dict]:
     """(prompt tokens, generation settings, what the response echoes and stores) of a Responses request."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    unknown = sorted(set(body) - _FIELDS - _LABELS - set(_NEUTRAL))
-    if unknown:
-        raise BadRequest(f"unknown field {unknown[0]!r}; supported: {sorted(_FIELDS | _LABELS)}")
-    for name, neutral in _NEUTRAL.items():
-        if name in body and body[name] not in neutral:
-            raise BadRequest(f"{name}: {json.dumps(body[name])} is not supported by this server (only "
-                             f"{' or '.join(json.dumps(v) for v in neutral)})")
+    check_fields(body, _FIELDS, _LABELS, _NEUTRAL)
     history, call_names = [], {}
     if body.get("previous_response_id") is not None:
         try:

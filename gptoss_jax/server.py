@@ -51,15 +51,7 @@ class BadRequest(ValueError):
 def parse_request(body: Any, max_length: int, server_tools: Sequence[str] = ()) -> tuple[list[int], dict[str, Any]]:
     """(prompt tokens, generation settings) of a chat completion request. `server_tools`: the built-in tools this
     server runs (`serve --tools`), which a request may enable."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    unknown = sorted(set(body) - _FIELDS - _LABELS - set(_NEUTRAL))
-    if unknown:
-        raise BadRequest(f"unknown field {unknown[0]!r}; supported: {sorted(_FIELDS | _LABELS)}")
-    for name, neutral in _NEUTRAL.items():
-        if name in body and body[name] not in neutral:
-            raise BadRequest(f"{name}: {json.dumps(body[name])} is not supported by this server (only "
-                             f"{' or '.join(json.dumps(v) for v in neutral)})")
+    check_fields(body, _FIELDS, _LABELS, _NEUTRAL)
     if body.get("top_logprobs"):
         raise BadRequest("top_logprobs: only the chosen token's logprob is returned (logprobs=true)")
     if not isinstance(body.get("messages"), list) or not body["messages"]:
@@ -94,6 +86,20 @@ def parse_request(body: Any, max_length: int, server_tools: Sequence[str] = ()) 
         "tool_calls": calls_allowed,
     })
     return prompt, settings
+
+
+def check_fields(body: Any, honoured: set[str], labels: set[str], neutral: dict[str, tuple]) -> None:
+    """A request body names only fields of the spec (a typo is a 400), and those in `neutral` only at a value that
+    changes nothing (a value this server cannot honour is a 400 naming the field, never silently ignored)."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    unknown = sorted(set(body) - honoured - labels - set(neutral))
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; supported: {sorted(honoured | labels)}")
+    for name, values in neutral.items():
+        if name in body and body[name] not in values:
+            raise BadRequest(f"{name}: {json.dumps(body[name])} is not supported by this server (only "
+                             f"{' or '.join(json.dumps(v) for v in values)})")
 
 
 # What a request's `tools` may name besides functions: the built-in tools by their harmony names, and by the
