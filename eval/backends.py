@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import itertools
 import os
 import zlib
 from collections.abc import Sequence
@@ -65,6 +64,7 @@ class JaxBackend:
         self.generator = generator  # a gptoss_jax.generation.Generator
         self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
         self.max_turns, self.browser_docs, self.unsafe_python_tool = max_turns, browser_docs, unsafe_python_tool
+        self._tool_makers = {}  # by the tools' names: checked (sandbox, document index) once, not per sample
         self.describe = f"in-process JAX model ({generator.model.config.num_hidden_layers} layers)"
 
     def __call__(self, requests: Sequence[Request]) -> list[Reply]:
@@ -87,25 +87,40 @@ class JaxBackend:
     def _with_tools(self, requests: Sequence[Request], records: list[dict]) -> list[Reply]:
         from gptoss_jax import agent
 
-        with contextlib.ExitStack() as stack:
-            toolsets = [stack.enter_context(agent.builtin_tools(
-                r.tools, browser_docs=self.browser_docs, unsafe_python=self.unsafe_python_tool)()) for r in requests]
-            conversations = agent.run(self.generator, records, toolsets, max_turns=self.max_turns,
-                                      max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                                      seed=[r.seed for r in requests])
+        try:
+            with contextlib.ExitStack() as stack:
+                toolsets = [stack.enter_context(self._tools(r.tools)()) for r in requests]
+                conversations = agent.run(self.generator, records, toolsets, max_turns=self.max_turns,
+                                          max_tokens=self.generator.model.config.max_position_embeddings,
+                                          max_new_tokens=self.max_tokens, temperature=self.temperature,
+                                          top_p=self.top_p, seed=[r.seed for r in requests])
+        except Exception as error:  # noqa: BLE001 - as the plain path: one bad sample must not sink the chunk
+            if len(requests) == 1:
+                return [Reply(error=f"{type(error).__name__}: {error}")]
+            return [reply for request in requests for reply in self([request])]
         replies = []
         for record, done in zip(records, conversations, strict=True):
-            calls = [m for m in done.messages if m.role == "assistant" and m.recipient and m.channel == "analysis"]
-            answers = [m for m in done.messages if m.role == "tool"]
+            calls = []  # each built-in call with the answer that followed it (None: unanswered)
+            for message in done.messages:
+                if message.role == "assistant" and agent.tool_name(message.recipient):
+                    calls.append({"recipient": message.recipient, "input": message.text, "output": None})
+                elif message.role == "tool" and calls:
+                    calls[-1]["output"] = message.text
             replies.append(Reply(
                 analysis=done.analysis, final=done.final,
                 output=tok.get_encoding().decode(done.tokens[len(harmony.encode_chat(record)):]),
                 completion_tokens=sum(step.tokens for step in done.steps if step.kind == "model"),
                 truncated=done.finish != "final" and not done.finish.startswith("error"),
-                tool_calls=tuple({"recipient": call.recipient, "input": call.text,
-                                  "output": answer.text if answer else None}
-                                 for call, answer in itertools.zip_longest(calls, answers))))
+                tool_calls=tuple(calls)))
         return replies
+
+    def _tools(self, names: tuple[str, ...]):
+        from gptoss_jax import agent
+
+        if names not in self._tool_makers:
+            self._tool_makers[names] = agent.builtin_tools(names, browser_docs=self.browser_docs,
+                                                           unsafe_python=self.unsafe_python_tool)
+        return self._tool_makers[names]
 
     def _reply(self, tokens: list[int]) -> Reply:
         parsed = harmony.parse(tokens, role="assistant")

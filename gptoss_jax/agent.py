@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 from gptoss_jax import harmony
 from gptoss_jax import tokenizer as tok
 
+log = logging.getLogger(__name__)
 ASSISTANT_PROMPT = [tok.START, *tok.get_encoding().encode_ordinary("assistant")]
 
 
@@ -40,9 +42,13 @@ class Toolset(dict):
         self.close()
 
     def close(self) -> None:
-        for tool in self.values():
-            if hasattr(tool, "close"):
-                tool.close()
+        """Closes every tool, even when one fails (logged)."""
+        for name, tool in self.items():
+            try:
+                if hasattr(tool, "close"):
+                    tool.close()
+            except Exception:  # one tool's failure must not leave the others open
+                log.exception("closing the %s tool failed", name)
 
 
 @dataclasses.dataclass
@@ -123,7 +129,11 @@ def run(generator, records: Sequence[Mapping[str, Any]], toolsets: Sequence[Mapp
                 if on_token is not None:
                     on_token(going[row], token)
 
-            room = max(limit - len(conversations[i].tokens) for i in going)
+            # one batch: as many new tokens as the roomiest row may take and the longest row's cache can hold;
+            # each row's output is then cut to its own room
+            longest = max(len(conversations[i].tokens) for i in going)
+            room = min(max(limit - len(conversations[i].tokens) for i in going),
+                       generator.model.config.max_position_embeddings - longest)
             started = time.perf_counter()
             outputs = generator.generate([conversations[i].tokens for i in going], min(max_new_tokens, room),
                                          temperature=temperature, top_p=top_p, stream=stream,
@@ -131,7 +141,9 @@ def run(generator, records: Sequence[Mapping[str, Any]], toolsets: Sequence[Mapp
             seconds = (time.perf_counter() - started) / len(going)
             calls = {}
             for i, output in zip(going, outputs, strict=True):
-                calls[i] = _take_output(conversations[i], output, parsers[i].result(), seconds, limit)
+                own = limit - len(conversations[i].tokens)
+                parsed = parsers[i].result() if len(output) <= own else harmony.parse(output[:own], role="assistant")
+                calls[i] = _take_output(conversations[i], output[:own], parsed, seconds, limit)
                 if on_step is not None:
                     on_step(i, conversations[i].steps[-1])
             if turn + 1 == max_turns:  # no generation left to read an answer: the calls stay unanswered

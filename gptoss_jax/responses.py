@@ -326,7 +326,7 @@ def _as_record(message: harmony.Message) -> dict:
 
 
 def routes(engine, model_name: str, server_tools: Sequence[str], make_tools: Callable | None, max_turns: int,
-           error: Callable) -> list:
+           error: Callable, tool_threads) -> list:
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
@@ -344,7 +344,7 @@ def routes(engine, model_name: str, server_tools: Sequence[str], make_tools: Cal
         calls = settings["max_tool_calls"]
         settings["max_turns"] = max_turns if calls is None else min(max_turns, calls + 1)
         events: asyncio.Queue = asyncio.Queue()
-        choice = Choice(engine, prompt, settings, 0, events, make_tools)
+        choice = Choice(engine, prompt, settings, 0, events, make_tools, tool_threads)
         try:
             choice.start()
         except ValueError as exc:
@@ -371,10 +371,17 @@ def routes(engine, model_name: str, server_tools: Sequence[str], make_tools: Cal
                     return
 
         if not body.get("stream"):
+            async def leaving():  # a client that leaves frees its slot (and stops its tool turns)
+                while not await request.is_disconnected():
+                    await asyncio.sleep(0.1)
+                choice.cancel()
+
+            watcher = asyncio.create_task(leaving())
             try:
                 async for _ in steps():
                     pass
             finally:
+                watcher.cancel()
                 choice.cancel()
             if response["status"] == "failed":
                 return error(500, f"generation failed: {response['error']['message']}", "server_error")

@@ -13,6 +13,7 @@ arguments to their parameters; the analysis stays free (`gptoss_jax.constrain`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import secrets
 import signal
@@ -193,7 +194,7 @@ def _logit_bias(bias: Any) -> dict[int, float]:
     vocabulary = tok.get_encoding().n_vocab
     parsed = {}
     for token in bias:
-        if not (str(token).isdigit() and int(token) < vocabulary):
+        if not (str(token).isascii() and str(token).isdigit() and int(token) < vocabulary):
             raise BadRequest(f"logit_bias: {token!r} is not a token id in [0, {vocabulary})")
         name = f"logit_bias[{token!r}]"
         parsed[int(token)] = _number({name: bias[token]}, name, 0, -100, 100)
@@ -284,8 +285,10 @@ class Choice:
     Each turn prefills its whole prompt again (the engine's requests start from an empty cache row)."""
 
     def __init__(self, engine: Engine, prompt: list[int], settings: dict[str, Any], index: int,
-                 events: asyncio.Queue, make_tools: Callable[[Sequence[str]], agent.Toolset] | None):
+                 events: asyncio.Queue, make_tools: Callable[[Sequence[str]], agent.Toolset] | None,
+                 tool_threads: concurrent.futures.Executor | None = None):
         self.engine, self.prompt, self.settings, self.index, self.events = engine, prompt, settings, index, events
+        self.tool_threads = tool_threads  # where tool calls run (None: the event loop's default threads)
         self.tools = make_tools(settings["builtin_tools"]) if settings["builtin_tools"] else None
         self.loop = asyncio.get_running_loop()
         self.inbox: asyncio.Queue = asyncio.Queue()  # this turn's engine events
@@ -341,7 +344,7 @@ class Choice:
                 if turn + 1 == self.settings["max_turns"]:  # no turn left to read an answer in
                     reason = "length"
                     break
-                step = await asyncio.to_thread(agent.answer, self.tools, call)
+                step = await self.loop.run_in_executor(self.tool_threads, agent.answer, self.tools, call)
                 self.events.put_nowait((self.index, "tool", (call, step.messages[0])))
                 answer = harmony.render_message(step.messages[0])[0]
                 prompt = prompt + self.job.tokens + answer + agent.ASSISTANT_PROMPT
@@ -349,9 +352,9 @@ class Choice:
             reason = f"error: {error}"
         finally:
             self.ended = True
-            if self.tools is not None:
-                await asyncio.to_thread(self.tools.close)
             self.events.put_nowait((self.index, "done", reason))
+            if self.tools is not None:  # after the answer went out: closing a kernel takes a moment
+                await self.loop.run_in_executor(self.tool_threads, self.tools.close)
 
     def _builtin_call(self, reason: str) -> harmony.Message | None:
         """The built-in call the turn ended with, if it ended with one the server answers."""
@@ -386,6 +389,9 @@ def create_app(engine: Engine, model_name: str, server_tools: Sequence[str] = ()
     def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
+    # A python call may take its whole wall-time limit: tool calls get threads of their own, one per slot.
+    tool_threads = concurrent.futures.ThreadPoolExecutor(engine.slots, thread_name_prefix="tool-call")
+
     async def completions(request):
         try:
             body = json.loads(await request.body())
@@ -397,7 +403,8 @@ def create_app(engine: Engine, model_name: str, server_tools: Sequence[str] = ()
             return error(400, str(exc))
         settings["max_turns"] = max_turns
         events: asyncio.Queue = asyncio.Queue()  # (choice, "token" | "tool" | "done", value)
-        choices = [Choice(engine, prompt, settings, index, events, make_tools) for index in range(settings["n"])]
+        choices = [Choice(engine, prompt, settings, index, events, make_tools, tool_threads)
+                   for index in range(settings["n"])]
         try:
             for choice in choices:  # submitted together: the engine prefills their shared prompt once
                 choice.start()
@@ -508,7 +515,8 @@ def create_app(engine: Engine, model_name: str, server_tools: Sequence[str] = ()
     from gptoss_jax import responses
 
     return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"]),
-                             *responses.routes(engine, model_name, server_tools, make_tools, max_turns, error),
+                             *responses.routes(engine, model_name, server_tools, make_tools, max_turns, error,
+                                               tool_threads),
                              Route("/v1/models", models, methods=["GET"]),
                              Route("/health", health, methods=["GET"])])
 

@@ -61,21 +61,23 @@ class Request:
 
     def adjustments(self) -> dict[int, float] | None:
         """What this request adds to the logits of the next step, by token (None: nothing)."""
-        if not (self.presence_penalty or self.frequency_penalty or self.logit_bias):
+        penalised = self.presence_penalty or self.frequency_penalty
+        if not (penalised or self.logit_bias):
             return None
         added = dict(self.logit_bias)
-        for token, count in self.counts.items():
+        for token, count in self.counts.items() if penalised else ():
             added[token] = added.get(token, 0.0) - self.presence_penalty - self.frequency_penalty * count
         return added
 
 
 class Engine:
-    def __init__(self, model: GptOss, *, slots: int = 16, max_length: int | None = None):
+    def __init__(self, model: GptOss, *, slots: int = 16, max_length: int | None = None, prefill_rows: int = 8):
         if max_length is None:
             max_length = min(DEFAULT_CONTEXT, model.config.max_position_embeddings)
         if max_length > model.config.max_position_embeddings:
             raise ValueError(f"max_length {max_length} exceeds the model's {model.config.max_position_embeddings}")
         self.model, self.slots, self.max_length = model, slots, max_length
+        self.prefill_rows = prefill_rows  # prompts prefilled together at most: each needs a whole cache row too
         self.graphdef, self.state = nnx.split(model)
         self.cache = self._place(model.init_cache(jnp.zeros(slots, jnp.int32), max_length))
         self.active: dict[int, Request] = {}
@@ -99,8 +101,9 @@ class Engine:
         self._sample = jax.jit(_sample_rows)
         self._mask = jax.jit(constrain.apply)
         self._argmax = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
-        self._adjust = jax.jit(lambda logits, tokens, added: logits.at[jnp.arange(logits.shape[0])[:, None],
-                                                                        tokens].add(added.astype(logits.dtype)))
+        # in float32: in bfloat16 a small penalty would vanish on exactly the large logits it is meant to lower
+        self._adjust = jax.jit(lambda logits, tokens, added: logits.astype(jnp.float32).at[
+            jnp.arange(logits.shape[0])[:, None], tokens].add(added))
         self._logprob = jax.jit(lambda logits, tokens: jnp.take_along_axis(
             jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), tokens[:, None], axis=-1)[:, 0])
 
@@ -118,6 +121,10 @@ class Engine:
         if request.constraint is not None and jax.process_count() > 1:
             raise ValueError("structured outputs (response_format, strict tools) are served by single-process "
                              "servers only: the other processes would need every step's token masks")
+        # The plan carries these as float32: every process must add exactly the same adjustments.
+        request.presence_penalty = float(np.float32(request.presence_penalty))
+        request.frequency_penalty = float(np.float32(request.frequency_penalty))
+        request.logit_bias = {token: float(np.float32(bias)) for token, bias in request.logit_bias.items()}
         self.pending.put(request)
         self._wake.set()
 
@@ -184,7 +191,10 @@ class Engine:
         for slot, request in admissions:
             buckets.setdefault(self._bucket(request), []).append((slot, request))
         for bucket, admitted in buckets.items():
-            self._admit(bucket, admitted)
+            prompts = list(dict.fromkeys(tuple(request.prompt) for _, request in admitted))
+            for first in range(0, len(prompts), self.prefill_rows):  # the requests of prefill_rows prompts at a time
+                chunk = set(prompts[first:first + self.prefill_rows])
+                self._admit(bucket, [(slot, request) for slot, request in admitted if tuple(request.prompt) in chunk])
         if self.active:
             logits, self.cache = self._decode(self.state, self._replicated(self.last_tokens), self.cache)
             self.steps += 1

@@ -260,6 +260,10 @@ def test_penalties_and_logit_bias_change_the_logits_as_openai_defines_them(pair)
         assert request.tokens == tokens[len(prompt):], kwargs
         assert request.tokens != plain, kwargs  # the settings made a difference
     assert plain[0] not in requests[2].tokens
+    # added in float32 whatever the model's dtype: in bfloat16, 20 - 0.05 would stay 20
+    engine = Engine(model, slots=1, max_length=64)
+    adjusted = engine._adjust(jnp.asarray([[20.0, 1.0]], jnp.bfloat16), jnp.asarray([[0]]), jnp.asarray([[-0.05]]))
+    assert adjusted.dtype == jnp.float32 and abs(float(adjusted[0, 0]) - 19.95) < 1e-5
 
 
 def test_a_request_cancelled_while_queued_is_never_run(pair):
