@@ -698,6 +698,51 @@ class GptOss(nnx.Module):
         cache = KVCache(banded_k, banded_v, full_k, full_v, cache.start, jnp.full_like(cache.start, length))
         return self.logits(self.norm(x[:, -1])), cache
 
+    def extend(self, tokens: jax.Array, count: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Appends a chunk to each row of a cache: row b's first `count[b]` tokens of `tokens` [B, T] (the rest is
+        padding) at indices `cache.length[b]` on. Returns the logits after each row's last real token [B, V] and
+        the cache, as if the whole sequence had been prefilled — without prefilling it again (a conversation that
+        goes on after a tool's answer). Every row needs count >= 1."""
+        index, start = cache.length, cache.start
+        window, capacity, chunk = cache.banded_k.shape[2], cache.full_k.shape[2], tokens.shape[1]
+        offsets = jnp.arange(chunk)
+        at = index[:, None] + offsets[None, :]  # [B, T] the chunk's indices
+        cos, sin = rope_cos_sin(self.config, at - start[:, None])
+        rows = jnp.arange(index.shape[0])[:, None]
+        # Banded layers attend over the ring as it was (slot s: the latest index before the chunk congruent to s)
+        # and the chunk itself; the ring is written afterwards, since the chunk's own keys would overwrite ones
+        # its earlier queries still see.
+        slots = jnp.arange(window)
+        ring_index = (index[:, None] - 1) - ((index[:, None] - 1 - slots) % window)  # [B, W]
+        ring_seen = ((ring_index[:, None, :] >= start[:, None, None])
+                     & (at[:, :, None] - ring_index[:, None, :] < window))  # [B, T, W]
+        chunk_seen = (offsets[None, :] <= offsets[:, None]) & (offsets[:, None] - offsets[None, :] < window)
+        banded_mask = jnp.concatenate([ring_seen, jnp.broadcast_to(chunk_seen, (index.shape[0], chunk, chunk))], 2)
+        # the chunk offset each ring slot takes: the latest real one congruent to it, if any
+        taken = (count[:, None] - 1) - ((index[:, None] + count[:, None] - 1 - slots) % window)  # [B, W]
+        full_mask = ((jnp.arange(capacity)[None, None, :] >= start[:, None, None])
+                     & (jnp.arange(capacity)[None, None, :] <= at[:, :, None]))  # [B, T, C]
+
+        def banded(block, x, ring):
+            x, _, k, v = block(x, cos, sin, banded_mask, attend_to=lambda k, v: (
+                jnp.concatenate([ring[0], k], 1), jnp.concatenate([ring[1], v], 1)))
+            written = (taken >= 0)[:, :, None, None]
+            return x, tuple(jnp.where(written, both[:, window:][rows, jnp.maximum(taken, 0)], old)
+                            for old, both in zip(ring, (k, v), strict=True))
+
+        def full(block, x, kv):
+            # padding past a row's count is written too, past its new length: masked until decoding overwrites it
+            # (indices past the capacity are dropped)
+            x, _, k, v = block(x, cos, sin, full_mask, attend_to=lambda k, v: (
+                kv[0].at[rows, at].set(k, mode="drop"), kv[1].at[rows, at].set(v, mode="drop")))
+            return x, (k, v)
+
+        x, ((banded_k, banded_v), (full_k, full_v)) = self._run_layers(
+            self.embedding[...][tokens], banded, full,
+            ((cache.banded_k, cache.banded_v), (cache.full_k, cache.full_v)), unroll=_unroll_inference(self))
+        last = x[jnp.arange(index.shape[0]), count - 1]
+        return self.logits(self.norm(last)), KVCache(banded_k, banded_v, full_k, full_v, start, index + count)
+
     def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """One new token per row [B], row b at index `cache.length[b]`; returns its logits [B, V] and the cache."""
         index, start = cache.length, cache.start

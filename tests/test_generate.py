@@ -160,6 +160,37 @@ def test_a_repeated_prompt_is_prefilled_once_and_each_row_samples_as_alone(pair,
     assert together[0] != together[2]  # same prompt, other seed
 
 
+def test_extending_a_cache_equals_prefilling_the_whole_sequence(pair):
+    """Rows of a prefilled cache extended by chunks of their own lengths (one longer than the window of 5, one of
+    a single token; the batch padded on the right): the logits after each row's chunk, and those of the next
+    decode steps, equal a prefill of prompt + chunk from scratch (relative error < 1e-5, float32)."""
+    _, model = pair
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 300, n).tolist() for n in (9, 3, 6)]
+    chunks = [rng.integers(0, 300, n).tolist() for n in (7, 1, 3)]
+
+    def prefilled(sequences, capacity):
+        longest = max(map(len, sequences))
+        tokens = np.zeros((len(sequences), longest), np.int32)
+        for row, sequence in enumerate(sequences):
+            tokens[row, longest - len(sequence):] = sequence
+        empty = model.init_cache(jnp.asarray([longest - len(s) for s in sequences]), capacity)
+        return model.prefill(jnp.asarray(tokens), empty)
+
+    _, cache = prefilled(prompts, 9 + 7 + 6)
+    chunk = np.zeros((3, 7), np.int32)
+    for row, tokens in enumerate(chunks):
+        chunk[row, : len(tokens)] = tokens
+    logits, cache = model.extend(jnp.asarray(chunk), jnp.asarray([len(c) for c in chunks]), cache)
+    expected, reference = prefilled([p + c for p, c in zip(prompts, chunks, strict=True)], 16 + 6)
+    assert relative_error(np.asarray(logits), np.asarray(expected)) < 1e-5
+    for _ in range(5):
+        chosen = jnp.argmax(expected, axis=-1).astype(jnp.int32)
+        logits, cache = model.decode(chosen, cache)
+        expected, reference = model.decode(chosen, reference)
+        assert relative_error(np.asarray(logits), np.asarray(expected)) < 1e-5
+
+
 def test_bad_requests(pair):
     _, model = pair
     generator = Generator(model)
