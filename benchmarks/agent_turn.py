@@ -4,9 +4,9 @@ A real checkpoint (the inference benchmark's sizes: 4 layers, hidden 512, 16 exp
 whose greedy output is a call to the python tool (`tests/hf_models.bigram_hf_model`: its layers add nothing, so
 the output is known, but every layer is computed as usual), after a user message of about N tokens. The loop runs
 `TURNS` turns through `Generator`, the sandboxed `PythonTool` answering each call; then each part of a turn is
-timed alone: the prefill of the whole conversation (what every turn pays now: a cache kept across turns would
-prefill only the ~40 tokens a turn appends), the decode of the call, rendering the answer and parsing the output,
-and the python call.
+timed alone: the prefill of the whole conversation (what every turn paid before the loop kept its cache), the
+`Generator.resume` of a kept cache with the ~40 tokens a turn appends (what a turn pays now), the decode of the
+call, rendering the answer and parsing the output, and the python call.
 
     python benchmarks/agent_turn.py [N ...]
 """
@@ -44,8 +44,8 @@ def main(*lengths: int):
     call = rendered[prefix:]
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}; "
           f"model: 4 layers, hidden 512, 16 experts, float32; {TURNS} turns per conversation")
-    print("| prompt (tokens) | a turn of the loop (ms) | prefill of the whole conversation (ms) | decode of the call "
-          "(ms) | render + parse (ms) | python call (ms) |")
+    print("| prompt (tokens) | a turn of the loop (ms) | prefill of the whole conversation (ms) | resume: prefill "
+          "of the appended tokens (ms) | decode of the call (ms) | render + parse (ms) | python call (ms) |")
     with tempfile.TemporaryDirectory() as directory:
         assistant = harmony.encode_chat(record)[-1]
         bigram_hf_model([assistant, *call], **SIZES).save_pretrained(directory)
@@ -68,6 +68,13 @@ def main(*lengths: int):
                 per_turn = (time.perf_counter() - started) / TURNS
                 whole = seconds(lambda context=context: generator.generate([context], 1), 3)
                 decode = seconds(lambda context=context: generator.generate([context], len(call)), 3) - whole
+                resumed = []
+                for _ in range(4):  # a fresh kept cache each time (resume consumes it); the first run compiles
+                    _, kept = generator.generate([prompt], len(call), keep_cache=True, cache_length=len(context) + 8)
+                    started = time.perf_counter()
+                    generator.resume(kept, [appended[len(call) - 1:]], 1)  # the cache holds the call but its end
+                    resumed.append(time.perf_counter() - started)
+                resume = min(resumed[1:])
                 output = call
 
                 def host(output=output, answer=answer):
@@ -76,7 +83,8 @@ def main(*lengths: int):
 
                 render_parse = seconds(host, 3)
                 tool = seconds(lambda: python.run("print(6*7)"), 3)
-                print(f"| {len(prompt)} | {per_turn * 1e3:.0f} | {whole * 1e3:.0f} | {decode * 1e3:.0f} | "
+                print(f"| {len(prompt)} | {per_turn * 1e3:.0f} | {whole * 1e3:.0f} | {resume * 1e3:.0f} | "
+                      f"{decode * 1e3:.0f} | "
                       f"{render_parse * 1e3:.2f} | {tool * 1e3:.0f} |")
 
 

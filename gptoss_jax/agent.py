@@ -10,8 +10,9 @@ is recorded as a `Step`. Limits: `max_turns` generations per conversation (a cal
 unanswered) and `max_tokens` in its context
 (prompt, output and tool answers together).
 
-Each round prefills a conversation's whole context again (`Generator.generate` starts from an empty cache): a tool
-turn costs the prefill of everything so far, not only of the appended answer (benchmarks/RESULTS.md, "Agent loop").
+The batch's KV cache is kept across rounds: a conversation that goes on after a tool's answer prefills only the
+tokens it appended (its last output token, the answer, the next header; `Generator.resume`), never the whole
+conversation again.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ def run(generator, records: Sequence[Mapping[str, Any]], toolsets: Sequence[Mapp
     for conversation in conversations:
         if len(conversation.tokens) >= limit:
             conversation.finish = "max_tokens"
+    cache, cached = None, []  # the kept cache and the conversation of each of its rows
     with concurrent.futures.ThreadPoolExecutor(max(1, min(8, len(records)))) as pool:
         for turn in range(max_turns):
             going = [i for i, c in enumerate(conversations) if c.finish is None]
@@ -129,15 +131,21 @@ def run(generator, records: Sequence[Mapping[str, Any]], toolsets: Sequence[Mapp
                 if on_token is not None:
                     on_token(going[row], token)
 
-            # one batch: as many new tokens as the roomiest row may take and the longest row's cache can hold;
-            # each row's output is then cut to its own room
-            longest = max(len(conversations[i].tokens) for i in going)
-            room = min(max(limit - len(conversations[i].tokens) for i in going),
-                       generator.model.config.max_position_embeddings - longest)
+            # one batch, as many new tokens as the longest row leaves room for in `limit` positions; each row's
+            # output is then cut to its own room
+            new = min(max_new_tokens, limit - max(len(conversations[i].tokens) for i in going))
+            settings = {"temperature": temperature, "top_p": top_p, "stream": stream,
+                        "seed": [(seeds[i] + turn * 104_729) % (1 << 31) for i in going]}
             started = time.perf_counter()
-            outputs = generator.generate([conversations[i].tokens for i in going], min(max_new_tokens, room),
-                                         temperature=temperature, top_p=top_p, stream=stream,
-                                         seed=[(seeds[i] + turn * 104_729) % (1 << 31) for i in going])
+            if cache is None:
+                outputs, cache = generator.generate([conversations[i].tokens for i in going], new, keep_cache=True,
+                                                    **settings)
+            else:  # the conversations that go on keep their rows: only what they lack is prefilled
+                if cached != going:
+                    cache = generator.take_rows(cache, [cached.index(i) for i in going])
+                appended = [conversations[i].tokens[fed:] for i, fed in zip(going, generator.fed(cache), strict=True)]
+                outputs, cache = generator.resume(cache, appended, new, **settings)
+            cached = going
             seconds = (time.perf_counter() - started) / len(going)
             calls = {}
             for i, output in zip(going, outputs, strict=True):

@@ -53,8 +53,8 @@ def compiled_steps(graphdef: nnx.GraphDef):
         return nnx.merge(graphdef, state).prefill(tokens, cache)
 
     @functools.partial(jax.jit, donate_argnums=2)
-    def decode(state, tokens, cache):
-        return nnx.merge(graphdef, state).decode(tokens, cache)
+    def decode(state, tokens, cache, live=None):
+        return nnx.merge(graphdef, state).decode(tokens, cache, live)
 
     return prefill, decode
 
@@ -66,7 +66,9 @@ class Generator:
         self.model = model
         self.graphdef, self.state = nnx.split(model)
         self._prefill, self._decode = compiled_steps(self.graphdef)
-        self._sample = jax.jit(sample, static_argnames=("temperature", "top_p", "top_k"))
+        self._draw = jax.jit(sample, static_argnames=("temperature", "top_p", "top_k"))
+        self._extend = jax.jit(lambda state, tokens, count, cache: nnx.merge(self.graphdef, state).extend(
+            tokens, count, cache), donate_argnums=3)
         self._sample_masked = jax.jit(lambda logits, key, bitmask, **settings: sample(
             constrain.apply(logits, bitmask), key, **settings), static_argnames=("temperature", "top_p", "top_k"))
 
@@ -83,7 +85,8 @@ class Generator:
         stream: Callable[[int, int], None] | None = None,
         cache_length: int | None = None,
         constraints: constrain.RowConstraints | None = None,
-    ) -> list[list[int]]:
+        keep_cache: bool = False,
+    ) -> list[list[int]] | tuple[list[list[int]], KVCache]:
         """New tokens of each prompt, up to `max_new_tokens` or through the first stop token (included).
 
         stop_tokens: None for harmony's (`<|return|>`, `<|call|>`); [] to never stop early.
@@ -92,6 +95,8 @@ class Generator:
         cache_length: the cache capacity (default: longest prompt + max_new_tokens).
         constraints: per row, a grammar for the final answer and strict tools' arguments, and a reasoning budget
             (`gptoss_jax.constrain`); rows without one sample exactly as they would without it.
+        keep_cache: also return the cache, to `resume` the rows later (a finished row's cache holds its prompt and
+            output up to its last token fed, `cache.length - cache.start` tokens).
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, and no empty prompt")
@@ -121,23 +126,82 @@ class Generator:
         logits, cache = self._prefill(self.state, self._replicated(tokens), cache)
         if len(distinct) < len(prompts):
             logits, cache = self._spread(logits, cache, np.asarray(source_row, np.int32))
+        states = constraints.states(prompts) if constraints is not None else None
+        outputs, cache = self._sample(logits, cache, max_new_tokens, temperature=temperature, top_p=top_p,
+                                      top_k=top_k, seed=seed, stops=stops, stream=stream, states=states)
+        return (outputs, cache) if keep_cache else outputs
+
+    def resume(self, cache: KVCache, appended: Sequence[Sequence[int]], max_new_tokens: int, *,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | Sequence[int] = 0,
+               stop_tokens: Sequence[int] | None = None,
+               stream: Callable[[int, int], None] | None = None) -> tuple[list[list[int]], KVCache]:
+        """Goes on generating for the rows of a kept cache (`generate(keep_cache=True)`, or an earlier `resume`)
+        after appending `appended[row]` to each (at least one token: what the row's cache lacks of its sequence,
+        e.g. its last output token, then a tool's answer): only the appended tokens are prefilled. Returns the
+        new tokens of each row (as `generate`) and the cache."""
+        if len(appended) != cache.start.shape[0] or any(len(a) == 0 for a in appended):
+            raise ValueError(f"resume needs one non-empty chunk per cache row ({cache.start.shape[0]}), got "
+                             f"{[len(a) for a in appended]}")
+        needed = max(int(n) + len(a) for n, a in zip(_on_host(cache.length), appended, strict=True)) + max_new_tokens
+        limit = self.model.config.max_position_embeddings
+        if needed > limit:
+            raise ValueError(f"the rows need {needed} positions with the appended and new tokens; the model holds "
+                             f"{limit}")
+        if needed > cache.full_k.shape[2]:  # grown to a power of two (few shapes); decode attends over it all
+            cache = self._grown(cache, min(limit, 1 << (needed - 1).bit_length()))
+        width = 1 << (max(map(len, appended)) - 1).bit_length()  # few chunk shapes compile
+        tokens = np.zeros((len(appended), width), np.int32)
+        for row, chunk in enumerate(appended):
+            tokens[row, : len(chunk)] = chunk
+        count = np.asarray([len(a) for a in appended], np.int32)
+        logits, cache = self._extend(self.state, self._replicated(tokens), self._replicated(count), cache)
+        stops = set(DEFAULT_STOP_TOKENS if stop_tokens is None else stop_tokens)
+        return self._sample(logits, cache, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed, stops=stops, stream=stream, states=None)
+
+    def _grown(self, cache: KVCache, capacity: int) -> KVCache:
+        """The cache with room for `capacity` indices. A banded ring shorter than the window was made as long as
+        the cache (`init_cache`), so it holds index i in slot i, as the longer ring will: it is padded too."""
+
+        def padded(array, size):
+            return jnp.pad(array, ((0, 0), (0, 0), (0, size - array.shape[2]), (0, 0), (0, 0)))
+
+        window = min(self.model.config.sliding_window, capacity)
+        cache = KVCache(*(padded(a, window) for a in (cache.banded_k, cache.banded_v)),
+                        *(padded(a, capacity) for a in (cache.full_k, cache.full_v)), cache.start, cache.length)
+        if self.model.mesh is not None:
+            cache = jax.device_put(cache, cache_shardings(cache, self.model.mesh))
+        return cache
+
+    @staticmethod
+    def fed(cache: KVCache) -> list[int]:
+        """How many tokens of each row's sequence its cache holds (prompt and output, the last output token aside
+        when generation stopped there)."""
+        return _on_host(cache.length - cache.start).tolist()
+
+    def take_rows(self, cache: KVCache, rows: Sequence[int]) -> KVCache:
+        """The cache of some of its rows, in that order (the conversations that go on)."""
+        return self._spread(jnp.zeros((cache.start.shape[0], 1)), cache, np.asarray(rows, np.int32))[1]
+
+    def _sample(self, logits, cache, max_new_tokens, *, temperature, top_p, top_k, seed, stops, stream, states):
+        """The sampling loop from the logits after each row's last token; finished rows are no longer written."""
+        rows = logits.shape[0]
         if isinstance(seed, int):
             key, fold = jax.random.key(seed), jax.random.fold_in
-        elif len(seed) == len(prompts):
+        elif len(seed) == rows:
             key, fold = jax.vmap(jax.random.key)(jnp.asarray(seed, jnp.uint32)), jax.vmap(jax.random.fold_in, (0, None))
         else:
-            raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
-        outputs = [[] for _ in prompts]
-        done = np.zeros(len(prompts), bool)
-        states = constraints.states(prompts) if constraints is not None else None
-        bitmask = constrain.allocate(len(prompts), vocab) if states is not None else None
+            raise ValueError(f"{len(seed)} seeds for {rows} prompts")
+        outputs = [[] for _ in range(rows)]
+        done = np.zeros(rows, bool)
+        bitmask = constrain.allocate(rows, self.model.config.vocab_size) if states is not None else None
         masked = self._fill(states, done, bitmask)
         settings = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
         for step in range(max_new_tokens):
             if masked:
                 chosen = self._sample_masked(logits, fold(key, step), self._replicated(bitmask), **settings)
             else:
-                chosen = self._sample(logits, fold(key, step), **settings)
+                chosen = self._draw(logits, fold(key, step), **settings)
             chosen = _on_host(chosen)
             last = step == max_new_tokens - 1
             for row, token in enumerate(chosen.tolist()):
@@ -148,13 +212,13 @@ class Generator:
                         stream(row, token)
             if done.all() or last:
                 break
-            logits, cache = self._decode(self.state, self._replicated(chosen), cache)
+            logits, cache = self._decode(self.state, self._replicated(chosen), cache, self._replicated(~done))
             if states is not None:  # the next masks, on the host while the device decodes
                 for row, token in enumerate(chosen.tolist()):
                     if not done[row]:
                         states[row].advance(token)
                 masked = self._fill(states, done, bitmask)
-        return outputs
+        return outputs, cache
 
     def _spread(self, logits: jax.Array, cache: KVCache, source_row: np.ndarray) -> tuple[jax.Array, KVCache]:
         """The prefilled rows copied out to the rows that asked for them (row i gets row `source_row[i]`), placed

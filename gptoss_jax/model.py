@@ -743,8 +743,9 @@ class GptOss(nnx.Module):
         last = x[jnp.arange(index.shape[0]), count - 1]
         return self.logits(self.norm(last)), KVCache(banded_k, banded_v, full_k, full_v, start, index + count)
 
-    def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """One new token per row [B], row b at index `cache.length[b]`; returns its logits [B, V] and the cache."""
+    def decode(self, tokens: jax.Array, cache: KVCache, live: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """One new token per row [B], row b at index `cache.length[b]`; returns its logits [B, V] and the cache.
+        live [B] bool: rows whose token is written (the others' caches stay as they are, to be extended later)."""
         index, start = cache.length, cache.start
         window, capacity = cache.banded_k.shape[2], cache.full_k.shape[2]
         cos, sin = rope_cos_sin(self.config, (index - start)[:, None])
@@ -758,6 +759,9 @@ class GptOss(nnx.Module):
 
         def writer(cache_k, cache_v, slot):
             def attend_to(k, v):
+                if live is not None:
+                    k, v = (jnp.where(live[:, None, None], new[:, 0], old[rows, slot])[:, None]
+                            for new, old in ((k, cache_k), (v, cache_v)))
                 return cache_k.at[rows, slot].set(k[:, 0]), cache_v.at[rows, slot].set(v[:, 0])
             return attend_to
 
@@ -773,7 +777,7 @@ class GptOss(nnx.Module):
         x, ((banded_k, banded_v), (full_k, full_v)) = self._run_layers(
             x, banded, full, ((cache.banded_k, cache.banded_v), (cache.full_k, cache.full_v)),
             unroll=_unroll_inference(self))
-        cache = KVCache(banded_k, banded_v, full_k, full_v, start, index + 1)
+        cache = KVCache(banded_k, banded_v, full_k, full_v, start, index + (1 if live is None else live))
         return self.logits(self.norm(x[:, 0])), cache
 
 

@@ -42,7 +42,20 @@ class ScriptedModel:
         self.batches = []
         self.model = type("M", (), {"config": type("C", (), {"max_position_embeddings": max_positions})})
 
-    def generate(self, prompts, max_new_tokens, *, stream=None, seed, **_settings):
+    def resume(self, cache, appended, max_new_tokens, **settings):
+        """A cache here is each row's tokens fed so far: resuming reads them and the appended tokens."""
+        return self.generate([row + list(chunk) for row, chunk in zip(cache, appended, strict=True)],
+                             max_new_tokens, keep_cache=True, **settings)
+
+    @staticmethod
+    def take_rows(cache, rows):
+        return [cache[row] for row in rows]
+
+    @staticmethod
+    def fed(cache):
+        return [len(row) for row in cache]
+
+    def generate(self, prompts, max_new_tokens, *, stream=None, seed, keep_cache=False, **_settings):
         self.batches.append([])
         outputs = []
         for row, prompt in enumerate(prompts):
@@ -53,6 +66,8 @@ class ScriptedModel:
             for token in output:
                 stream(row, token)
             outputs.append(output)
+        if keep_cache:  # as a real cache: the last token of each output sampled but not fed
+            return outputs, [list(prompt) + output[:-1] for prompt, output in zip(prompts, outputs, strict=True)]
         return outputs
 
     def _conversation(self, prompt):

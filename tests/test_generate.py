@@ -191,6 +191,33 @@ def test_extending_a_cache_equals_prefilling_the_whole_sequence(pair):
         assert relative_error(np.asarray(logits), np.asarray(expected)) < 1e-5
 
 
+def test_resuming_a_kept_cache_generates_what_a_fresh_prefill_does(pair):
+    """Rows that stopped at different steps (a stop token that ends one early) keep their caches untouched while
+    the others decode; resumed with appended chunks of different lengths, each row generates what `generate` on
+    its whole sequence generates, and `fed` counts what each cache holds."""
+    _, model = pair
+    generator = Generator(model)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 300, n).tolist() for n in (8, 4)]
+    first = generator.generate(prompts, 6, stop_tokens=[])[0]
+    outputs, cache = generator.generate(prompts, 6, stop_tokens=[first[2]], keep_cache=True)  # 14 positions
+    assert len(outputs[0]) == 3 and generator.fed(cache) == [8 + 2, 4 + len(outputs[1]) - 1]
+    appended = [[outputs[0][-1], *rng.integers(0, 300, 7).tolist()], [outputs[1][-1], 5]]
+    resumed, cache = generator.resume(cache, appended, 5, stop_tokens=[])
+    for prompt, output, chunk, tokens in zip(prompts, outputs, appended, resumed, strict=True):
+        whole = prompt + output[:-1] + chunk
+        assert tokens == generator.generate([whole], 5, stop_tokens=[])[0]
+    assert cache.full_k.shape[2] == 32  # grown to hold the appended and new tokens
+    with pytest.raises(ValueError, match="one non-empty chunk per cache row"):
+        generator.resume(cache, [[1]], 2)
+    # a cache shorter than the window of 5 (a ring of 3 slots) grows its ring with it
+    outputs, cache = generator.generate([[1, 2]], 1, stop_tokens=[], keep_cache=True)
+    assert cache.banded_k.shape[2] == 3
+    resumed, cache = generator.resume(cache, [[outputs[0][0], 7, 8, 9]], 4, stop_tokens=[])
+    assert cache.banded_k.shape[2] == 5
+    assert resumed[0] == generator.generate([[1, 2, outputs[0][0], 7, 8, 9]], 4, stop_tokens=[])[0]
+
+
 def test_bad_requests(pair):
     _, model = pair
     generator = Generator(model)
