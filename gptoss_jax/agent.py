@@ -94,8 +94,13 @@ class Conversation:
 
     def as_records(self) -> list[dict[str, Any]]:
         """The added messages as harmony-native record messages (to append to the record and run on)."""
-        return [{"role": m.role, "content": m.text, "channel": m.channel, "recipient": m.recipient,
-                 "content_type": m.content_type, "name": m.name} for m in self.messages]
+        return [as_record(m) for m in self.messages]
+
+
+def as_record(message: harmony.Message) -> dict[str, Any]:
+    """A harmony message as a harmony-native record message (`harmony.to_messages` reads it back unchanged)."""
+    return {"role": message.role, "content": message.text, "channel": message.channel,
+            "recipient": message.recipient, "content_type": message.content_type, "name": message.name}
 
 
 def run(generator, records: Sequence[Mapping[str, Any]], toolsets: Sequence[Mapping[str, Any]], *,

@@ -317,11 +317,6 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _as_record(message: harmony.Message) -> dict:
-    return {"role": message.role, "content": message.text, "channel": message.channel,
-            "recipient": message.recipient, "content_type": message.content_type, "name": message.name}
-
-
 # ---- the endpoint ---------------------------------------------------------------------------------------------
 
 
@@ -366,7 +361,7 @@ def routes(engine, model_name: str, server_tools: Sequence[str], make_tools: Cal
                     yield output.finish()
                     _conclude(response, value, len(prompt), choice.generated, output.reasoning_tokens)
                     if response["store"] and not value.startswith("error"):
-                        store.put(response, echo["conversation"] + [_as_record(m) for m in output.messages],
+                        store.put(response, echo["conversation"] + [agent.as_record(m) for m in output.messages],
                                   {**echo["call_names"], **output.call_names})
                     return
 
