@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gptoss_jax import constrain, harmony
 from gptoss_jax import tokenizer as tok
@@ -67,16 +67,19 @@ class JaxBackend:
         self._tool_makers = {}  # by the tools' names: checked (sandbox, document index) once, not per sample
         self.describe = f"in-process JAX model ({generator.model.config.num_hidden_layers} layers)"
 
-    def __call__(self, requests: Sequence[Request]) -> list[Reply]:
+    def __call__(self, requests: Sequence[Request], finished: Callable[[], None] | None = None) -> list[Reply]:
+        """The replies, in order; `finished()` is called as each row of the batch ends its reply (a row cut by
+        max_tokens, or a conversation with tools, only when the whole batch returns: the caller counts those)."""
         records = [{"messages": [{"role": "user", "content": r.prompt}], "reasoning_effort": r.effort,
                     "response_format": r.response_format, "builtin_tools": list(r.tools)} for r in requests]
         if any(r.tools for r in requests):
             return self._with_tools(requests, records)
         prompts = [harmony.encode_chat(record) for record in records]
         finals = [constrain.for_response_format(r.response_format) for r in requests]
+        stream = (lambda row, token: token in (tok.RETURN, tok.CALL) and finished()) if finished else None
         try:
             outputs = self.generator.generate(prompts, self.max_tokens, temperature=self.temperature,
-                                              top_p=self.top_p, seed=[r.seed for r in requests],
+                                              top_p=self.top_p, seed=[r.seed for r in requests], stream=stream,
                                               constraints=constrain.RowConstraints(finals) if any(finals) else None)
         except Exception as error:  # noqa: BLE001 - one bad sample must not sink the chunk: retry one by one
             if len(requests) == 1:
@@ -154,9 +157,16 @@ class OpenAIBackend:
         self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
         self.describe = f"{base_url} ({self.model})"
 
-    def __call__(self, requests: Sequence[Request]) -> list[Reply]:
+    def __call__(self, requests: Sequence[Request], finished: Callable[[], None] | None = None) -> list[Reply]:
+        """The replies, in order; `finished()` is called as each one arrives."""
+        def ask(request: Request) -> Reply:
+            reply = self._ask(request)
+            if finished:
+                finished()
+            return reply
+
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(requests)) as pool:
-            return list(pool.map(self._ask, requests))
+            return list(pool.map(ask, requests))
 
     def _ask(self, request: Request) -> Reply:
         try:

@@ -117,6 +117,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
             axes.annotate(", ".join(efforts), point, textcoords="offset points", xytext=(4, 4), fontsize=8)
     axes.set_xlabel("mean analysis tokens per sample")
     axes.set_ylabel("accuracy")
+    axes.set_ylim(0, 1.05)  # the whole scale: an axis fitted to the points makes a small difference look large
     axes.set_title(f"Accuracy against reasoning effort: {summary['model']}", fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend()

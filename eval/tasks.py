@@ -25,7 +25,7 @@ from typing import Any
 from gptoss_jax.eval.graders import GRADERS, answer_number, boxed
 from gptoss_jax.harmony import BUILTIN_TOOLS
 from gptoss_jax.train.data import DataError, read_records
-from gptoss_jax.train.synthetic import counting_records
+from gptoss_jax.train.synthetic import count, counting_problems
 
 BUILTIN = ("gsm8k", "aime", "gpqa", "math", "synthetic")
 BOX_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -141,9 +141,9 @@ def _gpqa(item: tuple[str, dict], index: int, seed: int) -> Problem:
     return Problem(str(index), prompt, "ABCD"[choices.index(correct)], "mcq")
 
 
-def _synthetic(count: int, seed: int) -> list[Problem]:
-    return [Problem(str(index), record["messages"][0]["content"], record["answer"], "numeric")
-            for index, record in enumerate(counting_records(count, seed=seed))]
+def _synthetic(number: int, seed: int) -> list[Problem]:
+    return [Problem(str(index), question, str(count(letters)), "numeric")
+            for index, (question, letters) in enumerate(counting_problems(number, seed=seed))]
 
 
 def _custom(path: str) -> list[Problem]:

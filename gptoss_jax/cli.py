@@ -11,6 +11,9 @@ PRESETS = {"tiny": "tiny", "gpt-oss-20b": "gpt_oss_20b", "gpt-oss-120b": "gpt_os
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gptoss_jax.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # before jax starts its threads (gptoss_jax/allocator.py says why)
     parser = argparse.ArgumentParser(prog="gptoss-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser(

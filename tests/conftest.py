@@ -11,6 +11,10 @@ if _SHARED.is_dir():
 
 import pytest  # noqa: E402
 
+from gptoss_jax.allocator import reuse_freed_memory  # noqa: E402
+
+reuse_freed_memory()  # as the CLI does: CPU steps reuse freed memory instead of page-faulting it in again
+
 
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory):

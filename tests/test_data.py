@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from flax import nnx
 
-from gptoss_jax import GptOss, GptOssConfig, tokenizer
+from gptoss_jax import GptOss, GptOssConfig, harmony, tokenizer
 from gptoss_jax.train import data, gsm8k, synthetic
 
 from harmony_cases import RECORDS
@@ -55,7 +55,7 @@ def test_packed_row_logits_equal_each_example_alone():
     config = GptOssConfig.tiny().replace(num_hidden_layers=3, sliding_window=8)
     model = GptOss(config, dtype="float32", rngs=nnx.Rngs(0))
     examples = data.encode_examples([("a", RECORDS[1]), ("b", RECORDS[4]), ("c", RECORDS[0])])
-    rows = data.pack(examples, 400, shuffle=False)
+    rows = data.pack(examples, 400, shuffle="none")
     assert len(rows) == 1 and rows.segment_ids.max() == 3
     packed = np.asarray(model(rows.inputs, positions=rows.positions, segment_ids=rows.segment_ids))
     for segment, example in enumerate(examples, start=1):
@@ -162,28 +162,42 @@ def test_gsm8k_records(tmp_path):
         gsm8k.convert(source, tmp_path / "bad.jsonl")
 
 
-def test_synthetic_counts_restart_at_every_x_and_each_letter_takes_two_tokens():
+def test_synthetic_counts_restart_at_every_x_and_each_letter_is_copied_from_the_same_distance():
     """The demo's task: the answer is the number of r's after the last x (checked against a regular expression),
-    every written tally is the count so far, and each letter takes two tokens in the question and in the
-    high-effort analysis (the property that makes every step's copy the same distance back)."""
+    every written count is the count so far — after every letter at high effort, every fourth at medium — each
+    effort's analysis starts with its own token, and each letter is copied from the question 31 tokens back
+    (within the tiny model's 32-token window). Packed in order into 640-token rows, every row holds one round of
+    efforts: low once, medium and high twice."""
     encoding = tokenizer.get_encoding()
-    records = synthetic.counting_records(90, seed=3)
-    assert [r["reasoning_effort"] for r in records[:3]] == ["low", "medium", "high"]
+    records = synthetic.counting_records(100, seed=3)
+    assert [r["reasoning_effort"] for r in records[:5]] == ["low", "medium", "high", "medium", "high"]
     assert len({r["answer"] for r in records}) >= 6  # answers spread over many counts, not one guessable value
+    firsts = set()
     for record in records:
         question, reply = record["messages"]
-        letters = re.search(r": (.*)\. What", question["content"]).group(1).split(", ")
+        letters = re.search(r": (.*)\.$", question["content"]).group(1).split(", ")
         assert len(letters) == synthetic.LETTERS and record["answer"] == reply["content"]
         assert int(record["answer"]) == len(re.findall("r", "".join(letters).rsplit("x", 1)[-1]))
-        tallies = [(letter, int(n)) for letter, n in re.findall(r"([a-z])(\d+)", reply["thinking"])]
+        tokens, mask = harmony.encode_for_training(record)
+        analysis_at = mask.index(True) + 3  # the first token after <|channel|>analysis<|message|>
+        firsts.add((record["reasoning_effort"], tokens[analysis_at]))
         if record["reasoning_effort"] == "low":
             assert reply["thinking"] == f"Answer: {record['answer']}."
             continue
-        per_step = {"medium": 2, "high": 1}[record["reasoning_effort"]]
-        expected_at = [seen for seen in range(1, len(letters) + 1) if seen % per_step == 0 or seen == len(letters)]
-        assert tallies == [(letters[seen - 1], synthetic.count(letters[:seen])) for seen in expected_at]
-        assert tallies[-1][1] == int(record["answer"])
-        if per_step == 1:
-            listed = encoding.encode(question["content"].split(":")[1])  # " r, s, ..., e. What is the count?"
-            written = encoding.encode(reply["thinking"].split(":")[1])  # " r1 s1 ... e2"
-            assert len(listed) == 2 * len(letters) + 5 and len(written) == 2 * len(letters)
+        every = {"medium": 4, "high": 1}[record["reasoning_effort"]]
+        written = re.findall(r"([a-z])(\d+|,)", reply["thinking"].split(": ", 1)[1])
+        assert [letter for letter, _ in written] == letters
+        assert [(seen, int(n)) for seen, (_, n) in enumerate(written, start=1) if n != ","] == [
+            (seen, synthetic.count(letters[:seen])) for seen in range(1, len(letters) + 1)
+            if seen % every == 0 or seen == len(letters)]
+        copies = range(analysis_at + 2, analysis_at + 2 + 2 * len(letters), 2)  # after the header and ':'
+        assert [encoding.decode([tokens[i]]) for i in copies] == [f" {letter}" for letter in letters]
+        # predicted at position i - 1, which finds the letter 31 positions back: inside the 32-key window
+        assert all(tokens[i - 32] == tokens[i] for i in copies)
+    assert len({token for _, token in firsts}) == len(firsts) == 3  # one first token per effort, none shared
+    rows = data.pack(data.encode_examples((f"record {i}", r) for i, r in enumerate(records)), 640,
+                     shuffle="rows", seed=0)
+    assert len(rows) == len(records) // len(synthetic.CYCLE)
+    for row in range(len(rows)):
+        texts = [encoding.decode(rows.inputs[row][rows.segment_ids[row] == s].tolist()) for s in range(1, 6)]
+        assert [text.split("Reasoning: ")[1].split("\n")[0] for text in texts] == list(synthetic.CYCLE)

@@ -21,6 +21,7 @@ from gptoss_jax.eval import report, sweep
 from gptoss_jax.eval.backends import BackendError
 from gptoss_jax.eval.graders import answer_format, grade
 from gptoss_jax.generation import Generator
+from gptoss_jax.train import synthetic
 from gptoss_jax.train.config import ConfigError
 
 from helpers import free_ports, serving
@@ -110,16 +111,20 @@ def test_resume_after_sigkill_gives_the_uninterrupted_summary(demo_model_dir, tm
     assert sorted(map(key, _samples(tmp_path / "killed"))) == sorted(map(key, _samples(tmp_path / "whole")))
 
 
-def test_demo_model_is_right_more_often_when_it_writes_the_count_out(demo_model_dir, tmp_path):
-    """The README's first command, evaluated as shipped (60 held-out problems, greedy): the fine-tuned model keeps
-    a running count at medium and high effort and answers at once at low; writing the count out is what makes it
-    right (goal: high >= 60% and >= 30 points above low). The untrained model answers none."""
-    accuracy = {row["effort"]: row["accuracy"] for row in
-                sweep.run(sweep.load_config(CONFIG, [f"--config.model.checkpoint={demo_model_dir}",
-                                                     f"--config.output_dir={tmp_path / 'trained'}"]),
-                          progress=False).summary["results"]}
+def test_demo_model_reads_the_effort_line_and_is_right_more_often_the_more_it_writes(demo_model_dir, tmp_path):
+    """The README's first command, evaluated as shipped (200 held-out problems, greedy): the fine-tuned model starts
+    (nearly) every analysis with its effort's word — it reads the effort line — and is right more often the more
+    of the count it writes out. Goals: high >= 60% and >= 30 points above low; medium at least 10 points above
+    low and 10 below high. The untrained model answers at most 15%."""
+    result = sweep.run(sweep.load_config(CONFIG, [f"--config.model.checkpoint={demo_model_dir}",
+                                                  f"--config.output_dir={tmp_path / 'trained'}"]), progress=False)
+    samples = _samples(tmp_path / "trained")
+    for effort, header in synthetic.HEADERS.items():
+        started = [s["analysis"].startswith(f"{header}:") for s in samples if s["effort"] == effort]
+        assert sum(started) >= 0.95 * len(started), (effort, sum(started), len(started))
+    accuracy = {row["effort"]: row["accuracy"] for row in result.summary["results"]}
     assert accuracy["high"] >= 0.6 and accuracy["high"] >= accuracy["low"] + 0.3, accuracy
-    assert accuracy["medium"] >= accuracy["low"] + 0.3, accuracy
+    assert accuracy["low"] + 0.1 <= accuracy["medium"] <= accuracy["high"] - 0.1, accuracy
     untrained = tmp_path / "untrained"
     model = gptoss_jax.GptOss(gptoss_jax.GptOssConfig.tiny(), dtype="float32", rngs=nnx.Rngs(0))  # as training starts
     gptoss_jax.save_pretrained(model, untrained, mxfp4=False)
@@ -129,12 +134,27 @@ def test_demo_model_is_right_more_often_when_it_writes_the_count_out(demo_model_
     assert max(row["accuracy"] for row in baseline) <= 0.15 < accuracy["high"] - 0.3
 
 
+def test_the_progress_bar_counts_each_sample_as_it_ends(demo_model_dir):
+    """The in-process backend reports each row of a batch as it writes its stop token (the eval's progress bar
+    moves per sample, not per batch); rows cut by max_tokens are left for the caller to count."""
+    from gptoss_jax.eval.backends import JaxBackend, Request
+
+    backend = JaxBackend(Generator(gptoss_jax.load_model(demo_model_dir, dtype="float32")), max_tokens=20,
+                         temperature=0.0, top_p=1.0)
+    question = "Count the rs, starting again from zero at every x: r, s, x, r, r, a, t, r, o, x, r, e."
+    requests = [Request(question, effort, seed=0) for effort in ("low", "medium", "high", "low", "high")]
+    finished = []
+    replies = backend(requests, finished=lambda: finished.append(1))
+    # a low reply is 16 tokens; medium and high write 26 of analysis alone
+    assert [reply.truncated for reply in replies] == [False, True, True, False, True]
+    assert len(finished) == 2
+
+
 def test_endpoint_backend_against_the_server_equals_in_process(demo_model_dir, tmp_path):
     """`gptoss-jax serve` in its own process, asked through the openai client: the same samples at temperature 0.
     A prompt longer than the server's context is answered 400: that sample is recorded as failed, the rest run."""
     custom = tmp_path / "custom.jsonl"
-    question = ("Count the rs, starting again from zero at every x: r, r, x, r, s, r, a, o, r, t, i, e. "
-                "What is the count?")
+    question = "Count the rs, starting again from zero at every x: r, r, x, r, s, r, a, o, r, t, i, e."
     custom.write_text(json.dumps({"prompt": question, "answer": "3", "grader": "numeric"}) + "\n"
                       + json.dumps({"prompt": "word " * 600, "answer": "1", "grader": "numeric", "id": "long"}) + "\n")
     in_process = sweep.run(_config(tmp_path / "jax", demo_model_dir), progress=False)

@@ -58,7 +58,7 @@ def test_packed_token_losses_equal_transformers_loss(pair):
     loss, and the step's mean loss, equal transformers' on each example alone with labels -100 on its prompt."""
     hf, model = pair
     examples = _examples(np.random.default_rng(0), [14, 9, 12])
-    rows = data_lib.pack(examples, 40, shuffle=False)
+    rows = data_lib.pack(examples, 40, shuffle="none")
     assert len(rows) == 1 and (rows.segment_ids == 0).any() and (rows.weights == 0).any()
 
     expected_tokens, expected_sum, counted = [], 0.0, 0
@@ -91,7 +91,7 @@ def test_gradient_accumulation_equals_one_larger_batch(pair):
     tokens, is averaged over equal micro-batches: the same. (The load-balancing loss is per micro-batch, as in
     transformers, so it is off here.)"""
     _, model = pair
-    rows = data_lib.pack(_examples(np.random.default_rng(1), [17, 11, 23, 8, 19, 14, 9]), 32, shuffle=False)
+    rows = data_lib.pack(_examples(np.random.default_rng(1), [17, 11, 23, 8, 19, 14, 9]), 32, shuffle="none")
     batch = _batch(data_lib.PackedRows(*(getattr(rows, name)[:4] for name in ("inputs", "targets", "weights",
                                                                               "segment_ids", "positions"))))
     assert len(rows) >= 4
@@ -151,7 +151,7 @@ def test_lora_dropout_reaches_the_training_step(pair):
     _, base = pair
     model = nnx.clone(base)
     add_lora(model, LoraConfig(rank=4, alpha=8, dropout=0.3), rngs=nnx.Rngs(0))
-    rows = data_lib.pack(_examples(np.random.default_rng(4), [20, 15]), 40, shuffle=False)
+    rows = data_lib.pack(_examples(np.random.default_rng(4), [20, 15]), 40, shuffle="none")
     batch = _batch(rows)
     config = load_config(DEMO, ["--config.lora.enabled=true", "--config.lora.dropout=0.3",
                                 "--config.model.param_dtype=float32"])

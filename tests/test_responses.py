@@ -17,7 +17,7 @@ from gptoss_jax.generation import Generator
 from helpers import serving
 from hf_models import bigram_hf_model
 
-QUESTION = "Count the rs, starting again from zero at every x: r, s, x, r, r, a, t, r, o, x, r, e. What is the count?"
+QUESTION = "Count the rs, starting again from zero at every x: r, s, x, r, r, a, t, r, o, x, r, e."
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None,
                                  reason="bubblewrap (bwrap) is not installed: the python tool's sandbox needs it")
 

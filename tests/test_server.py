@@ -28,7 +28,7 @@ from gptoss_jax.train import synthetic
 from helpers import free_ports, serving, wait_until_healthy
 from hf_models import bigram_hf_model, random_hf_model
 
-QUESTION = "Count the rs, starting again from zero at every x: r, s, x, r, r, a, t, r, o, x, r, e. What is the count?"
+QUESTION = "Count the rs, starting again from zero at every x: r, s, x, r, r, a, t, r, o, x, r, e."
 
 
 @pytest.fixture(scope="module")

@@ -136,10 +136,12 @@ def test_full_fine_tuning_trains_every_parameter(mxfp4_base, tmp_path):
 
 
 def test_three_epochs_run_to_the_end_on_whole_batches(mxfp4_base, tmp_path):
-    """Each shuffle packs its own number of rows (here 8, 8 and 7 steps of two 384-token rows): every step of every
-    epoch still takes whole batches (it used to slice a short one at the end of a smaller epoch, and fail)."""
+    """Each shuffle of the examples packs its own number of rows (here 8, 8 and 7 steps of two 384-token rows): every
+    step of every epoch still takes whole batches (it used to slice a short one at the end of a smaller epoch, and
+    fail)."""
     config = _config(tmp_path / "epochs", mxfp4_base / "mxfp4", **{
         **LORA, "data.seq_len": 384, "data.synthetic.num_train": 41, "data.batch_size": 1, "optimizer.grad_accum": 2,
+        "data.shuffle": "examples",
         "train.steps": 23, "train.eval_every": 1000, "train.checkpoint_every": 1000, "export.merged": False})
     stats = DataStats()
     batches = Batches(load_examples(config, config.data.train, split="train", stats=stats), config, stats)

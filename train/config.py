@@ -20,6 +20,7 @@ _CHOICES = {
     "model.kernels": ("xla", "pallas", "auto"),
     "data.train_on": ("assistant", "final", "all_assistant_turns"),
     "data.overlong": ("truncate", "drop"),
+    "data.shuffle": ("examples", "rows"),
     "method": ("sft", "grpo"),
     "grpo.scale": ("group", "batch", "none"),
     "grpo.normalisation": ("sequence", "token", "dr_grpo"),
@@ -59,14 +60,16 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.train = "synthetic"  # JSONL file, dataset directory, HF dataset id, or "synthetic" (generated)
     c.data.eval = "synthetic"  # held-out data (same kinds); empty: no evaluation
     c.data.synthetic = ConfigDict()
-    c.data.synthetic.num_train = 3000  # records generated for training
+    c.data.synthetic.num_train = 2000  # records generated for training (the demo's 400 steps read each once)
     c.data.synthetic.num_eval = 120  # records generated for evaluation
     c.data.synthetic.seed = 0  # generator seed (the eval set uses seed + 1)
-    c.data.seq_len = 256  # tokens per packed row
-    c.data.batch_size = 2  # rows per micro-batch
+    c.data.seq_len = 640  # tokens per packed row (a demo row: the five records of one round of efforts)
+    c.data.batch_size = 1  # rows per micro-batch
     c.data.train_on = "assistant"  # assistant | final | all_assistant_turns
     c.data.overlong = "truncate"  # examples longer than a row: truncate | drop
     c.data.skip_invalid = False  # skip (and count) invalid records instead of stopping
+    c.data.shuffle = "rows"  # each epoch, shuffle: rows (pack the records in their order, then shuffle the rows:
+    # neighbouring records share a row, as the demo's round of efforts does) | examples (before packing)
     c.data.seed = 0  # shuffle seed (epoch e uses seed + e)
 
     c.optimizer = ConfigDict()
@@ -85,12 +88,12 @@ def defaults() -> ml_collections.ConfigDict:
     c.loss.aux_loss_weight = 0.0  # router load-balancing loss weight
 
     c.train = ConfigDict()
-    c.train.steps = 700  # optimizer steps (the demo model counts reliably from about here)
+    c.train.steps = 400  # optimizer steps (the demo model counts reliably from about here)
     c.train.seed = 0  # parameter init, adapter init and dropout seed
     c.train.log_every = 10  # steps between metric lines (JSONL + TensorBoard)
     c.train.eval_every = 100  # steps between held-out evaluations
     c.train.eval_batches = 4  # batches per evaluation
-    c.train.checkpoint_every = 100  # steps between orbax checkpoints
+    c.train.checkpoint_every = 200  # steps between orbax checkpoints
     c.train.keep_checkpoints = 2  # checkpoints kept
     c.train.async_checkpoints = True  # write checkpoints in the background
     c.train.output_dir = "runs/tiny_demo"  # checkpoints, metrics, TensorBoard events, exports

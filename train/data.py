@@ -28,6 +28,7 @@ from gptoss_jax import harmony, hub
 log = logging.getLogger(__name__)
 
 OVERLONG = ("truncate", "drop")
+SHUFFLE = ("examples", "rows", "none")
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
@@ -186,11 +187,12 @@ def _plain(record: Any) -> Any:
 
 
 def pack(examples: list[Example], seq_len: int, *, overlong: str = "truncate", seed: int = 0,
-         shuffle: bool = True, process_index: int = 0, process_count: int = 1,
+         shuffle: str = "examples", process_index: int = 0, process_count: int = 1,
          stats: DataStats | None = None) -> PackedRows:
-    """Shuffles the examples (by `seed`), packs them in order into rows of `seq_len` (an example goes to the
-    next row when it does not fit), and gives this host every `process_count`-th row, the same number of rows
-    on every host.
+    """Packs the examples in order into rows of `seq_len` (an example goes to the next row when it does not fit)
+    and gives this host every `process_count`-th row, the same number of rows on every host. `shuffle` (by
+    `seed`): "examples" before packing; "rows" after packing, so that examples next to each other in the data
+    share a row (and a batch); "none".
 
     An example longer than a row is cut to `seq_len` (overlong="truncate") or left out ("drop"); one left with
     nothing to train is dropped too. Both are counted in `stats`.
@@ -199,8 +201,11 @@ def pack(examples: list[Example], seq_len: int, *, overlong: str = "truncate", s
         raise ValueError(f"overlong={overlong!r}: expected one of {OVERLONG}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+    if shuffle not in SHUFFLE:
+        raise ValueError(f"shuffle={shuffle!r}: expected one of {SHUFFLE}")
     stats = stats if stats is not None else DataStats()
-    order = np.random.default_rng(seed).permutation(len(examples)) if shuffle else np.arange(len(examples))
+    shuffled = np.random.default_rng(seed).permutation
+    order = shuffled(len(examples)) if shuffle == "examples" else np.arange(len(examples))
     rows: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
     used = seq_len  # room used in the row being filled (full: start a new one)
     for index in order:
@@ -217,6 +222,8 @@ def pack(examples: list[Example], seq_len: int, *, overlong: str = "truncate", s
             used = 0
         rows[-1].append((inputs, targets, weights))
         used += len(inputs)
+    if shuffle == "rows":
+        rows = [rows[index] for index in shuffled(len(rows))]
     per_host = len(rows) // process_count
     mine = rows[process_index::process_count][:per_host]
     stats.rows_left_over = len(rows) - per_host * process_count

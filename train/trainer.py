@@ -105,7 +105,8 @@ class Batches:
         if epoch != self._epoch:
             self.stats = dataclasses.replace(self.read_stats)
             self._rows = data_lib.pack(self.examples, self.config.data.seq_len, overlong=self.config.data.overlong,
-                                       seed=self.config.data.seed + epoch, process_index=jax.process_index(),
+                                       seed=self.config.data.seed + epoch, shuffle=self.config.data.shuffle,
+                                       process_index=jax.process_index(),
                                        process_count=jax.process_count(), stats=self.stats)
             self._epoch = epoch
         return self._rows
@@ -359,7 +360,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
             eval_stats = data_lib.DataStats()
             eval_examples = load_examples(config, config.data.eval, split="test", stats=eval_stats)
             eval_rows = data_lib.pack(eval_examples, config.data.seq_len, overlong=config.data.overlong,
-                                      shuffle=False, process_index=jax.process_index(),
+                                      shuffle="none", process_index=jax.process_index(),
                                       process_count=jax.process_count())
         log.info("training data: %s", batches.stats.report())
 

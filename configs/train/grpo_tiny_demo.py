@@ -1,5 +1,5 @@
 """GRPO on a CPU in minutes: the tiny demo model (what `configs/train/tiny_demo.py` exports) is trained by
-reinforcement alone to answer its counting questions at LOW reasoning effort, where it starts at about 40%.
+reinforcement alone to answer its counting questions at LOW reasoning effort, where it starts at 23% to 40%.
 
     gptoss-jax train --config configs/train/tiny_demo.py        # first: the supervised demo (runs/tiny_demo/merged)
     gptoss-jax train --config configs/train/grpo_tiny_demo.py
@@ -7,9 +7,9 @@ reinforcement alone to answer its counting questions at LOW reasoning effort, wh
 Each step samples 8 completions of 8 questions (48 tokens at most), rewards a correct final answer (the task's
 numeric grader), and updates every parameter on the group-normalised advantages (DAPO's token-level average and
 clip-higher; no KL); about 8 s a step on 2 CPU cores. The reward rises when the policy finds that writing the
-tally out at low effort pays (completions grow from 16 to ~38 tokens): in the first trial at this learning rate
-that happened after ~30 steps and the reward went from ~0.4 to ~0.9; it is a chance event, and other runs did not
-find it within 50 steps (benchmarks/RESULTS.md has the runs).
+count out at low effort pays (completions grow from 16 to ~37 tokens): with an earlier demo model (~40% at low),
+in the first trial at this learning rate that happened after ~30 steps and the reward went from ~0.4 to ~0.9; it
+is a chance event, and other runs did not find it within 50 steps (benchmarks/RESULTS.md has the runs).
 """
 
 from gptoss_jax.train.config import defaults
