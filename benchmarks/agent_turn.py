@@ -56,7 +56,7 @@ def main(*lengths: int):
                 question = {**record, "messages": [{"role": "user", "content": words}]}
                 prompt = harmony.encode_chat(question)
                 answer = harmony.Message("tool", python.run("print(6*7)"), "analysis", "assistant", name="python")
-                appended = call + harmony.render_message(answer)[0] + agent.ASSISTANT_PROMPT
+                appended = call + harmony.render_message(answer)[0] + agent.assistant_prompt()
                 context = prompt + appended  # the second turn's prompt
                 with agent.Toolset(python=python) as tools:
                     agent.run(generator, [question], [tools], max_turns=TURNS, temperature=0.0,

@@ -84,7 +84,7 @@ def defaults() -> ml_collections.ConfigDict:
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> ml_collections.ConfigDict:
     """An eval config file with `--config.a.b=value` overrides, validated."""
-    config = read_config(path, overrides)
+    config = read_config(path, overrides, reference=defaults())
     validate(config)
     return config
 

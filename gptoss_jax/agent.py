@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +29,13 @@ from gptoss_jax import harmony
 from gptoss_jax import tokenizer as tok
 
 log = logging.getLogger(__name__)
-ASSISTANT_PROMPT = [tok.START, *tok.get_encoding().encode_ordinary("assistant")]
+
+
+@functools.cache
+def assistant_prompt() -> list[int]:
+    """`<|start|>assistant`: what follows a tool's answer for the model to go on. Made on first use, so that
+    importing this module (as `gptoss-jax --help` does) needs no tokenizer."""
+    return [tok.START, *tok.get_encoding().encode_ordinary("assistant")]
 
 
 class Toolset(dict):
@@ -166,7 +173,7 @@ def run(generator, records: Sequence[Mapping[str, Any]], toolsets: Sequence[Mapp
                 conversation, step = conversations[i], future.result()
                 conversation.steps.append(step)
                 conversation.messages += step.messages
-                conversation.tokens += harmony.render_message(step.messages[0])[0] + ASSISTANT_PROMPT
+                conversation.tokens += harmony.render_message(step.messages[0])[0] + assistant_prompt()
                 if on_step is not None:
                     on_step(i, step)
                 if len(conversation.tokens) >= limit:

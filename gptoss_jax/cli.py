@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-context", type=int, help="tokens per request, prompt included (default: 8192, or the "
                        "model's max_position_embeddings if smaller)")
     serve.add_argument("--served-model-name", help="the model id clients use (default: the checkpoint's name)")
+    serve.add_argument("--api-key", default=os.environ.get("GPTOSS_API_KEY"),
+                       help="require `Authorization: Bearer KEY` on /v1/ (default: $GPTOSS_API_KEY; none: open)")
+    serve.add_argument("--max-request-bytes", type=int, default=16 * 2**20,
+                       help="largest request body; a larger one is refused with 413 (default: 16 MiB)")
     chat.add_tool_arguments(serve)
 
     for name, help_text in (("train", "fine-tune (LoRA or full) from a config file"),

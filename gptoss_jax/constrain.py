@@ -9,7 +9,8 @@ regular expressions, Lark grammars; it refuses what it does not support rather t
 Masks are computed on the host, one bit per token, and applied inside the jitted sampling.
 
 A reasoning budget caps a row's analysis: when it is spent, the sampler closes the analysis and opens the final
-channel itself (`<|end|><|start|>assistant<|channel|>final<|message|>`).
+channel itself (`<|end|><|start|>assistant<|channel|>final<|message|>`). An analysis message addressed to a tool
+(python's code, a browser query) is a call, not reasoning: it neither counts nor is cut.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class RowState:
         self.matcher: llguidance.LLMatcher | None = None
         self.stop_token = tok.RETURN
         self.analysis_tokens = 0
+        self.calling = False  # the open message is addressed to a tool
         self.forced: list[int] = []
 
     @property
@@ -150,7 +152,7 @@ class RowState:
         """The analysis has used its budget and the row is still in it, or has just closed it."""
         if self.budget is None or self.in_header or self.analysis_tokens < self.budget:
             return False
-        return self.channel == "analysis" or (self.channel is None and self.after_analysis)
+        return (self.channel == "analysis" and not self.calling) or (self.channel is None and self.after_analysis)
 
     def fill(self, bitmask: np.ndarray, row: int) -> None:
         """Write the allowed next tokens of this row into bitmask[row] (all tokens when it is free)."""
@@ -187,8 +189,8 @@ class RowState:
             else:
                 self.header.append(token)
         elif token in (tok.END, tok.RETURN, tok.CALL):
-            self.after_analysis, self.channel = self.channel == "analysis", None
-        elif self.channel == "analysis":
+            self.after_analysis, self.channel = self.channel == "analysis" and not self.calling, None
+        elif self.channel == "analysis" and not self.calling:
             self.analysis_tokens += 1
 
     def _open_message(self) -> None:
@@ -199,6 +201,9 @@ class RowState:
             self.channel = ""
             return
         self.channel = header.channel or ""
+        # a call to a tool (python's code, a browser query) is not reasoning text: it neither counts against the
+        # budget nor is cut by it
+        self.calling = header.recipient is not None
         constraint = None
         if header.channel == "final" and header.recipient is None:
             constraint, self.stop_token = self.final, tok.RETURN

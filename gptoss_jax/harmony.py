@@ -12,11 +12,13 @@ Messages: `system` / `developer` (leading; their texts become the developer mess
 the message also has `tool_calls`; each tool call -> a commentary message to `functions.NAME` with
 `<|constrain|>json`, ended by `<|call|>`), and `tool` (a result, named by `name` or by its `tool_call_id`).
 Harmony-native messages, with an explicit `channel` (and optionally `recipient`, `content_type`), are taken as
-they are. The system message is generated: identity, knowledge cutoff, current date (when the record has one),
-reasoning effort (default medium), the valid channels, and the line routing function calls to commentary when the
-record has tools. A `json_schema` response format becomes the developer message's `# Response Formats` section
-(`## NAME`, `// DESCRIPTION`, the schema as compact JSON), after the instructions and tools, as the harmony format
-documents; `json_object` and `text` formats add nothing (only the sampler can hold the model to them).
+they are, except that a `tool` one without a `recipient` is addressed to the assistant (`python to=assistant`),
+as the reference's tools and the agent loop send results. The system message is generated: identity, knowledge
+cutoff, current date (when the record has one), reasoning effort (default medium), the valid channels, and the
+line routing function calls to commentary when the record has tools. A `json_schema` response format becomes the
+developer message's `# Response Formats` section (`## NAME`, `// DESCRIPTION`, the schema as compact JSON),
+after the instructions and tools, as the harmony format documents; `json_object` and `text` formats add nothing
+(only the sampler can hold the model to them).
 
 Chain of thought: the analysis of every assistant turn that ended on the final channel is dropped, except the
 analysis of the turn being trained; the turn in progress (no final yet, e.g. a tool-call loop) keeps its
@@ -116,9 +118,10 @@ def _convert(message: Any, where: str, call_names: dict[str, str]) -> list[Messa
     if role in ("system", "developer"):
         raise RecordError(f"{where}: {role} messages must come before the conversation (harmony has one "
                           "developer message, at the top)")
-    if "channel" in message:  # harmony-native
-        return [Message(role, _text(message, where), message["channel"], message.get("recipient"),
-                        message.get("content_type"), message.get("name"))]
+    if "channel" in message:  # harmony-native; a tool's result goes to the assistant unless it says otherwise
+        recipient = message.get("recipient", "assistant" if role == "tool" else None)
+        return [Message(role, _text(message, where), message["channel"], recipient, message.get("content_type"),
+                        message.get("name"))]
     if role != "assistant" and message.get("thinking"):
         raise RecordError(f"{where}.thinking: only assistant messages think")
     if role == "user":

@@ -24,14 +24,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gptoss_jax import agent, harmony
-from gptoss_jax.server import BadRequest, Choice, _number, check_fields, prepare, split_tools
+from gptoss_jax.server import BadRequest, Choice, _number, check_fields, check_type, prepare, split_tools
 
 STORED_RESPONSES = 1000
-_FIELDS = {"model", "input", "instructions", "reasoning", "tools", "tool_choice", "parallel_tool_calls",
-           "previous_response_id", "store", "stream", "max_output_tokens", "max_tool_calls", "temperature", "top_p",
-           "text"}
-_LABELS = {"metadata", "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier",
-           "stream_options"}
+# Each field read, with its JSON type in OpenAI's API reference (see server.check_fields).
+_FIELDS = {"model": "string", "input": "string|array", "instructions": "string", "reasoning": "object",
+           "tools": "array", "tool_choice": "string|object", "parallel_tool_calls": "boolean",
+           "previous_response_id": "string", "store": "boolean", "stream": "boolean", "max_output_tokens": "integer",
+           "max_tool_calls": "integer", "temperature": "number", "top_p": "number", "text": "object"}
+_LABELS = {"metadata": "object", "user": "string", "safety_identifier": "string", "prompt_cache_key": "string",
+           "prompt_cache_retention": "string", "service_tier": "string", "stream_options": "object"}
 # Honoured only at the value that changes nothing; any other value is a 400 naming the field.
 _NEUTRAL = {"background": (False, None), "truncation": ("disabled", None), "top_logprobs": (0, None),
             "include": (None, [], ["code_interpreter_call.outputs"]), "conversation": (None,), "prompt": (None,),
@@ -121,8 +123,12 @@ def _input(items: Any, call_names: dict[str, str]) -> list[dict]:
                                  f"{item.get('role')!r}")
             messages.append({"role": item["role"], "content": _text(item.get("content"), where)})
         elif kind == "reasoning":
-            text = "".join(_text(part.get("text"), where) for part in item.get("content") or []
-                           if isinstance(part, dict))
+            parts = item.get("content") or []
+            check_type(parts, "array", f"{where}.content")
+            for number, part in enumerate(parts):  # {"type": "reasoning_text", "text": ...}
+                check_type(part, "object", f"{where}.content[{number}]")
+                check_type(part.get("text"), "string", f"{where}.content[{number}].text")
+            text = "".join(part["text"] for part in parts)
             messages.append({"role": "assistant", "channel": "analysis", "content": text})
         elif kind == "function_call":
             if not isinstance(item.get("name"), str) or not isinstance(item.get("call_id"), str):
@@ -131,7 +137,8 @@ def _input(items: Any, call_names: dict[str, str]) -> list[dict]:
             messages.append({"role": "assistant", "tool_calls": [{"id": item["call_id"], "function": {
                 "name": item["name"], "arguments": item.get("arguments") or "{}"}}]})
         elif kind == "function_call_output":
-            name = call_names.get(item.get("call_id"))
+            check_type(item.get("call_id"), "string", f"{where}.call_id")
+            name = call_names.get(item["call_id"])
             if name is None:
                 raise BadRequest(f"{where}.call_id: {item.get('call_id')!r} names no function call of this "
                                  "conversation")
@@ -182,6 +189,7 @@ def _text_format(text: Any) -> dict | None:
     if text.get("verbosity") not in (None, "medium"):
         raise BadRequest(f"text.verbosity: {json.dumps(text['verbosity'])} is not supported by this server")
     form = text.get("format") or {"type": "text"}
+    check_type(form, "object", "text.format")
     if form.get("type") == "json_schema":
         return {"type": "json_schema", "json_schema": {k: v for k, v in form.items() if k != "type"}}
     return None if form.get("type") == "text" else form
@@ -321,21 +329,17 @@ def _id(prefix: str) -> str:
 
 
 def routes(engine, model_name: str, server_tools: Sequence[str], make_tools: Callable | None, max_turns: int,
-           error: Callable, tool_threads) -> list:
+           error: Callable, tool_threads, parsed: Callable) -> list:
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
     store = Store()
 
     async def create(request):
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return error(400, f"the request body is not valid JSON: {exc}")
-        try:
-            prompt, settings, echo = parse(body, store, engine.max_length, server_tools)
-        except BadRequest as exc:
-            return error(400, str(exc))
+        body, result, refused = await parsed(request, parse, store, engine.max_length, server_tools)
+        if refused is not None:
+            return refused
+        prompt, settings, echo = result
         calls = settings["max_tool_calls"]
         settings["max_turns"] = max_turns if calls is None else min(max_turns, calls + 1)
         events: asyncio.Queue = asyncio.Queue()

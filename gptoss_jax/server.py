@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 import secrets
 import signal
 import time
@@ -23,21 +24,32 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+
 from gptoss_jax import agent, constrain, harmony
 from gptoss_jax import tokenizer as tok
 from gptoss_jax.generation import DEFAULT_STOP_TOKENS
 from gptoss_jax.serving import MAX_LOGIT_BIAS, Engine, Request
 
-_FIELDS = {"model", "messages", "tools", "tool_choice", "parallel_tool_calls", "reasoning_effort", "temperature",
-           "top_p", "top_k", "max_tokens", "max_completion_tokens", "seed", "stop", "stream", "stream_options", "n",
-           "logprobs", "top_logprobs", "response_format", "presence_penalty", "frequency_penalty", "logit_bias"}
+# Each field this server reads, with its JSON type in OpenAI's API reference (`top_k`: vLLM's); null is the
+# default everywhere. `check_fields` holds every request of both APIs to these types: a value of another type is
+# a 400, never coerced ("false" does not turn streaming off, 1.5 tokens are not 1).
+_FIELDS = {"model": "string", "messages": "array", "tools": "array", "tool_choice": "string|object",
+           "parallel_tool_calls": "boolean", "reasoning_effort": "string", "temperature": "number",
+           "top_p": "number", "top_k": "integer", "max_tokens": "integer", "max_completion_tokens": "integer",
+           "seed": "integer", "stop": "string|array", "stream": "boolean", "stream_options": "object",
+           "n": "integer", "logprobs": "boolean", "top_logprobs": "integer", "response_format": "object",
+           "presence_penalty": "number", "frequency_penalty": "number", "logit_bias": "object"}
 # Spec fields that only label or route a request elsewhere (stored completions, billing tiers, abuse and cache
 # keys): accepted, with no effect on what is generated.
-_LABELS = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
+_LABELS = {"user": "string", "metadata": "object", "store": "boolean", "service_tier": "string",
+           "prompt_cache_key": "string", "safety_identifier": "string"}
+_JSON_TYPES = {"string": str, "array": list, "object": dict, "boolean": bool, "integer": int, "number": int | float}
 # Spec fields this server honours only at the value that changes nothing (clients send those by default): any
 # other value is a 400 naming the field, never silently ignored.
 _NEUTRAL = {"audio": (None,), "modalities": (["text"], None), "prediction": (None,), "functions": (None, []),
             "function_call": (None, "none", "auto"), "web_search_options": (None,), "verbosity": (None,)}
+log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 2048
 MAX_CHOICES = 64
 
@@ -68,6 +80,10 @@ def parse_request(body: Any, max_length: int, server_tools: Sequence[str] = ()) 
               "response_format": body.get("response_format")}
     prompt, settings = prepare(record, max_length, body.get("max_completion_tokens", body.get("max_tokens")),
                                "max_tokens")
+    for option, value in (body.get("stream_options") or {}).items():
+        if option != "include_usage":
+            raise BadRequest(f"stream_options.{option}: not an option (include_usage)")
+        check_type(value, "boolean", "stream_options.include_usage")
     choices = 1 if body.get("n") is None else body["n"]
     if isinstance(choices, bool) or not isinstance(choices, int) or not 1 <= choices <= MAX_CHOICES:
         raise BadRequest(f"n: expected an integer in [1, {MAX_CHOICES}], got {choices!r}")
@@ -89,18 +105,33 @@ def parse_request(body: Any, max_length: int, server_tools: Sequence[str] = ()) 
     return prompt, settings
 
 
-def check_fields(body: Any, honoured: set[str], labels: set[str], neutral: dict[str, tuple]) -> None:
-    """A request body names only fields of the spec (a typo is a 400), and those in `neutral` only at a value that
-    changes nothing (a value this server cannot honour is a 400 naming the field, never silently ignored)."""
+def check_fields(body: Any, honoured: dict[str, str], labels: dict[str, str], neutral: dict[str, tuple]) -> None:
+    """A request body names only fields of the spec (a typo is a 400), each of the JSON type the spec gives it
+    (`honoured` and `labels`: name -> type), and those in `neutral` only at a value that changes nothing (a value
+    this server cannot honour is a 400 naming the field, never silently ignored)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    unknown = sorted(set(body) - honoured - labels - set(neutral))
+    unknown = sorted(set(body) - set(honoured) - set(labels) - set(neutral))
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}; supported: {sorted(honoured | labels)}")
+    for name, kind in (honoured | labels).items():
+        if body.get(name) is not None:
+            check_type(body[name], kind, name)
     for name, values in neutral.items():
         if name in body and body[name] not in values:
             raise BadRequest(f"{name}: {json.dumps(body[name])} is not supported by this server (only "
                              f"{' or '.join(json.dumps(v) for v in values)})")
+
+
+def check_type(value: Any, kind: str, where: str) -> None:
+    """`value` is of JSON type `kind` ("string", "integer", ..., or alternatives joined by "|"), else a 400 naming
+    `where`. JSON's true and false are not numbers here, and 1.0 is not an integer."""
+    for name in kind.split("|"):
+        wanted = _JSON_TYPES[name]
+        if isinstance(value, wanted) and (name == "boolean" or not isinstance(value, bool)):
+            return
+    article = "an" if kind[0] in "aeiou" else "a"
+    raise BadRequest(f"{where}: expected {article} {kind.replace('|', ' or ')}, got {json.dumps(value)[:100]}")
 
 
 # What a request's `tools` may name besides functions: the built-in tools by their harmony names, and by the
@@ -117,6 +148,7 @@ def split_tools(tools: Any, server_tools: Sequence[str]) -> tuple[list, list[str
     for index, tool in enumerate(tools):
         kind = tool.get("type", "function") if isinstance(tool, dict) else "function"
         if kind == "function":
+            _check_parameters(tool, f"tools[{index}]")
             functions.append(tool)
         elif kind in BUILTIN_TYPES:
             name = BUILTIN_TYPES[kind]
@@ -128,6 +160,23 @@ def split_tools(tools: Any, server_tools: Sequence[str]) -> tuple[list, list[str
             raise BadRequest(f"tools[{index}].type: expected \"function\" or a built-in tool "
                              f"({', '.join(BUILTIN_TYPES)}), got {kind!r}")
     return functions, sorted(set(builtin))
+
+
+def _check_parameters(tool: Any, where: str) -> None:
+    """A function tool's `parameters` is a JSON Schema (checked against its metaschema, strict or not: the model
+    is shown it, and a strict one constrains the call)."""
+    function = tool.get("function", tool) if isinstance(tool, dict) else None
+    parameters = function.get("parameters") if isinstance(function, dict) else None
+    if parameters is None:
+        return  # harmony's record check names a malformed tool
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"{where}.function.parameters: expected a JSON Schema object, got {json.dumps(parameters)}")
+    try:
+        jsonschema.validators.validator_for(parameters, default=jsonschema.Draft202012Validator).check_schema(
+            parameters)
+    except jsonschema.SchemaError as error:
+        path = "".join(f"[{json.dumps(part)}]" for part in error.absolute_path)
+        raise BadRequest(f"{where}.function.parameters{path}: not a JSON Schema: {error.message}") from None
 
 
 def prepare(record: dict, max_length: int, limit: Any, limit_name: str) -> tuple[list[int], dict[str, Any]]:
@@ -347,7 +396,7 @@ class Choice:
                 step = await self.loop.run_in_executor(self.tool_threads, agent.answer, self.tools, call)
                 self.events.put_nowait((self.index, "tool", (call, step.messages[0])))
                 answer = harmony.render_message(step.messages[0])[0]
-                prompt = prompt + self.job.tokens + answer + agent.ASSISTANT_PROMPT
+                prompt = prompt + self.job.tokens + answer + agent.assistant_prompt()
         except Exception as error:  # a failed turn fails this choice, never the server
             reason = f"error: {error}"
         finally:
@@ -378,29 +427,90 @@ def _finish_reason(reason: str, calls: list[dict], stopped: bool) -> str:
 # ---- the app --------------------------------------------------------------------------------------------------
 
 
+class _Refused(Exception):
+    """A request turned away before it is parsed: its HTTP status and message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+async def read_json(request, max_bytes: int) -> Any:
+    """The request's body as JSON, read no further than `max_bytes` (413 past it); a body that is not JSON is a
+    400, and a client that leaves while sending it is dropped quietly (None)."""
+    from starlette.requests import ClientDisconnect
+
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise _Refused(413, f"the request body is {length} bytes; this server takes at most {max_bytes}")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise _Refused(413, f"the request body is over {max_bytes} bytes, the most this server takes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        return None
+    try:
+        return json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _Refused(400, f"the request body is not valid JSON: {exc}") from None
+
+
 def create_app(engine: Engine, model_name: str, server_tools: Sequence[str] = (),
-               make_tools: Callable[[Sequence[str]], agent.Toolset] | None = None, max_turns: int = 16):
+               make_tools: Callable[[Sequence[str]], agent.Toolset] | None = None, max_turns: int = 16, *,
+               api_key: str | None = None, max_request_bytes: int = 16 * 2**20):
     """The ASGI app. `server_tools`: the built-in tools this server runs when a request enables them, each
-    conversation's made by `make_tools(names)` (`agent.builtin_tools`), up to `max_turns` generations each."""
+    conversation's made by `make_tools(names)` (`agent.builtin_tools`), up to `max_turns` generations each.
+    `api_key`: every /v1/ request must carry `Authorization: Bearer <api_key>` (401 otherwise), as OpenAI's and
+    vLLM's servers ask. Request bodies past `max_request_bytes` are refused (413); a request is parsed and
+    tokenized on a worker thread, so a large one does not hold up the others (or /health)."""
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
     def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
+    class Authorized:
+        """ASGI middleware: the API key on every /v1/ path."""
+
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if api_key and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not secrets.compare_digest(given, f"Bearer {api_key}".encode()):
+                    response = error(401, "a valid API key is required (Authorization: Bearer KEY)",
+                                     "authentication_error")
+                    return await response(scope, receive, send)
+            await self.app(scope, receive, send)
+
+    async def parsed(request, parse: Callable, *args) -> tuple[Any, Any, JSONResponse | None]:
+        """(the body, what `parse(body, *args)` returns, None), or (None, None, the error response): the body read
+        within its limit, then parsed (and its prompt tokenized) off the event loop."""
+        try:
+            body = await read_json(request, max_request_bytes)
+        except _Refused as refused:
+            return None, None, error(refused.status, str(refused))
+        if body is None:  # the client left
+            return None, None, error(400, "the client closed the connection before its request was read")
+        try:
+            return body, await asyncio.get_running_loop().run_in_executor(None, parse, body, *args), None
+        except BadRequest as exc:
+            return None, None, error(400, str(exc))
+
     # A python call may take its whole wall-time limit: tool calls get threads of their own, one per slot.
     tool_threads = concurrent.futures.ThreadPoolExecutor(engine.slots, thread_name_prefix="tool-call")
 
     async def completions(request):
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return error(400, f"the request body is not valid JSON: {exc}")
-        try:
-            prompt, settings = parse_request(body, engine.max_length, server_tools)
-        except BadRequest as exc:
-            return error(400, str(exc))
+        body, result, refused = await parsed(request, parse_request, engine.max_length, server_tools)
+        if refused is not None:
+            return refused
+        prompt, settings = result
         settings["max_turns"] = max_turns
         events: asyncio.Queue = asyncio.Queue()  # (choice, "token" | "tool" | "done", value)
         choices = [Choice(engine, prompt, settings, index, events, make_tools, tool_threads)
@@ -514,11 +624,15 @@ def create_app(engine: Engine, model_name: str, server_tools: Sequence[str] = ()
 
     from gptoss_jax import responses
 
+    async def not_found(request, exc):  # unknown paths and methods answer in the API's error format too
+        return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
     return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"]),
                              *responses.routes(engine, model_name, server_tools, make_tools, max_turns, error,
-                                               tool_threads),
+                                               tool_threads, parsed),
                              Route("/v1/models", models, methods=["GET"]),
-                             Route("/health", health, methods=["GET"])])
+                             Route("/health", health, methods=["GET"])],
+                     middleware=[Middleware(Authorized)], exception_handlers={404: not_found, 405: not_found})
 
 
 def run(args) -> int:
@@ -542,8 +656,13 @@ def run(args) -> int:
     # exception here, so the engine stops (and releases the other processes) before the interpreter exits.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     engine.start()
+    if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("SERVING ON %s WITHOUT AN API KEY: anyone who can reach this port can use the model%s. Pass "
+                    "--api-key (or set GPTOSS_API_KEY), or serve on 127.0.0.1.", args.host,
+                    " and run code in its python tool" if "python" in names else "")
     try:
-        uvicorn.run(create_app(engine, name, names, make_tools, args.max_turns), host=args.host, port=args.port,
+        uvicorn.run(create_app(engine, name, names, make_tools, args.max_turns, api_key=args.api_key,
+                               max_request_bytes=args.max_request_bytes), host=args.host, port=args.port,
                     log_level="warning")
     except KeyboardInterrupt:
         pass

@@ -151,6 +151,13 @@ RECORDS = [
          "content": "print(2**20)"},
         {"role": "tool", "name": "python", "channel": "analysis", "recipient": "assistant", "content": "1048576\n"},
         {"role": "assistant", "content": "1048576"}]},
+    # a built-in tool's result that names no recipient: it is the assistant's, as the reference's tools send it
+    {"builtin_tools": ["python"], "messages": [
+        {"role": "user", "content": "What is 3**3?"},
+        {"role": "assistant", "channel": "analysis", "recipient": "python", "content_type": "code",
+         "content": "print(3**3)"},
+        {"role": "tool", "name": "python", "channel": "analysis", "content": "27\n"},
+        {"role": "assistant", "content": "27"}]},
     {"builtin_tools": ["browser"], "current_date": "2025-06-28", "messages": [
         {"role": "user", "content": "Who wrote Dune?"},
         {"role": "assistant", "channel": "analysis", "recipient": "browser.search", "content_type": "json",
@@ -267,8 +274,10 @@ def reference_conversation(record) -> list[oh.Message]:
             author = (oh.Author.new(oh.Role.TOOL, message["name"]) if role == "tool"
                       else oh.Author(role=oh.Role(role)))
             m = oh.Message.from_author_and_content(author, text).with_channel(message["channel"])
-            if message.get("recipient"):
-                m = m.with_recipient(message["recipient"])
+            # the reference's tools address every result to the assistant (`.with_recipient("assistant")`)
+            recipient = message.get("recipient") or ("assistant" if role == "tool" else None)
+            if recipient:
+                m = m.with_recipient(recipient)
             if message.get("content_type"):
                 m = m.with_content_type(message["content_type"])
             out.append(m)

@@ -107,7 +107,7 @@ def test_python_state_is_kept_across_calls_and_errors_go_back_to_the_model(tools
     # each generation reads the previous context, the model's tokens as sampled, then the tool's answer
     prompts = model.prompts[0]
     for before, output, answer, after in zip(prompts, script, answers, prompts[1:], strict=False):
-        assert after == before + output + harmony.render_message(answer)[0] + agent.ASSISTANT_PROMPT
+        assert after == before + output + harmony.render_message(answer)[0] + agent.assistant_prompt()
     assert done.tokens == prompts[-1] + script[-1]
     # the model's prompt renders the python tool, and the loop's messages render back to the same tokens
     rendered = harmony.encode_chat({**record("What is 21 * 2?"), "messages": [

@@ -185,6 +185,17 @@ def test_the_budget_counts_analysis_text_across_messages_and_closes_it_once():
     assert _allowed(closed, tok.START) and not _allowed(closed, tok.END)  # already closed: no second <|end|>
 
 
+def test_a_built_in_tool_call_is_not_reasoning_for_the_budget():
+    """python's code (an analysis message to=python) is neither counted against the budget nor cut by it."""
+    prompt = harmony.encode_chat({"messages": [{"role": "user", "content": "Hi"}]})
+    state = constrain.start(prompt, constrain.Constraint("regex", "ok"), reasoning_budget=3)
+    _feed(state, "<|channel|>analysis<|message|>Compute<|end|>")  # 1 token of 3
+    _feed(state, "<|start|>assistant to=python<|channel|>analysis code<|message|>print(2 ** 20 + 3 ** 7)")
+    assert not state.active and state.analysis_tokens == 1  # the call's many tokens are not reasoning
+    _feed(state, "<|call|>")
+    assert not state.active and _allowed(state, tok.START)  # after the call: free, not driven into the final
+
+
 @pytest.mark.parametrize("header", ["<|channel|>final <|constrain|>json<|message|>",
                                     "<|channel|>final<|constrain|>json<|message|>"])
 def test_a_final_header_written_with_its_content_type_is_constrained_too(header):

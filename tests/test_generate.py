@@ -386,6 +386,8 @@ def test_chat_runs_across_two_processes_as_in_one(demo_model_dir):
     single = subprocess.run(command, input=conversation, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert single.returncode == 0, single.stderr[-3000:]
-    printed = [re.sub(r"\[Gloo\][^\n]*\n", "", out) for out, _ in outputs]  # gloo's connection notices
+    # gloo's connection notice, from C++: its two sentences can land on either side of Python's "you> "
+    printed = [re.sub(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\.[ \n]?|Expected number of connected peer "
+                      r"ranks is : \d+\n?", "", out) for out, _ in outputs]
     assert single.stdout.count("assistant>") == 2 and single.stdout.count("[final]") == 2
     assert printed[0] == single.stdout and printed[1] == ""

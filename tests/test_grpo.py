@@ -38,12 +38,13 @@ def _loss_reference(logprobs, old, ref, advantages, mask, eps_low, eps_high, bet
     per_token = -np.minimum(ratio * a, np.clip(ratio, 1 - eps_low, 1 + eps_high) * a)
     kl = np.exp(ref - logprobs) - (ref - logprobs) - 1
     per_token = per_token + beta * kl
+    # TRL GRPOTrainer's three losses, as it writes them (a fully masked completion: 0, counted among the rows)
     if normalisation == "sequence":
-        loss = np.mean([per_token[i][mask[i]].mean() for i in range(len(mask))])
+        loss = ((per_token * mask).sum(-1) / np.maximum(mask.sum(-1), 1)).mean()
     elif normalisation == "token":
-        loss = per_token[mask].mean()
+        loss = (per_token * mask).sum() / max(mask.sum(), 1)
     else:
-        loss = per_token[mask].sum() / (len(mask) * max_length)
+        loss = (per_token * mask).sum() / (len(mask) * max_length)
     clipped = ((ratio < 1 - eps_low) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
     return loss, kl[mask].mean(), clipped[mask].mean()
 
@@ -60,9 +61,11 @@ def test_advantages_equal_the_reference_and_a_group_of_equal_rewards_gets_zero(s
 
 
 @pytest.mark.parametrize("normalisation", grpo.NORMALISATIONS)
-@pytest.mark.parametrize("beta, eps_high", [(0.0, 0.2), (0.04, 0.28)])
-def test_loss_kl_and_clipping_equal_the_reference(normalisation, beta, eps_high):
+@pytest.mark.parametrize("beta, eps_high, masked", [(0.0, 0.2, False), (0.04, 0.28, False), (0.0, 0.28, True)])
+def test_loss_kl_and_clipping_equal_the_reference(normalisation, beta, eps_high, masked):
     rewards, logprobs, old, ref, mask = _batch(seed=1)
+    if masked:  # a completion left out whole (overlong = "mask", or dynamic sampling)
+        mask[[0, 5]] = False
     advantages = _advantages_reference(rewards, "group")
     settings = grpo.LossSettings(epsilon_low=0.2, epsilon_high=eps_high, beta=beta, normalisation=normalisation,
                                  max_completion_length=9)
@@ -76,6 +79,18 @@ def test_loss_kl_and_clipping_equal_the_reference(normalisation, beta, eps_high)
     assert 0 < clipped < 1  # the fixture reaches both sides of the clip
     if beta:
         np.testing.assert_allclose(float(metrics["kl"]), kl, rtol=RTOL)
+
+
+@pytest.mark.parametrize("normalisation, trl", [("sequence", -0.25), ("token", -1 / 3), ("dr_grpo", -0.125)])
+def test_a_fully_masked_completion_counts_as_trl_counts_it(normalisation, trl):
+    """Four completions (2, 3, 0 and 1 tokens in the mask; advantages 1, 0, 1, 0; every ratio 1, so a token's
+    loss is -A). TRL by hand: sequence (-1 + 0 + 0 + 0) / 4; token -2 / 6 tokens; dr_grpo -2 / (4 x 4). Leaving
+    the masked one out of the count, as before, gave -1/3 and -1/6."""
+    mask = jnp.asarray([[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0]], bool)
+    advantages = jnp.asarray([1.0, 0.0, 1.0, 0.0])
+    zeros = jnp.zeros(mask.shape)
+    settings = grpo.LossSettings(normalisation=normalisation, max_completion_length=4)
+    np.testing.assert_allclose(float(grpo.policy_loss(zeros, zeros, advantages, mask, settings)[0]), trl, rtol=RTOL)
 
 
 def test_one_inner_step_without_kl_is_reinforce():
@@ -126,9 +141,11 @@ def test_token_logprobs_and_their_gradients_equal_a_plain_log_softmax():
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
 
 
-def test_the_training_forward_scores_sampled_tokens_as_the_model_does():
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_training_forward_scores_sampled_tokens_as_the_model_does(temperature):
     """Completions sampled by the Generator, re-scored through completion_batch + sequence_logprobs (right-padded,
-    chunked log-probabilities), equal log_softmax of the model's own logits on each unpadded sequence (f32)."""
+    chunked log-probabilities), equal log_softmax of the model's own logits / temperature on each unpadded
+    sequence (f32): the distribution they were sampled from, as TRL scores them."""
     from flax import nnx
 
     import gptoss_jax
@@ -136,13 +153,14 @@ def test_the_training_forward_scores_sampled_tokens_as_the_model_does():
 
     model = gptoss_jax.GptOss(gptoss_jax.GptOssConfig.tiny(), dtype="float32", rngs=nnx.Rngs(1))
     prompts = [[200006, 1428, 200008, 23, 45, 67], [200006, 1428, 200008, 89], [200006, 1428, 200008, 5, 6, 7, 8]]
-    completions = Generator(model).generate(prompts, 12, temperature=1.0, seed=[1, 2, 3], stop_tokens=[])
+    completions = Generator(model).generate(prompts, 12, temperature=temperature, seed=[1, 2, 3], stop_tokens=[])
     completions[1] = completions[1][:5]  # completions of different lengths
     batch = grpo.completion_batch(prompts, completions, 24)
-    got = np.asarray(grpo.sequence_logprobs(model, {k: jnp.asarray(v) for k, v in batch.items()}))
+    got = np.asarray(grpo.sequence_logprobs(model, {k: jnp.asarray(v) for k, v in batch.items()},
+                                            temperature=temperature))
     for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         tokens = jnp.asarray([prompt + completion])
-        logprobs = jax.nn.log_softmax(model(tokens)[0].astype(jnp.float32), axis=-1)
+        logprobs = jax.nn.log_softmax(model(tokens)[0].astype(jnp.float32) / temperature, axis=-1)
         expected = np.asarray(logprobs[len(prompt) - 1:-1][jnp.arange(len(completion)), jnp.asarray(completion)])
         start = len(prompt) - 1
         np.testing.assert_allclose(got[row, start:start + len(completion)], expected, rtol=1e-5, atol=1e-5)

@@ -4,6 +4,7 @@ Each install goes into its own fresh virtual environment that borrows this envir
 .pth file, so only the project itself is installed (offline, no build isolation).
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -61,3 +62,16 @@ def test_editable_install_maps_the_top_level_folders(tmp_path):
     package, kernels = _imported_from(python, tmp_path)
     assert package == str(ROOT / "gptoss_jax" / "__init__.py")
     assert kernels == str(ROOT / "kernels" / "__init__.py")
+
+
+def test_help_works_offline_without_a_cached_tokenizer(tmp_path):
+    """`gptoss-jax --help` names every command without the o200k vocabulary at hand (it used to load it while
+    importing the agent module, and exit 1 offline)."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("TIKTOKEN_")}
+    environment.update(TIKTOKEN_CACHE_DIR=str(tmp_path), HTTPS_PROXY="http://127.0.0.1:9",
+                       HTTP_PROXY="http://127.0.0.1:9")  # nothing listens on port 9: any download fails at once
+    result = subprocess.run([sys.executable, "-m", "gptoss_jax.cli", "--help"], capture_output=True, text=True,
+                            env=environment, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all(command in result.stdout for command in ("train", "eval", "serve", "generate", "chat", "plan"))
+    assert not list(tmp_path.iterdir())  # nothing was downloaded or cached

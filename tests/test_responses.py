@@ -93,6 +93,19 @@ def test_previous_response_id_continues_the_stored_conversation(demo):
     ("tools", [{"type": "code_interpreter"}], r"tools\[0\]: the built-in python tool is not enabled on this server"),
     ("tools", [{"type": "file_search"}], r"tools\[0\].type: expected \"function\" or a built-in tool"),
     ("input", [{"type": "function_call_output", "call_id": "c1", "output": "1"}], "input.0..call_id: 'c1' names no"),
+    # each of these was a 500 (a handler indexing into the wrong type)
+    ("input", [{"type": "reasoning", "content": 5}], r"input\[0\].content: expected an array, got 5"),
+    ("input", [{"type": "reasoning", "content": [{"text": 5}]}], r"input\[0\].content\[0\].text: expected a string"),
+    ("text", {"format": "json"}, "text.format: expected an object, got \"json\""),
+    ("text", [1], r"text: expected an object, got \[1\]"),
+    ("input", [{"type": "function_call_output", "call_id": [1]}], r"input\[0\].call_id: expected a string"),
+    ("input", [{"type": "function_call_output", "call_id": {}}], r"input\[0\].call_id: expected a string"),
+    ("previous_response_id", ["a"], r"previous_response_id: expected a string, got \[\"a\"\]"),
+    ("previous_response_id", {}, "previous_response_id: expected a string, got {}"),
+    # and these were coerced where OpenAI answers 400
+    ("stream", "false", "stream: expected a boolean, got \"false\""),
+    ("max_output_tokens", 1.5, "max_output_tokens: expected an integer, got 1.5"),
+    ("model", 5, "model: expected a string, got 5"),
 ])
 def test_bad_requests_are_a_400_naming_the_field(demo, field, value, message):
     _, _, url = demo

@@ -3,6 +3,7 @@
 import concurrent.futures
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,8 @@ import numpy as np
 import openai
 import pytest
 from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import gptoss_jax
 from gptoss_jax import constrain, harmony
@@ -29,17 +32,21 @@ from helpers import free_ports, serving, wait_until_healthy
 from hf_models import bigram_hf_model, random_hf_model
 
 QUESTION = "Count the rs, starting again from zero at every x: r, s, x, r, r, a, t, r, o, x, r, e."
+API_KEY = "sk-test-key"  # the module's server requires it
+MAX_REQUEST_BYTES = 1_000_000
+AUTHORIZED = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
 def server(demo_model_dir):
-    with serving(demo_model_dir, "--slots", "4", "--max-context", "512") as url:
+    with serving(demo_model_dir, "--slots", "4", "--max-context", "512", "--api-key", API_KEY,
+                 "--max-request-bytes", str(MAX_REQUEST_BYTES)) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -409,10 +416,26 @@ def test_spec_fields_at_their_defaults_are_accepted_and_other_values_named():
     assert (honoured["presence_penalty"], honoured["logit_bias"], honoured["n"]) == (0.5, {17: -100}, 3)
     with pytest.raises(BadRequest, match="unknown field 'colour'"):
         parse_request({"messages": messages, "colour": 1}, 512)
+    # the JSON type the spec gives each field, never coerced (each of these used to be accepted as another value)
+    for field, value, message in (("stream", "false", 'expected a boolean, got "false"'),
+                                  ("logprobs", "no", 'expected a boolean, got "no"'),
+                                  ("max_tokens", 1.5, "expected an integer, got 1.5"),
+                                  ("top_k", 2.5, "expected an integer, got 2.5"),
+                                  ("seed", 7.9, "expected an integer, got 7.9"),
+                                  ("model", 5, "expected a string, got 5"),
+                                  ("stream_options", "x", 'expected an object, got "x"'),
+                                  ("stream_options", {"include_usage": "yes"}, 'expected a boolean, got "yes"'),
+                                  ("n", True, "expected an integer, got true")):
+        with pytest.raises(BadRequest, match=f"^{field}.*: {message}$"):
+            parse_request({"messages": messages, field: value}, 512)
+    with pytest.raises(BadRequest, match=r"^tools\[0\].function.parameters\[\"properties\"\]: not a JSON Schema: "
+                                         r"5 is not of type 'object'$"):
+        parse_request({"messages": messages, "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "objecty", "properties": 5}}}]}, 512)
 
 
-def _post(server, body: bytes):
-    request = urllib.request.Request(server + "/v1/chat/completions", data=body, method="POST")
+def _post(server, body: bytes, headers=AUTHORIZED, path="/v1/chat/completions"):
+    request = urllib.request.Request(server + path, data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
@@ -440,8 +463,32 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
         _ask(client, QUESTION, tools=[{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
             "type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}}}])
     assert _ask(client, QUESTION).choices[0].message.content  # still serving
-    with urllib.request.urlopen(server + "/v1/models") as response:
+    with urllib.request.urlopen(urllib.request.Request(server + "/v1/models", headers=AUTHORIZED)) as response:
         assert json.loads(response.read())["data"][0]["object"] == "model"
+
+
+def test_the_api_key_body_limit_and_unknown_paths_answer_in_the_apis_error_format(server):
+    """Without the key (or with another) every /v1/ path is a 401, /health stays open; a body past
+    --max-request-bytes is a 413 before it is read whole; an unknown path is a JSON 404; a client that leaves
+    half-way through sending its body does not stop the server."""
+    hello = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        for path in ("/v1/chat/completions", "/v1/responses"):
+            status, body = _post(server, hello, headers=headers, path=path)
+            assert status == 401 and body["error"]["type"] == "authentication_error", (headers, body)
+    with urllib.request.urlopen(server + "/health", timeout=30) as response:
+        assert response.status == 200
+    big = json.dumps({"messages": [{"role": "user", "content": "w" * MAX_REQUEST_BYTES}]}).encode()
+    status, body = _post(server, big)
+    assert status == 413 and f"at most {MAX_REQUEST_BYTES}" in body["error"]["message"]
+    status, body = _post(server, hello, path="/v1/embeddings")
+    assert status == 404 and "/v1/embeddings" in body["error"]["message"]
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as half:  # promises 1000 bytes, sends 10, leaves
+        half.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"messages\"".encode())
+    status, body = _post(server, hello)
+    assert status == 200 and body["choices"][0]["finish_reason"] == "length"
 
 
 def test_two_process_server_answers_like_one_process(tmp_path):
@@ -470,3 +517,75 @@ def test_two_process_server_answers_like_one_process(tmp_path):
     generator = Generator(gptoss_jax.load_model(tmp_path / "ckpt", dtype="float32"))
     expected = generator.generate([harmony.encode_chat({"messages": body["messages"]})], 12)[0]
     assert tokens == [tok.get_encoding().decode_single_token_bytes(t) for t in expected]
+
+
+# ---- hostile requests: a property over both APIs ----------------------------------------------------------------
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.floats(-3, 3, allow_nan=False)
+                     | st.text(max_size=4), lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=5)
+# Values of the wrong type for most fields, and shapes the handlers index into.
+_HOSTILE = st.sampled_from([True, "false", "no", "x", 1.5, 5, -1, [1], ["a"], {}, {"format": "json"},
+                            {"include_usage": "yes"}, {"type": "objecty"}, [{"type": 5}]])
+_TOKENS = st.sampled_from([1, 2, 3, 0, -1, 1.5, "2", True, None, [], {}])  # small when valid: short generations
+
+
+def _fields(names):
+    """Bodies with some of `names`, each a value of any JSON type, often a hostile one."""
+    return st.dictionaries(st.sampled_from(sorted(names)), _HOSTILE | _JSON, max_size=6)
+
+
+def _messages():
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "tool", "developer", "robot", 5]),
+                                     "content": st.text(max_size=8) | _HOSTILE | _JSON})
+    return st.lists(message, min_size=1, max_size=2) | _HOSTILE
+
+
+def _items():
+    item = st.fixed_dictionaries({"type": st.sampled_from(["message", "reasoning", "function_call",
+                                                           "function_call_output", "web_search_call", 5])},
+                                 optional={"role": st.sampled_from(["user", "assistant"]),
+                                           "content": _HOSTILE | _JSON | st.just([{"text": 5}]),
+                                           "call_id": _HOSTILE | st.just("call_1"), "name": _HOSTILE | st.just("f"),
+                                           "output": _JSON})
+    return st.text(max_size=8) | st.lists(item, min_size=1, max_size=2) | _HOSTILE
+
+
+def _exchange(url: str, body: dict) -> tuple[int, str]:
+    """(status, body text) of one POST, reading a 200 stream to its end."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers=AUTHORIZED)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_any_request_to_either_api_is_answered_whole_or_refused_with_a_4xx(server, data):
+    """Random bodies over both APIs' fields (any JSON type in any field, hostile nested items): every answer is a
+    2xx or a 4xx with an error object, never a 5xx, and a 200 stream always reaches its end."""
+    from gptoss_jax import responses
+    from gptoss_jax import server as chat
+
+    if data.draw(st.booleans(), label="responses"):
+        body = {"input": data.draw(_items(), label="input"), "max_output_tokens": data.draw(_TOKENS),
+                "stream": data.draw(st.booleans() | _HOSTILE),
+                **data.draw(_fields(set(responses._FIELDS) | set(responses._LABELS)), label="fields")}
+        path = "/v1/responses"
+    else:
+        body = {"messages": data.draw(_messages(), label="messages"), "max_tokens": data.draw(_TOKENS),
+                "stream": data.draw(st.booleans() | _HOSTILE),
+                **data.draw(_fields(set(chat._FIELDS) | set(chat._LABELS)), label="fields")}
+        path = "/v1/chat/completions"
+    body = {key: value for key, value in body.items() if key not in ("n", "max_completion_tokens")
+            or value in (1, 2)}  # no long generations from many choices or a larger budget
+    status, text = _exchange(server + path, body)
+    assert status < 500, (status, text[-500:], body)
+    if status >= 400:
+        assert "message" in json.loads(text)["error"], text
+    elif body.get("stream") is True:  # the stream's last event closes it
+        last = text.strip().rsplit("data: ", 1)[-1]
+        assert last == "[DONE]" if path.endswith("completions") else json.loads(last)["type"] in (
+            "response.completed", "response.incomplete", "response.failed"), (text[-500:], body)

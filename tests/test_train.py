@@ -136,17 +136,17 @@ def test_full_fine_tuning_trains_every_parameter(mxfp4_base, tmp_path):
 
 
 def test_three_epochs_run_to_the_end_on_whole_batches(mxfp4_base, tmp_path):
-    """Each shuffle of the examples packs its own number of rows (here 8, 8 and 7 steps of two 384-token rows): every
+    """Each shuffle of the examples packs its own number of rows (here 7, 8 and 8 steps of two 352-token rows): every
     step of every epoch still takes whole batches (it used to slice a short one at the end of a smaller epoch, and
     fail)."""
     config = _config(tmp_path / "epochs", mxfp4_base / "mxfp4", **{
-        **LORA, "data.seq_len": 384, "data.synthetic.num_train": 41, "data.batch_size": 1, "optimizer.grad_accum": 2,
+        **LORA, "data.seq_len": 352, "data.synthetic.num_train": 32, "data.batch_size": 1, "optimizer.grad_accum": 2,
         "data.shuffle": "examples",
         "train.steps": 23, "train.eval_every": 1000, "train.checkpoint_every": 1000, "export.merged": False})
     stats = DataStats()
     batches = Batches(load_examples(config, config.data.train, split="train", stats=stats), config, stats)
-    assert [batches.steps_in_epoch(epoch) for epoch in range(3)] == [8, 8, 7]  # 23 steps: three epochs
-    assert {batches.batch(step).inputs.shape for step in range(23)} == {(2, 384)}
+    assert [batches.steps_in_epoch(epoch) for epoch in range(3)] == [7, 8, 8]  # 23 steps: three epochs
+    assert {batches.batch(step).inputs.shape for step in range(23)} == {(2, 352)}
     result = train(config, progress=False)
     assert len(result.losses) == 23 and result.compiles == 1 and all(np.isfinite(result.losses))
 
@@ -158,6 +158,62 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mxfp4_base, tm
     with pytest.raises(TrainingStopped, match=r"step \d+: loss .* the last good checkpoint is step \d+ in"):
         train(config, progress=False)
     assert any((tmp_path / "nan" / "checkpoints").iterdir())
+
+
+def test_non_finite_weights_stop_the_run_before_anything_is_exported(mxfp4_base, tmp_path):
+    """An infinite learning rate: the loss and gradients of the step are finite, the weights it writes are not.
+    The run stops at that step (the norm of the updated weights is checked) and exports nothing."""
+    config = _config(tmp_path / "inf", mxfp4_base / "mxfp4", **{**LORA, "optimizer.learning_rate": "inf",
+                                                                "optimizer.warmup_steps": 0, "train.steps": 1,
+                                                                "data.eval": ""})
+    with pytest.raises(TrainingStopped, match=r"step 1: loss [0-9.]+, grad norm [0-9.]+, param norm (nan|inf)"):
+        train(config, progress=False)
+    assert not (tmp_path / "inf" / "adapter").exists() and not (tmp_path / "inf" / "merged").exists()
+
+
+def test_an_export_is_written_whole_or_not_at_all_and_a_rerun_writes_what_is_missing(mxfp4_base, tmp_path,
+                                                                                      monkeypatch):
+    """The merged export fails half-way (as a run killed while writing it would): no merged/ appears, the
+    adapter stays, and the rerun of the completed run writes merged/ instead of saying there is nothing to do."""
+    import gptoss_jax.train.trainer as trainer_module
+
+    config = _config(tmp_path / "export", mxfp4_base / "mxfp4", **{**LORA, "train.steps": 2, "data.eval": ""})
+
+    def killed(model, target, **kwargs):
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        raise KeyboardInterrupt("killed while exporting")
+
+    monkeypatch.setattr(trainer_module, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, progress=False)
+    assert (tmp_path / "export" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "export" / "merged").exists()
+    monkeypatch.undo()
+    rerun = train(config, progress=False)
+    assert rerun.summary() == "the run had already completed its 2 steps; exported what was missing: merged"
+    assert list(rerun.exports) == ["merged"] and (tmp_path / "export" / "merged" / "config.json").is_file()
+    assert not list((tmp_path / "export").glob(".*partial"))
+    assert train(config, progress=False).summary() == "nothing to do: the run had already completed its 2 steps"
+
+
+def test_a_resume_replays_steps_once_in_the_metrics_and_names_a_changed_setting(mxfp4_base, tmp_path):
+    """Killed after step 3 with the last checkpoint at step 2 (here: checkpoint 3 removed): the resumed run's
+    metrics.jsonl has each step once. Resuming with another LoRA rank names the setting and the checkpoint."""
+    settings = {**LORA, "train.steps": 3, "data.eval": "", "train.checkpoint_every": 2, "train.keep_checkpoints": 3,
+                "train.async_checkpoints": False}
+    output = tmp_path / "resumed"
+    train(_config(output, mxfp4_base / "mxfp4", **settings), progress=False)
+    shutil.rmtree(output / "checkpoints" / "3")
+    shutil.rmtree(output / "adapter")
+    shutil.rmtree(output / "merged")
+    train(_config(output, mxfp4_base / "mxfp4", **settings), progress=False)
+    steps = [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3], steps
+    with pytest.raises(ConfigError, match=r"checkpoints/3: the checkpoint does not fit this config's training "
+                                          r"state \(lora.rank"):
+        train(_config(output, mxfp4_base / "mxfp4", **{**settings, "lora.rank": 4, "train.steps": 4}),
+              progress=False)
 
 
 def _train_in_subprocess(output: Path, base: Path, extra=()):
@@ -268,6 +324,26 @@ def test_config_errors_name_the_key():
                            "--config.lora.targets=qq_proj"])
     with pytest.raises(ConfigError, match="full fine-tuning trains the experts"):
         load_config(DEMO, ["--config.model.mxfp4=packed"])
+
+
+def test_a_typo_inside_a_config_file_names_the_key_and_the_nearest_one(tmp_path):
+    """Keys a config file sets are checked against the defaults as overrides are (a misspelt key used to load
+    and run with the setting it meant left at its default)."""
+    from gptoss_jax.eval import sweep
+
+    train_file = tmp_path / "typo.py"
+    train_file.write_text("from gptoss_jax.train.config import defaults\n\n\ndef get_config():\n"
+                          "    c = defaults()\n    c.train.stpes = 3\n    c.lora.enabeld = True\n    return c\n")
+    with pytest.raises(ConfigError, match=r"typo.py: config.lora.enabeld is not a setting \(did you mean "
+                                          r"config.lora.enabled\?\); config.train.stpes is not a setting \(did "
+                                          r"you mean config.train.steps\?\)$"):
+        load_config(train_file)
+    eval_file = tmp_path / "eval_typo.py"
+    eval_file.write_text("from gptoss_jax.eval.sweep import defaults\n\n\ndef get_config():\n"
+                         "    c = defaults()\n    c.data.synthetic.cuont = 3\n    return c\n")
+    with pytest.raises(ConfigError, match=r"config.data.synthetic.cuont is not a setting \(did you mean "
+                                          r"config.data.synthetic.count\?\)"):
+        sweep.load_config(eval_file)
 
 
 def test_plan_reports_per_device_memory():

@@ -5,6 +5,7 @@ the key."""
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import os
 from pathlib import Path
@@ -149,13 +150,16 @@ class ConfigError(ValueError):
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> ml_collections.ConfigDict:
     """A training config: the file's `get_config()` with `--config.a.b=value` overrides, validated."""
-    config = read_config(path, overrides)
+    config = read_config(path, overrides, reference=defaults())
     validate(config)
     return config
 
 
-def read_config(path: str | os.PathLike, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-    """Runs the file's `get_config()` and applies `--config.a.b=value` overrides (any kind of config)."""
+def read_config(path: str | os.PathLike, overrides: list[str] = (), *,
+                reference: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """Runs the file's `get_config()` and applies `--config.a.b=value` overrides (any kind of config). With a
+    `reference` (that kind's defaults), a key the file sets that the reference lacks — a typo such as
+    `c.train.stpes` — is an error naming the nearest valid key."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -170,9 +174,27 @@ def read_config(path: str | os.PathLike, overrides: list[str] = ()) -> ml_collec
     config = module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+    unknown = [] if reference is None else _unknown_keys(config, reference)
+    if unknown:
+        raise ConfigError(f"{path}: " + "; ".join(unknown))
     config.lock()
     apply_overrides(config, overrides)
     return config
+
+
+def _unknown_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
+                  prefix: str = "") -> list[str]:
+    """A line for each key of `config` that `reference` lacks, with the nearest valid key."""
+    unknown = []
+    for name, value in config.items():
+        key = f"{prefix}{name}"
+        if name not in reference:
+            near = difflib.get_close_matches(name, list(reference.keys()), n=1)
+            hint = f"did you mean config.{prefix}{near[0]}?" if near else f"valid keys: {sorted(reference.keys())}"
+            unknown.append(f"config.{key} is not a setting ({hint})")
+        elif isinstance(value, ml_collections.ConfigDict) and isinstance(reference[name], ml_collections.ConfigDict):
+            unknown += _unknown_keys(value, reference[name], f"{key}.")
+    return unknown
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:

@@ -10,7 +10,9 @@ with KL_t the k3 estimator exp(ref - logp) - (ref - logp) - 1 of KL(policy || re
 the configured normalisation says: "sequence" (each completion's mean, then the mean over completions: GRPO's
 paper), "token" (the mean over all sampled tokens of the batch: DAPO) or "dr_grpo" (the sum divided by
 completions x max completion length: Dr. GRPO). eps_high > eps_low is DAPO's asymmetric clipping ("clip-higher").
-These are TRL's GRPOTrainer definitions, so its users' settings mean the same here.
+A completion masked whole (overlong = "mask", dynamic sampling) still counts among the completions divided by,
+and tokens are scored at the sampling temperature (log_softmax(logits / T)). These are TRL's GRPOTrainer
+definitions, so its users' settings mean the same here.
 
 `train` is the loop `gptoss-jax train` runs for method = "grpo": per step, the prompts the step number selects,
 `group_size` completions of each from a `Generator` holding the current parameters (no second engine, no copy of
@@ -57,6 +59,9 @@ class LossSettings:
     beta: float = 0.0  # KL penalty weight; 0 skips the reference's forward pass
     normalisation: str = "sequence"
     max_completion_length: int = 0  # dr_grpo's constant denominator (tokens per completion)
+    # the sampling temperature: tokens are scored by log_softmax(logits / temperature), the distribution they were
+    # sampled from (as TRL scores them), so the ratio and the gradient are those of the sampling policy
+    temperature: float = 1.0
 
     def __post_init__(self):
         if self.normalisation not in NORMALISATIONS:
@@ -89,12 +94,13 @@ def informative_groups(rewards: jnp.ndarray, group_size: int) -> jnp.ndarray:
 
 
 def token_weights(mask, settings: LossSettings):
-    """Each sampled token's weight in the loss [N, T] (0 off the mask), as the normalisation says. Completions
-    with no token in the mask (left out by dynamic sampling or overlong masking) count in no average. Computed
-    over the whole batch, so that micro-batches' losses add up to the batch's."""
+    """Each sampled token's weight in the loss [N, T] (0 off the mask), as the normalisation says. A completion
+    with no token in the mask (left out by dynamic sampling or overlong masking) adds nothing but still counts
+    among the N completions that "sequence" and "dr_grpo" divide by, as in TRL (its loss is 0, not absent).
+    Computed over the whole batch, so that micro-batches' losses add up to the batch's."""
     mask = mask.astype(jnp.float32)
     counts = mask.sum(-1, keepdims=True)
-    completions = jnp.maximum((counts > 0).sum(), 1)
+    completions = mask.shape[0]
     if settings.normalisation == "sequence":
         return mask / (jnp.maximum(counts, 1) * completions)
     if settings.normalisation == "token":
@@ -153,10 +159,13 @@ def completion_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Seq
     return batch
 
 
-def sequence_logprobs(model, batch, *, remat: str = "none"):
-    """log p(token) of every sampled token [N, L] under `model` (0 elsewhere): the training forward."""
+def sequence_logprobs(model, batch, *, remat: str = "none", temperature: float = 1.0):
+    """log p(token) of every sampled token [N, L] under `model` at `temperature` (log_softmax of the logits
+    divided by it; 0 elsewhere): the training forward. Logits are linear in the final hidden state, so that is
+    what is divided."""
     hidden, _ = model.hidden_states(batch["inputs"], positions=batch["positions"],
                                     segment_ids=batch["segment_ids"], remat=remat)
+    hidden = hidden if temperature == 1.0 else hidden / jnp.asarray(temperature, hidden.dtype)
     return trainer.token_logprobs(hidden, model.unembedding[...], batch["targets"], batch["counted"])
 
 
@@ -179,7 +188,8 @@ def make_policy_steps(graphdef, dtypes, transform, settings: LossSettings, *, re
 
     def piece_logprobs(master, frozen, piece):
         params = jax.tree.map(lambda p, d: p.astype(d), master, dtypes)
-        return sequence_logprobs(nnx.merge(graphdef, params, frozen), piece, remat=remat)
+        return sequence_logprobs(nnx.merge(graphdef, params, frozen), piece, remat=remat,
+                                 temperature=settings.temperature)
 
     def logprobs(master, frozen, batch):
         scored = jax.lax.map(lambda piece: piece_logprobs(master, frozen, piece), pieces(batch))
@@ -209,8 +219,9 @@ def make_policy_steps(graphdef, dtypes, transform, settings: LossSettings, *, re
         start = (jax.tree.map(jnp.zeros_like, master), jnp.zeros((), jnp.float32), dict.fromkeys(names, 0.0))
         (grads, loss, metrics), _ = jax.lax.scan(accumulate, start, pieces({**batch, **extra}))
         updates, opt_state = transform.update(grads, opt_state, master)
-        return optax.apply_updates(master, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                                                                  **metrics}
+        master = optax.apply_updates(master, updates)
+        return master, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                                   "param_norm": optax.tree.norm(master), **metrics}
 
     return PolicySteps(jax.jit(logprobs), jax.jit(update, donate_argnums=(0, 1)))
 
@@ -228,7 +239,7 @@ class Result:
 
     def summary(self) -> str:
         if not self.rewards:
-            return f"nothing to do: the run had already completed its {self.steps} steps"
+            return trainer.already_completed(self.steps, self.exports)
         head, tail = self.rewards[:10], self.rewards[-10:]
         text = (f"trained {self.steps} GRPO steps: mean reward {sum(head) / len(head):.3f} (first {len(head)} steps) "
                 f"-> {sum(tail) / len(tail):.3f} (last {len(tail)})")
@@ -296,7 +307,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
                     master, opt_state, metrics = steps.update(master, opt_state, frozen, batch, old, ref,
                                                               advantages)
                 metrics = {name: float(value) for name, value in metrics.items()}
-                run.check_finite(step + 1, metrics, ("loss", "grad_norm"))
+                run.check_finite(step + 1, metrics, trainer.FINITE_METRICS)
             step += 1
             metrics.update(rollout_metrics(rollout, chosen, config, kept),
                            update_seconds=time.perf_counter() - started, updated=float(kept.any()),
@@ -315,7 +326,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
                 break
 
     trained = trainer.merge_trained(graphdef, master, dtypes, frozen)
-    exports = trainer.export(trained, config) if start < step == config.train.steps else {}
+    exports = trainer.export(trained, config, missing_only=start == step) if step == config.train.steps else {}
     return Result(step, mean_rewards, evals, trained, exports)
 
 
@@ -323,7 +334,8 @@ def loss_settings(config: ml_collections.ConfigDict) -> LossSettings:
     """The loss a training config's grpo settings describe."""
     g = config.grpo
     return LossSettings(epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, beta=g.beta,
-                        normalisation=g.normalisation, max_completion_length=g.max_completion_tokens)
+                        normalisation=g.normalisation, max_completion_length=g.max_completion_tokens,
+                        temperature=g.temperature)
 
 
 def load_problems(config: ml_collections.ConfigDict) -> list:

@@ -9,9 +9,11 @@ dtypes (`model.compute_dtype`; norms and sinks stay float32) for each forward pa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -29,11 +32,15 @@ from gptoss_jax import GptOss, GptOssConfig, load_model, lora, save_pretrained, 
 from gptoss_jax.model import LoRAParam
 from gptoss_jax.train import data as data_lib
 from gptoss_jax.train import synthetic
+from gptoss_jax.train.config import ConfigError
 from gptoss_jax.train.tensorboard import SummaryWriter
 
 log = logging.getLogger(__name__)
 
 LOSS_CHUNK_BYTES = 2**27  # a chunk of the loss holds at most this much of float32 logits (128 MiB: 160 tokens of 201k)
+
+
+FINITE_METRICS = ("loss", "grad_norm", "param_norm")  # a step with any of these not finite stops the run
 
 
 class TrainingStopped(RuntimeError):
@@ -308,7 +315,8 @@ def make_steps(config: ml_collections.ConfigDict, graphdef, dtypes, transform, s
         updates, opt_state = transform.update(grads, opt_state, master)
         master = optax.apply_updates(master, updates)
         metrics = {"loss": loss, "router_z_loss": router[0], "load_balance": router[1],
-                   "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(step),
+                   "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(master),
+                   "learning_rate": schedule(step),
                    "tokens": (batch["segment_ids"] > 0).sum(), "trained_tokens": batch["weights"].sum()}
         return master, opt_state, metrics
 
@@ -333,11 +341,17 @@ class Result:
 
     def summary(self) -> str:
         if not self.losses:
-            return f"nothing to do: the run had already completed its {self.steps} steps"
+            return already_completed(self.steps, self.exports)
         last = self.losses[-10:]
         return (f"trained {self.steps} steps: loss {self.losses[0]:.3f} -> {sum(last) / len(last):.3f} (mean of the "
                 f"last {len(last)})" + "".join(f"; held-out loss at step {s}: {v:.3f}"
                                                  for s, v in list(self.eval_losses.items())[-1:]))
+
+
+def already_completed(steps: int, exports: dict) -> str:
+    """The summary of a rerun that found every step done: what it exported, where an export was missing."""
+    done = f"the run had already completed its {steps} steps"
+    return f"{done}; exported what was missing: {', '.join(exports)}" if exports else f"nothing to do: {done}"
 
 
 def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result:
@@ -373,7 +387,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
             batch = _global_batch(batches.batch(step), batch_sharding)
             master, opt_state, metrics = steps.train(master, opt_state, frozen, batch, jnp.int32(step))
             metrics = {name: float(value) for name, value in metrics.items()}
-            run.check_finite(step + 1, metrics, ("loss", "grad_norm"))
+            run.check_finite(step + 1, metrics, FINITE_METRICS)
             step += 1
             losses.append(metrics["loss"])
             tokens_since += metrics["tokens"]
@@ -390,8 +404,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
                 break
 
     trained = merge_trained(graphdef, master, dtypes, frozen)
-    finished_now = start < step == config.train.steps
-    exports = export(trained, config) if finished_now else {}
+    exports = export(trained, config, missing_only=start == step) if step == config.train.steps else {}
     return Result(step, losses, eval_losses, trained, len(steps.traces), exports)
 
 
@@ -462,8 +475,22 @@ class Run:
         start = self.manager.latest_step() or 0
         if start:
             abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-            state = self.manager.restore(start, args=ocp.args.StandardRestore(abstract))
+            try:
+                state = self.manager.restore(start, args=ocp.args.StandardRestore(abstract))
+            except ValueError as error:  # orbax: a tree or shape that differs from the saved one
+                raise ConfigError(
+                    f"{self.checkpoints / str(start)}: the checkpoint does not fit this config's training state "
+                    "(lora.rank, lora.targets, lora.enabled, model.* or optimizer.* changed since it was saved?); "
+                    "resume with the settings of config.json there, or choose another train.output_dir. orbax: "
+                    f"{str(error).splitlines()[0][:300]}") from error
             log.info("resumed from %s at step %d", self.checkpoints, start)
+        if self.leader:  # the steps after `start` run again: their old lines go
+            self.metrics_file.close()
+            path = self.output / "metrics.jsonl"
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["step"] <= start]
+            path.write_text("".join(kept))
+            self.metrics_file = open(path, "a")
         self.bar = _progress(self.progress and self.leader, self.config.train.steps, start)
         return start, state
 
@@ -512,26 +539,38 @@ def evaluate(steps: Step, master, frozen, rows: data_lib.PackedRows, config, sha
     return summed / max(count, 1.0)
 
 
-def export(model: GptOss, config: ml_collections.ConfigDict) -> dict:
-    """The adapter (PEFT format) and/or the merged HF checkpoint, as the config asks. Under jax.distributed every
-    process gathers what is exported (a collective) and the first one writes it."""
+def export(model: GptOss, config: ml_collections.ConfigDict, *, missing_only: bool = False) -> dict:
+    """The adapter (PEFT format) and/or the merged HF checkpoint, as the config asks, each written to a hidden
+    folder beside its place and renamed into it when complete (a run killed while exporting leaves no half
+    export). `missing_only`: only those not written yet (the rerun of a run that completed its steps but not its
+    exports); otherwise an export already there is an error. Under jax.distributed every process gathers what is
+    exported (a collective) and the first one writes it."""
     output, written = Path(config.train.output_dir), {}
-    if jax.process_count() > 1:
+    writers = {}
+    if config.lora.enabled and config.export.adapter:
+        writers["adapter"] = functools.partial(lora.save_peft_adapter, model,
+                                               base_model_name_or_path=config.model.checkpoint or None)
+    if config.export.merged:
+        writers["merged"] = lambda target: save_pretrained(lora.merge_lora(model) if config.lora.enabled else model,
+                                                           target, mxfp4=config.export.mxfp4)
+    if missing_only:  # as the first process, which writes them, sees them
+        writers = {kind: write for kind, write in writers.items()
+                   if not multihost_utils.broadcast_one_to_all(np.bool_((output / kind).exists()))}
+    if writers and jax.process_count() > 1:
         exported = nnx.state(model) if config.export.merged else nnx.state(model, LoRAParam)
         nnx.update(model, sharding.on_every_host(exported))
-        if jax.process_index() != 0:
-            return written
-    if config.lora.enabled and config.export.adapter:
-        written["adapter"] = lora.save_peft_adapter(model, output / "adapter",
-                                                    base_model_name_or_path=config.model.checkpoint or None)
-    if config.export.merged:
-        merged = lora.merge_lora(model) if config.lora.enabled else model
-        target = output / "merged"
-        if target.exists():
-            raise FileExistsError(f"{target}: already exists; remove it or choose another train.output_dir")
-        written["merged"] = save_pretrained(merged, target, mxfp4=config.export.mxfp4)
-    for kind, path in written.items():
-        log.info("exported %s to %s", kind, path)
+    if jax.process_index() != 0:
+        return written
+    for kind in writers:
+        if (output / kind).exists():
+            raise FileExistsError(f"{output / kind}: already exists; remove it or choose another train.output_dir")
+    for kind, write in writers.items():
+        partial = output / f".{kind}.partial"
+        shutil.rmtree(partial, ignore_errors=True)  # a killed run's
+        write(partial)
+        partial.rename(output / kind)
+        written[kind] = output / kind
+        log.info("exported %s to %s", kind, output / kind)
     return written
 
 
