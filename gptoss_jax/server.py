@@ -73,8 +73,6 @@ def parse_request(body: Any, max_length: int, server_tools: Sequence[str] = ()) 
     functions, builtin = split_tools(body.get("tools") or [], server_tools)
     if not calls_allowed:
         functions, builtin = [], []  # the model is not told of them (and `Completion` reports no call)
-    if not isinstance(body.get("parallel_tool_calls", True), bool):
-        raise BadRequest("parallel_tool_calls: expected true or false")
     record = {"messages": [_message(m, i) for i, m in enumerate(body["messages"])], "tools": functions,
               "builtin_tools": builtin, "reasoning_effort": body.get("reasoning_effort") or "medium",
               "response_format": body.get("response_format")}

@@ -104,8 +104,10 @@ def test_the_network_is_unreachable(tool):
                                   "/dev/evil.txt", "/mnt/evil.txt", "/proc/evil.txt"])
 def test_nothing_outside_mnt_data_is_writable(tool, path):
     result = tool.run(f"open({path!r}, 'w')")
+    assert not Path(path).exists()  # nothing reaches the host
+    if path.startswith("/tmp/"):  # a checkout under /tmp (CI's): inside, that is the sandbox's own capped /tmp
+        return
     assert any(error in result for error in ("Read-only file system", "Permission denied", "No such file")), result
-    assert not Path(path).exists()
 
 
 @needs_bwrap
