@@ -67,7 +67,7 @@ def parse_request(body: Any, max_length: int, server_tools: Sequence[str] = ()) 
     check_fields(body, _FIELDS, _LABELS, _NEUTRAL)
     if body.get("top_logprobs"):
         raise BadRequest("top_logprobs: only the chosen token's logprob is returned (logprobs=true)")
-    if not isinstance(body.get("messages"), list) or not body["messages"]:
+    if not body.get("messages"):  # its type is checked with the others'
         raise BadRequest("messages: a non-empty list is required")
     calls_allowed = _tool_choice(body.get("tool_choice")) != "none"
     functions, builtin = split_tools(body.get("tools") or [], server_tools)
@@ -83,7 +83,7 @@ def parse_request(body: Any, max_length: int, server_tools: Sequence[str] = ()) 
             raise BadRequest(f"stream_options.{option}: not an option (include_usage)")
         check_type(value, "boolean", "stream_options.include_usage")
     choices = 1 if body.get("n") is None else body["n"]
-    if isinstance(choices, bool) or not isinstance(choices, int) or not 1 <= choices <= MAX_CHOICES:
+    if not 1 <= choices <= MAX_CHOICES:
         raise BadRequest(f"n: expected an integer in [1, {MAX_CHOICES}], got {choices!r}")
     settings.update({
         "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
@@ -139,9 +139,7 @@ BUILTIN_TYPES = {"python": "python", "code_interpreter": "python", "browser": "b
 
 
 def split_tools(tools: Any, server_tools: Sequence[str]) -> tuple[list, list[str]]:
-    """(function tools, names of the built-in tools enabled) of a request's `tools`."""
-    if not isinstance(tools, list):
-        raise BadRequest("tools: expected a list")
+    """(function tools, names of the built-in tools enabled) of a request's `tools` (a list: `check_fields`)."""
     functions, builtin = [], []
     for index, tool in enumerate(tools):
         kind = tool.get("type", "function") if isinstance(tool, dict) else "function"
@@ -236,7 +234,7 @@ def _logit_bias(bias: Any) -> dict[int, float]:
     """OpenAI's logit_bias: {"token id": bias in [-100, 100]}, at most MAX_LOGIT_BIAS entries."""
     if bias is None:
         return {}
-    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+    if len(bias) > MAX_LOGIT_BIAS:  # an object: `check_fields`
         raise BadRequest(f"logit_bias: expected an object of at most {MAX_LOGIT_BIAS} token ids, got {bias!r}")
     vocabulary = tok.get_encoding().n_vocab
     parsed = {}
