@@ -13,7 +13,15 @@
 test suite runs it so the script keeps working between GPU sessions. A section that fails or does not fit the
 time budget is reported as such; the others still run.
 
-    python benchmarks/gpu_check.py [--small] [--out DIR] [--budget SECONDS]
+`--aot TARGET` (h100, h200 or a target config file) needs no GPU: it compiles every kernel at gpt-oss-20b and 120b
+shapes, and the 20b prefill and decode step with kernels "auto" and "xla", for that GPU (`gptoss_jax.gpu_compile`:
+the gpu-compile extra) and prints one table — kernel, program, grid, shared memory, registers, spills, compile
+time — ending `aot: K of K compiled, S spilled`.
+
+On a GPU the script also writes the device's own target config (target_config.txtpb) beside the table: the figures
+`gptoss_jax/targets/` should hold for it.
+
+    python benchmarks/gpu_check.py [--small] [--aot TARGET] [--out DIR] [--budget SECONDS]
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import datetime
 import functools
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -256,6 +265,62 @@ def lora_step(s: Sizes, setting: str) -> tuple:
             f"{times[1] * 1e3:,.0f} ms{memory} (first call {times[0]:.0f} s)", sum(times))
 
 
+# ---- compiled for a GPU that is not here (--aot) --------------------------------------------------------------------
+
+
+def compile_ahead(target: str, out: Path) -> int:
+    """Every kernel and the 20b inference steps compiled for `target`; one table, ending `aot: K of K compiled, S
+    spilled`. Returns 0 when all compiled without spills."""
+    from gptoss_jax import gpu_compile
+
+    gpu = gpu_compile.target(target)
+    devices, present = gpu_compile.devices(gpu, 1)
+    checks = [(name, check) for name, config in (("20b", GptOssConfig.gpt_oss_20b()),
+                                                 ("120b", GptOssConfig.gpt_oss_120b()))
+              for check in gpu_compile.kernel_checks(config)]
+    checks += [("20b", check) for kernels in ("auto", "xla")
+               for check in gpu_compile.inference_checks(GptOssConfig.gpt_oss_20b().replace(kernels=kernels))]
+    lines = [f"gptoss-jax GPU check --aot {target}, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC: compiled "
+             f"for {gpu.description} (sm {gpu.compute_capability}, {'present' if present else 'deviceless'}) on "
+             f"{platform.machine()}, jax {jax.__version__}", "",
+             "| kernel | program | grid | shared memory | registers | spills | compile s |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    compiled = spilled = 0
+    for model, check in checks:
+        dump = out / "aot_dump" / f"{len(lines):03d}"
+        started = time.perf_counter()
+        try:
+            gpu_compile.compile_check(check, devices, dump_to=dump)
+        except Exception as error:  # noqa: BLE001 - the table names each failure and goes on
+            lines.append(f"| (failed) | {model}: {check.label} | | | | | {str(error).splitlines()[0][:120]} |")
+            continue
+        seconds = time.perf_counter() - started
+        compiled += 1
+        kernels = list(dict.fromkeys(gpu_compile.pallas_kernels(dump)))  # a kernel per layer kind: listed once
+        for kernel in kernels:
+            spilled += kernel.spill_bytes > 0
+            lines.append(f"| {kernel.name} | {model}: {check.label} | {'x'.join(map(str, kernel.grid))} | "
+                         f"{kernel.shared_memory:,} B | {kernel.registers} | {kernel.spill_bytes} B | {seconds:.1f} |")
+        if not kernels:
+            lines.append(f"| (XLA only) | {model}: {check.label} | | | | | {seconds:.1f} |")
+        shutil.rmtree(dump, ignore_errors=True)
+    lines += ["", f"aot: {compiled} of {len(checks)} compiled, {spilled} spilled"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    file = out / f"gpu_check-aot-{gpu.name if gpu.name in gpu_compile.TARGETS else 'target'}.md"
+    file.write_text(text)
+    print(f"written to {file}")
+    return 0 if compiled == len(checks) and not spilled else 1
+
+
+def write_target_config(out: Path) -> None:
+    """This GPU's own target config, as XLA describes the device: what gptoss_jax/targets/ should hold for it."""
+    from jax._src.lib import xla_client
+
+    config = xla_client.get_topology_for_devices(jax.devices()).target_config
+    (out / "target_config.txtpb").write_text(config)
+
+
 # ---- the table ---------------------------------------------------------------------------------------------------
 
 
@@ -264,8 +329,16 @@ def main() -> int:
     parser.add_argument("--small", action="store_true", help="tiny sizes: an end-to-end run on a CPU")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--budget", type=float, default=420, help="seconds; later sections are skipped past it")
+    parser.add_argument("--aot", metavar="TARGET", help="compile for this GPU (h100, h200 or a target config file) "
+                        "without one, and report each kernel")
     parser.add_argument("--lora-step", help=argparse.SUPPRESS)  # the child process of one LoRA measurement
     args = parser.parse_args()
+    if args.aot:
+        from gptoss_jax import gpu_compile
+
+        gpu_compile.use_cpu_platform()
+        args.out.mkdir(parents=True, exist_ok=True)
+        return compile_ahead(args.aot, args.out)
     s = sizes(args.small)
     if args.lora_step:
         print(json.dumps(lora_step(s, args.lora_step)))
@@ -289,6 +362,11 @@ def main() -> int:
                          0.0))
             traceback.print_exc()
     device = jax.devices()[0]
+    if device.platform == "gpu":
+        try:
+            write_target_config(args.out)
+        except Exception:  # noqa: BLE001 - a convenience; the measurements stand without it
+            traceback.print_exc()
     header = (f"gptoss-jax GPU check, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC: "
               f"{device.device_kind} ({device.platform}, {platform.machine()}), jax {jax.__version__}"
               f"{', --small' if args.small else ''}; {time.perf_counter() - started:.0f} s in all")

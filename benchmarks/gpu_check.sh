@@ -4,8 +4,11 @@
 # gpt-oss-20b shapes, runs benchmarks/kernels.py, measures 20b prefill and decode (batch 1 and 64) with and
 # without the kernels, and a 20b LoRA step at 2048 tokens (time, peak device memory); it prints one table and
 # writes it to benchmarks/results/ (or --out DIR). See benchmarks/gpu_check.py for the sections.
+# With --aot TARGET (h100, h200, or a target config file) it needs no GPU: it compiles every kernel and the 20b
+# inference steps for that GPU (the gpu-compile extra) and prints each kernel's grid, shared memory, registers and
+# spills, ending `aot: K of K compiled, S spilled`.
 #
-#   benchmarks/gpu_check.sh [--small] [--out DIR] [--budget SECONDS]
+#   benchmarks/gpu_check.sh [--small] [--aot TARGET] [--out DIR] [--budget SECONDS]
 #
 # It needs gptoss-jax importable (an installed checkout, or this checkout with its dependencies: the repository
 # root is put on PYTHONPATH here) and, on a GPU, a CUDA build of JAX (pip install -e ".[cuda]").

@@ -47,7 +47,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # bfloat16 | float32
     c.model.mesh = ""  # device mesh, e.g. "expert=4,tensor=2"; empty: one device
     c.model.lora = ""  # a PEFT LoRA adapter directory to put on the model
-    c.model.kernels = "xla"  # packed MXFP4 experts: xla | pallas | auto (the Pallas kernel on a GPU)
+    c.model.kernels = "auto"  # attention and MXFP4 experts: auto (the Pallas kernels on a GPU, XLA elsewhere) | xla
+    # | pallas
 
     c.endpoint = ConfigDict()
     c.endpoint.base_url = ""  # e.g. http://127.0.0.1:8000/v1 (backend openai)

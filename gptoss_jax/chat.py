@@ -26,8 +26,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="PATH_OR_HUB_ID")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--mesh", default="", help="device mesh, e.g. expert=4,tensor=2 (default: one device)")
-    parser.add_argument("--kernels", default="xla", choices=["xla", "pallas", "auto"],
-                        help="MXFP4 experts through XLA or the Pallas kernel (auto: the kernel on a GPU)")
+    parser.add_argument("--kernels", default="auto", choices=["xla", "pallas", "auto"],
+                        help="attention and MXFP4 experts through XLA or the Pallas kernels (auto, the default: "
+                        "the kernels on a GPU)")
     add_distributed_arguments(parser)
 
 
@@ -84,7 +85,7 @@ def start(args: argparse.Namespace) -> GptOss:
 
 
 def load_for_inference(checkpoint: str, *, dtype: str, mesh: str = "", lora: str | None = None,
-                       kernels: str = "xla") -> GptOss:
+                       kernels: str = "auto") -> GptOss:
     """The model on its devices — the mesh described (e.g. "expert=4,tensor=2"), else one device, or with several
     hosts every device sharing the parameters (FSDP) — with a PEFT LoRA adapter on it if given."""
     if mesh:

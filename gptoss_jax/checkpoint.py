@@ -240,7 +240,8 @@ def load_model(
     mesh: Mesh | None = None,
     rules: LogicalRules | None = None,
     revision: str | None = None,
-    kernels: str = "xla",
+    kernels: str = "auto",
+    moe_tile: int = 0,
 ) -> GptOss:
     """Loads a gpt-oss checkpoint: a local directory or a hub repo id, in the HF layout (unquantized or with
     MXFP4 experts, as released) or the original one (a directory holding, or named, `original/`).
@@ -248,13 +249,14 @@ def load_model(
     mxfp4: "packed" keeps MXFP4 experts packed (uint8) in device memory, dequantized at use; "dequantize"
         expands them to `dtype` at load. Unquantized checkpoints load unquantized either way.
     mesh: place every parameter straight into its sharding on this mesh (by `rules`, default DEFAULT_RULES).
-    kernels: how packed experts multiply — "xla", "pallas" or "auto" (see `GptOssConfig.kernels`).
+    kernels: "auto" (the Pallas kernels on a GPU, XLA elsewhere), "xla" or "pallas" (see `GptOssConfig.kernels`).
+    moe_tile: tokens the experts take at a time, 0 for all (see `GptOssConfig.moe_tile`).
     """
     if mxfp4 not in ("packed", "dequantize"):
         raise ValueError(f"mxfp4={mxfp4!r}: expected 'packed' or 'dequantize'")
     checkpoint = open_checkpoint(path_or_repo_id, revision=revision)
     packed = checkpoint.experts_quantized and mxfp4 == "packed"
-    config, dtype = checkpoint.config.replace(kernels=kernels), jnp.dtype(dtype)
+    config, dtype = checkpoint.config.replace(kernels=kernels, moe_tile=moe_tile), jnp.dtype(dtype)
     model = nnx.eval_shape(lambda: GptOss(config, dtype=dtype, mxfp4_experts=packed, rngs=nnx.Rngs(0)))
     graphdef, abstract = nnx.split(model)
     shardings = dict(nnx.to_flat_state(param_shardings(model, mesh, rules))) if mesh is not None else None

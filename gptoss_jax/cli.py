@@ -12,9 +12,11 @@ PRESETS = {"tiny": "tiny", "gpt-oss-20b": "gpt_oss_20b", "gpt-oss-120b": "gpt_os
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gptoss_jax import gpu_compile
     from gptoss_jax.allocator import reuse_freed_memory
 
     reuse_freed_memory()  # before jax starts its threads (gptoss_jax/allocator.py says why)
+    gpu_compile.use_cpu_platform()  # the CUDA plugin without a GPU: the CPU, and compiling for GPUs deviceless
     parser = argparse.ArgumentParser(prog="gptoss-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser(
@@ -79,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
                                       f"with --config.KEY=VALUE (e.g. --config.{example}).")
         command.add_argument("--config", required=True, metavar="FILE", help=f"a configs/{folder}/*.py file")
         if name == "plan":
-            command.add_argument("--device-memory", default="80GiB", help="memory of one device, e.g. 80GiB")
+            command.add_argument("--target", metavar="h100|h200|FILE",
+                                 help="compile for this GPU (present or not: needs the gpu-compile extra without "
+                                 "one) and report XLA GPU's own figures; FILE: a gpu_device_info target config")
+            command.add_argument("--device-memory", help="memory of one device, e.g. 80GiB (default: the target's, "
+                                 "or 80GiB)")
         if name == "train":
             chat.add_distributed_arguments(command)
 
@@ -150,7 +156,8 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     from gptoss_jax.train.config import load_config
     from gptoss_jax.train.plan import plan
 
-    print(plan(load_config(args.config, overrides), device_memory=_bytes(args.device_memory)).report())
+    memory = _bytes(args.device_memory) if args.device_memory else None
+    print(plan(load_config(args.config, overrides), device_memory=memory, target=args.target).report())
     return 0
 
 

@@ -50,13 +50,20 @@ class GptOssConfig:
     max_position_embeddings: int = 131072
     # Attention and the MXFP4 experts through XLA ("xla") or the Pallas kernels of gptoss_jax.kernels ("pallas":
     # flash/decode attention with sinks and, for packed experts, the MXFP4 grouped matmul; interpret mode off a
-    # GPU, for testing), or "auto" (pallas on a GPU). Not part of the checkpoint: a run-time choice
-    # (load_model(..., kernels=...)).
-    kernels: str = "xla"
+    # GPU, for testing), or "auto": the kernels on a GPU, XLA elsewhere. Auto is the default because the programs
+    # compiled for an H100 say so (benchmarks/RESULTS.md, "Compiled for an H100"): with the kernels, gpt-oss-20b's
+    # prefill, LoRA step and decode steps have 1.6x to 13x shorter roofline times. Not part of the checkpoint: a
+    # run-time choice (load_model(..., kernels=...)).
+    kernels: str = "auto"
     # Positions per block of the XLA attention path: longer sequences attend a block of queries to a block of keys
     # at a time (gptoss_jax.ops.blockwise_attention: no [T, T] scores, skipped blocks outside the causal band);
     # sequences of at most one block attend densely. A run-time choice too.
     attention_block: int = 128
+    # Tokens the experts take at a time, 0 for all at once. With a tile, the MoE runs over the tokens a tile at a
+    # time and each tile is recomputed in the backward pass (model.MoE): no buffer holds more than a tile's (token,
+    # expert) pairs — at 131,072 tokens the [pairs, 2 x 2880] activations of gpt-oss would be 5.6 GiB each — for one
+    # more forward pass of the experts in the backward. For long sequences; a run-time choice too.
+    moe_tile: int = 0
 
     def __post_init__(self):
         if self.kernels not in KERNELS:
@@ -68,6 +75,8 @@ class GptOssConfig:
             expected = {"int": int, "float": (int, float), "bool": bool}[field.type]
             if isinstance(value, bool) != (field.type == "bool") or not isinstance(value, expected):
                 raise ConfigError(f"GptOssConfig.{field.name}: expected {field.type}, got {value!r}")
+            if field.name == "moe_tile" and value >= 0:  # 0: no tiles
+                continue
             if field.type != "bool" and not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"GptOssConfig.{field.name}: must be a positive number, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:

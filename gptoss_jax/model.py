@@ -35,7 +35,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
-from gptoss_jax import ops, sharding
+from gptoss_jax import backend, ops, sharding
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernels.attention import decode_attention, flash_attention
 from gptoss_jax.kernels.mxfp4_matmul import mxfp4_ragged_matmul
@@ -174,13 +174,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, mask: Seg
     if isinstance(mask, SegmentMask):
         if kernel and q.shape[1] == k.shape[1]:
             log.info("attention: Pallas flash attention%s", _interpret_note())
-            return flash_attention(q, k, v, sinks, mask.segment_ids, window=mask.window, interpret=not _on_gpu())
+            return flash_attention(q, k, v, sinks, mask.segment_ids, window=mask.window, interpret=not backend.on_gpu())
         if q.shape[1] == k.shape[1] > block:
             return ops.blockwise_attention(q, k, v, sinks, mask.segment_ids, window=mask.window, block=block)
         mask = ops.attention_mask(mask.segment_ids, mask.window)
     elif kernel and q.shape[1] == 1:
         log.info("attention: Pallas decode attention%s", _interpret_note())
-        return decode_attention(q, k, v, sinks, mask[:, 0], interpret=not _on_gpu())
+        return decode_attention(q, k, v, sinks, mask[:, 0], interpret=not backend.on_gpu())
     return ops.attention_with_sinks(q, k, v, sinks, mask)
 
 
@@ -231,7 +231,7 @@ class MoE(nnx.Module):
         self.b_down = _param(rngs, (e, d), ("experts", "embed"), dtype, _zeros)
         self.experts_per_token = config.experts_per_token
         self.swiglu = dict(alpha=config.swiglu_alpha, limit=config.swiglu_limit)
-        self.kernels = config.kernels
+        self.kernels, self.tile = config.kernels, config.moe_tile
         self.adapters = nnx.Dict()  # LoRA of router_w, w_gate_up, w_down
         self.mesh = None  # set by sharding.shard_model: with an expert axis, the experts run expert-parallel
 
@@ -252,11 +252,13 @@ class MoE(nnx.Module):
         batch, length, dim = x.shape
         tokens = x.reshape(batch * length, dim)
         weights, experts, logits = self.route(tokens)
-        if self.mesh is not None and self.mesh.shape["expert"] > 1:
-            out = self._expert_parallel(tokens, weights, experts)
-        else:
-            out = self.grouped_experts(tokens, weights, experts)
+        out = _in_tiles(self._experts, self.tile, tokens, weights, experts, self.b_gate_up.shape[0])
         return out.reshape(batch, length, dim), router_losses(logits, experts)
+
+    def _experts(self, tokens: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
+        if self.mesh is not None and self.mesh.shape["expert"] > 1:
+            return self._expert_parallel(tokens, weights, experts)
+        return self.grouped_experts(tokens, weights, experts)
 
     def grouped_experts(self, tokens: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
         """All experts here: each expert's (token, expert) pairs are one group of a ragged matmul."""
@@ -332,8 +334,27 @@ class MoE(nnx.Module):
         return out.astype(tokens.dtype)
 
 
+def _in_tiles(experts_of, tile: int, tokens: jax.Array, weights: jax.Array, experts: jax.Array,
+              num_experts: int) -> jax.Array:
+    """`experts_of(tokens, weights, experts)` a tile of `tile` tokens at a time, each tile recomputed in the backward
+    pass (GptOssConfig.moe_tile): what a tile's pairs make lives only while that tile runs. All at once when `tile`
+    is 0 or covers the tokens. The last tile is padded with tokens routed nowhere (expert id `num_experts`, the id
+    of a pair handled elsewhere, weight 0)."""
+    count = tokens.shape[0]
+    if not tile or count <= tile:
+        return experts_of(tokens, weights, experts)
+    pad = -count % tile
+
+    def tiles(a, fill):
+        return jnp.pad(a, ((0, pad), (0, 0)), constant_values=fill).reshape(-1, tile, a.shape[-1])
+
+    each = jax.checkpoint(lambda tile_args: experts_of(*tile_args))
+    out = jax.lax.map(each, (tiles(tokens, 0), tiles(weights, 0), tiles(experts, num_experts)))
+    return out.reshape(-1, tokens.shape[-1])[:count]
+
+
 def _grouped_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_down, low_rank, swiglu,
-                     kernels="xla"):
+                     kernels="xla", path: str | None = None):
     """The experts' outputs for (token, expert) pairs, weighted and summed per token.
 
     tokens [N, D], weights and experts [N, k]; an expert id equal to the number of experts here marks a pair
@@ -352,11 +373,11 @@ def _grouped_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_d
     """
     num_tokens, k = experts.shape
     num_experts = b_gate_up.shape[0]
-    kernel = _expert_kernel(kernels, w_gate_up)
-    if (kernel is None and not is_packed(w_gate_up) and num_tokens <= EVERY_EXPERT_TOKENS
-            and num_tokens * w_gate_up.size <= EVERY_EXPERT_WORK):
+    path = path or experts_path(kernels, w_gate_up, num_tokens, k, num_experts)
+    kernel = _expert_kernel() if path == "kernel" else None
+    if path == "every":
         return _every_expert(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_down, low_rank, swiglu)
-    if num_tokens * k < num_experts and kernel is None:
+    if path == "gathered":
         return _gathered_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_down, low_rank, swiglu)
     flat_experts = experts.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True)
@@ -368,14 +389,14 @@ def _grouped_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_d
         adapter = ops.LowRank(*low_rank[name]) if name in low_rank else None
         if kernel is None:
             return ops.grouped_matmul(x, weight, group_sizes, bias, adapter, out_dtype=tokens.dtype)
-        out = kernel(x, weight, group_sizes, bias)
-        if adapter is not None:  # the kernel takes no adapter: its two thin products go through XLA
-            inner = ops.grouped_matmul(x, adapter.a.astype(x.dtype), group_sizes).astype(x.dtype)
-            out += ops.grouped_matmul(inner, adapter.b.astype(x.dtype), group_sizes) * adapter.scaling
-        return out
+        if adapter is None:
+            return kernel(x, weight, group_sizes, bias, out_dtype=x.dtype)
+        # the kernel takes no adapter: its two thin products go through XLA, added before the one rounding
+        return kernel(x, weight, group_sizes, bias) + ops.grouped_low_rank(x, adapter, group_sizes)
 
     if kernel is not None and "w_gate_up" not in low_rank:
-        h = kernel(rows, w_gate_up, group_sizes, b_gate_up, swiglu=(swiglu["alpha"], swiglu["limit"]))
+        h = kernel(rows, w_gate_up, group_sizes, b_gate_up, swiglu=(swiglu["alpha"], swiglu["limit"]),
+                   out_dtype=tokens.dtype)
     else:
         h = ops.clamped_swiglu(matmul(rows, w_gate_up, b_gate_up, "w_gate_up").astype(jnp.float32), **swiglu)
     out = matmul(h.astype(tokens.dtype), w_down, b_down, "w_down").astype(tokens.dtype)
@@ -464,30 +485,36 @@ def _every_expert(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_down
     return jnp.einsum("ne,end->nd", mix, out.astype(jnp.float32)).astype(dtype)
 
 
-def _expert_kernel(kernels: str, weight):
-    """The Pallas MXFP4 matmul if `kernels` asks for kernels and the weights are packed; None for the XLA path.
-    Logs the choice each time a forward is traced."""
-    if not (is_packed(weight) and _use_kernels(kernels)):
-        return None
+def experts_path(kernels: str, w_gate_up, num_tokens: int, k: int, num_experts: int) -> str:
+    """How the experts run: "kernel" (the Pallas MXFP4 grouped matmul: packed weights and kernels asked for),
+    "every" (every expert on every token), "gathered" (each pair times its own expert's gathered weights) or
+    "grouped" (pairs sorted by expert, one group of `ops.grouped_matmul` per expert). `_grouped_experts` says what
+    each costs; the thresholds were set by measurement on a CPU (benchmarks/RESULTS.md)."""
+    if is_packed(w_gate_up) and _use_kernels(kernels):
+        return "kernel"
+    if (not is_packed(w_gate_up) and num_tokens <= EVERY_EXPERT_TOKENS
+            and num_tokens * w_gate_up.size <= EVERY_EXPERT_WORK):
+        return "every"
+    return "gathered" if num_tokens * k < num_experts else "grouped"
+
+
+def _expert_kernel():
+    """The Pallas MXFP4 matmul, for packed weights. Logs the choice each time a forward is traced."""
     log.info("MoE experts: Pallas MXFP4 kernel%s", _interpret_note())
 
     def kernel(rows, weight, *args, **kwargs):
-        return mxfp4_ragged_matmul(rows, _layer_weight(weight), *args, interpret=not _on_gpu(), **kwargs)
+        return mxfp4_ragged_matmul(rows, weight, *args, interpret=not backend.on_gpu(), **kwargs)
 
     return kernel
 
 
 def _use_kernels(kernels: str) -> bool:
     """GptOssConfig.kernels: "pallas" always (interpret mode off a GPU), "auto" on a GPU, "xla" never."""
-    return kernels == "pallas" or (kernels == "auto" and _on_gpu())
-
-
-def _on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
+    return kernels == "pallas" or (kernels == "auto" and backend.on_gpu())
 
 
 def _interpret_note() -> str:
-    return "" if _on_gpu() else " (interpret mode: no GPU)"
+    return "" if backend.on_gpu() else " (interpret mode: no GPU)"
 
 
 def router_losses(logits: jax.Array, experts: jax.Array) -> jax.Array:
@@ -634,6 +661,8 @@ class GptOss(nnx.Module):
 
         def layer_call(step, graphdef):  # with remat, each layer is replayed on its own in the backward pass
             def call(params, x, layer_input):
+                if remat == "offload":  # the layer's input is what the backward keeps, in host memory
+                    x = checkpoint_name(x, "layer_input")
                 return step(nnx.merge(graphdef, params), x, layer_input)
             return call if remat == "none" else jax.checkpoint(call, policy=_REMAT_POLICIES[remat])
 
@@ -806,7 +835,10 @@ class KVCache:
 # statistics, named in `Attention` and `ops.blockwise_attention`) and the routing decisions, which are small and
 # whose recomputation (the causal T x T work of full-attention layers) is the costly part of a layer's replay.
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                   "attention": jax.checkpoint_policies.save_only_these_names("attention", "routing")}
+                   "attention": jax.checkpoint_policies.save_only_these_names("attention", "routing"),
+                   "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+                       names_which_can_be_saved=(), names_which_can_be_offloaded=("layer_input",),
+                       offload_src="device", offload_dst="pinned_host")}
 
 
 def _unroll_inference(model: GptOss) -> bool:
@@ -814,7 +846,7 @@ def _unroll_inference(model: GptOss) -> bool:
     every bfloat16 array a loop reads to float32 before the loop — for inference, the whole stack of attention
     weights at every decoding step (gpt-oss-20b: 2.5 GB written a token, and as much memory). Unrolled, each layer
     reads its own bf16 weights. (Training keeps the loop: its steps are long, and compile time would grow.)"""
-    return jax.default_backend() == "cpu" and model.dtype == jnp.bfloat16
+    return backend.platform() == "cpu" and model.dtype == jnp.bfloat16
 
 
 def _split_layers(per_layer):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import CustomVJPPrimal
 
+from gptoss_jax import backend
 from gptoss_jax.mxfp4 import Mxfp4Layer, Mxfp4Weight, dequantize_rows, is_packed
 
 # ---- matmul ------------------------------------------------------------------------------------------------------
@@ -41,7 +42,7 @@ def _product(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """einsum with float32 results. On a CPU a lone bfloat16 row is multiplied beside a copy of itself: XLA's CPU
     backend multiplies a single bf16 row by a float32 copy of the weight (about 1 GB/s of weights here), two
     rows with its bf16 kernel (about 12 GB/s), and batch-1 decoding is all single rows."""
-    if jax.default_backend() == "cpu" and x.dtype == jnp.bfloat16 and x.shape[0] == 1 and _rows(spec, x) == 1:
+    if backend.platform() == "cpu" and x.dtype == jnp.bfloat16 and x.shape[0] == 1 and _rows(spec, x) == 1:
         return jnp.einsum(spec, jnp.concatenate([x, x]), w, preferred_element_type=jnp.float32)[:1]
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
 
@@ -332,6 +333,22 @@ def grouped_matmul(rows: jax.Array, weight: jax.Array | Mxfp4Weight | Mxfp4Layer
     return out[:count] if short else out
 
 
+def grouped_low_rank(rows: jax.Array, low_rank: LowRank, group_sizes: jax.Array) -> jax.Array:
+    """The low-rank update `scaling * (x @ a[g]) @ b[g]` of rows [M, K] sorted into groups of `group_sizes`, each by
+    its own group's factors -> float32 [M, N]; rows past the last group get 0. Two dense products over every
+    group's factors side by side (G x rank columns: still thin), the other groups' columns zeroed between them: a
+    few large matmuls where a loop over the groups launches small ones per group (the Pallas experts' adapters on
+    a GPU; benchmarks/gpu_roofline.py). Rounded to the rows' dtype between the two, as `grouped_matmul`."""
+    groups, inputs, rank = low_rank.a.shape
+    group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows.shape[0]), side="right", method="compare_all")
+    a = jnp.swapaxes(low_rank.a, 0, 1).reshape(inputs, groups * rank).astype(rows.dtype)
+    inner = jnp.dot(rows, a, preferred_element_type=jnp.float32)
+    own = jnp.arange(groups * rank)[None, :] // rank == group[:, None]
+    inner = jnp.where(own, inner, 0).astype(rows.dtype)
+    b = low_rank.b.reshape(groups * rank, -1).astype(rows.dtype)
+    return jnp.dot(inner, b, preferred_element_type=jnp.float32) * low_rank.scaling
+
+
 def _group_weight(weight, group, dtype) -> jax.Array:
     """Group `group`'s weight in `dtype`: dense weights as stored, [K, N]; MXFP4 ones dequantized in their
     stored, output-major layout [N, K], which saves a transpose (see `_meets_rows`)."""
@@ -378,13 +395,18 @@ def _each_tile(group_sizes, rows, tiles, prepare, visit, finish, carry):
             done = done + count * size
         return finish(*state, index)
 
-    def maybe_group(state):  # experts nobody chose are never read
-        index, carry = state
-        return index + 1, jax.lax.cond(group_sizes[index] > 0, group, lambda _, c: c, index, carry)
+    # Only the groups that have rows are visited (experts nobody chose are never read), listed first, rather than
+    # every group behind a conditional: on a GPU, XLA copies a conditional's whole carry (the [M, N] output) in
+    # each branch, twice a group (benchmarks/gpu_roofline.py).
+    chosen = jnp.nonzero(group_sizes > 0, size=group_sizes.shape[0], fill_value=0)[0]
+
+    def next_group(state):
+        step, carry = state
+        return step + 1, group(chosen[step], carry)
 
     # A while loop, not a scan (which a fori_loop with static bounds becomes): under remat, a scan's per-group
     # intermediates (the decoded weights) would be stacked and kept as residuals.
-    return jax.lax.while_loop(lambda state: state[0] < group_sizes.shape[0], maybe_group, (0, carry))[1]
+    return jax.lax.while_loop(lambda state: state[0] < jnp.sum(group_sizes > 0), next_group, (0, carry))[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))

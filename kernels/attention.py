@@ -109,7 +109,7 @@ def _online_softmax(carry, scores, values):
     return new_peak, total * decay + weights.sum(axis=-1), accumulator
 
 
-def _forward_kernel(sinks_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, out_ref, lse_ref, *, options: Options):
+def _flash_forward_kernel(sinks_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, out_ref, lse_ref, *, options: Options):
     head, q_block = pl.program_id(1), pl.program_id(2)
     q_start = q_block * options.block_q
     q = q_ref[0, 0]
@@ -132,7 +132,8 @@ def _forward_kernel(sinks_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, out_re
     lse_ref[0, 0] = peak + jnp.log(total)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, lse_ref, delta_ref, grad_ref, dq_ref, *, options: Options):
+def _flash_dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, lse_ref, delta_ref, grad_ref, dq_ref, *,
+                     options: Options):
     q_block = pl.program_id(2)
     q_start = q_block * options.block_q
     q, grad = q_ref[0, 0], grad_ref[0, 0]
@@ -154,7 +155,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, lse_ref, delta_ref, gr
     dq_ref[0, 0] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, lse_ref, delta_ref, grad_ref, dk_ref, dv_ref, *,
+def _flash_dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, lse_ref, delta_ref, grad_ref, dk_ref, dv_ref, *,
                 options: Options):
     k_block = pl.program_id(2)
     k_start = k_block * options.block_k
@@ -207,7 +208,7 @@ def _forward(q, k, v, sinks, segment_ids, options: Options):
     batch, heads, length, head_dim = q.shape
     specs = _specs(q, k, options)
     return pl.pallas_call(
-        functools.partial(_forward_kernel, options=options),
+        functools.partial(_flash_forward_kernel, options=options),
         grid=(batch, heads, length // options.block_q),
         in_specs=[specs["sinks"], specs["q_block"], specs["kv_all"], specs["kv_all"], specs["seg_q_block"],
                   specs["seg_all"]],
@@ -235,7 +236,7 @@ def _flash_backward(options: Options, residuals, grad):
     delta = jnp.sum(grad.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, N, T]
     specs = _specs(q, k, options)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, options=options),
+        functools.partial(_flash_dq_kernel, options=options),
         grid=(batch, heads, length // options.block_q),
         in_specs=[specs["q_block"], specs["kv_all"], specs["kv_all"], specs["seg_q_block"], specs["seg_all"],
                   specs["row_block"], specs["row_block"], specs["q_block"]],
@@ -246,7 +247,7 @@ def _flash_backward(options: Options, residuals, grad):
     )(q, k, v, segment_ids, segment_ids, lse, delta, grad)
     per_head = jax.ShapeDtypeStruct((batch, heads, length, head_dim), jnp.float32)
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, options=options),
+        functools.partial(_flash_dkv_kernel, options=options),
         grid=(batch, heads, length // options.block_k),
         in_specs=[specs["q_all"], specs["kv_block"], specs["kv_block"], specs["seg_all"], specs["seg_k_block"],
                   specs["row_all"], specs["row_all"], specs["q_all"]],
@@ -285,7 +286,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array,
     kv = [jnp.swapaxes(a, 1, 2) for a in (k, v)]  # [B, K, S, H]
     length = kv[0].shape[2]
     out = pl.pallas_call(
-        functools.partial(_decode_kernel, block=tile),
+        functools.partial(_decode_attention_kernel, block=tile),
         grid=(batch, kv_heads),
         in_specs=[pl.BlockSpec((1, rows), lambda b, h: (h, 0)),
                   pl.BlockSpec((1, 1, rows, head_dim), lambda b, h: (b, h, 0, 0)),
@@ -300,7 +301,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array,
     return out[:, :, :group].reshape(batch, 1, heads, head_dim)
 
 
-def _decode_kernel(sinks_ref, q_ref, k_ref, v_ref, visible_ref, out_ref, *, block: int):
+def _decode_attention_kernel(sinks_ref, q_ref, k_ref, v_ref, visible_ref, out_ref, *, block: int):
     q = q_ref[0, 0]  # [group, H]
     scale = 1 / math.sqrt(q.shape[-1])
 

@@ -11,9 +11,14 @@ if _SHARED.is_dir():
 
 import pytest  # noqa: E402
 
+from gptoss_jax import gpu_compile  # noqa: E402
 from gptoss_jax.allocator import reuse_freed_memory  # noqa: E402
 
 reuse_freed_memory()  # as the CLI does: CPU steps reuse freed memory instead of page-faulting it in again
+# The tests run on the CPU. With the CUDA plugin installed (the test extra brings it, to compile for an H100) and no
+# GPU, jax must not try to start it: here, and in the processes the tests start.
+if gpu_compile.use_cpu_platform():
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 @pytest.fixture(scope="session")

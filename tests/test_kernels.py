@@ -189,40 +189,6 @@ def test_kernels_under_expert_parallelism():
     assert float(result.stdout.split()[-1]) <= 1e-5
 
 
-def test_every_kernel_lowers_for_cuda_through_triton(monkeypatch):
-    """No GPU here: each kernel, forward and backward, is lowered (not compiled) for CUDA through the Triton
-    lowering at gpt-oss-20b's shapes — what catches an operation or block shape Triton cannot take."""
-    from jax.experimental.pallas import triton as pltriton
-
-    from gptoss_jax.kernels import mxfp4_matmul
-
-    triton = lambda interpret: pltriton.CompilerParams(num_warps=4, num_stages=2)
-    monkeypatch.setattr(mxfp4_matmul, "compiler_params", triton)
-    monkeypatch.setattr(attention, "compiler_params", triton)
-    shape = jax.ShapeDtypeStruct
-    bf16 = jnp.bfloat16
-    weight = Mxfp4Weight(shape((32, 5760, 90, 16), jnp.uint8), shape((32, 5760, 90), jnp.uint8))
-    rows, bias, sizes = shape((256, 2880), bf16), shape((32, 5760), bf16), shape((32,), jnp.int32)
-    q, kv = shape((1, 256, 64, 64), bf16), shape((1, 256, 8, 64), bf16)
-    sinks, segments = shape((64,), jnp.float32), shape((1, 256), jnp.int32)
-
-    def matmul(rows, bias, weight, sizes):
-        return jnp.sum(mxfp4_ragged_matmul(rows, weight, sizes, bias, swiglu=SWIGLU))
-
-    def flash(q, k, v, sinks, segments):
-        return jnp.sum(attention.flash_attention(q, k, v, sinks, segments, window=128).astype(jnp.float32))
-
-    cases = [
-        (jax.value_and_grad(matmul, argnums=(0, 1)), (rows, bias, weight, sizes)),
-        (jax.value_and_grad(flash, argnums=(0, 1, 2, 3)), (q, kv, kv, sinks, segments)),
-        (lambda q, k, v, s, seen: attention.decode_attention(q, k, v, s, seen),
-         (shape((2, 1, 64, 64), bf16), shape((2, 512, 8, 64), bf16), shape((2, 512, 8, 64), bf16), sinks,
-          shape((2, 512), jnp.bool_))),
-    ]
-    for function, arguments in cases:
-        jax.jit(function).trace(*arguments).lower(lowering_platforms=("cuda",))
-
-
 def test_kernels_setting_is_checked():
     with pytest.raises(ConfigError, match="GptOssConfig.kernels: expected one of"):
         GptOssConfig.tiny().replace(kernels="triton")

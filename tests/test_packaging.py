@@ -52,6 +52,7 @@ def test_built_wheel_installs_the_namespace(tmp_path):
     assert "site-packages/gptoss_jax/" in package and kernels.endswith("site-packages/gptoss_jax/kernels/__init__.py")
     installed = Path(package).parents[1]
     assert not (installed / "train").exists() and not (installed / "eval").exists()
+    assert {p.name for p in (installed / "gptoss_jax" / "targets").iterdir()} >= {"h100.txtpb", "h200.txtpb"}
     assert (tmp_path / "venv" / "bin" / "gptoss-jax").exists()
 
 

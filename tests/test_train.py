@@ -21,6 +21,7 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 
 import gptoss_jax
+from gptoss_jax import lora
 from gptoss_jax.model import LoRAParam
 from gptoss_jax.train.config import ConfigError, load_config
 from gptoss_jax.train.data import DataStats
@@ -315,7 +316,7 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"unknown key 'stepz' under train; valid keys: \[.*'steps'"):
         load_config(DEMO, ["--config.train.stepz=3"])
     with pytest.raises(ConfigError,
-                       match=r"config.model.remat: expected one of \('none', 'full', 'dots', 'attention'\)"):
+                       match=r"config.model.remat: expected one of \('none', 'full', 'dots', 'attention', 'offload'\)"):
         load_config(DEMO, ["--config.model.remat=some"])
     with pytest.raises(ConfigError, match=r"config.train.steps: invalid literal"):
         load_config(DEMO, ["--config.train.steps=many"])
@@ -377,10 +378,11 @@ def test_plan_separates_the_cpu_copies_of_bfloat16_arrays():
     assert "total on a GPU" in report.report() and "float32 copies of bf16 arrays" in report.report()
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "attention"])
+@pytest.mark.parametrize("remat", ["full", "dots", "attention", "offload"])
 def test_remat_policies_give_the_gradients_of_no_remat(remat):
     """Recomputing the forward pass in the backward (per layer, each policy) changes nothing; sequences longer
-    than an attention block, so the blockwise attention's saved results are what the policy keeps."""
+    than an attention block, so the blockwise attention's saved results are what the policy keeps. ("offload"
+    keeps the layer inputs in host memory: on a CPU that is the same memory, but the program moves them there.)"""
     config = gptoss_jax.GptOssConfig.tiny().replace(vocab_size=512, attention_block=16)
     model = gptoss_jax.GptOss(config, dtype="float32", rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
@@ -427,3 +429,34 @@ def test_chunked_cross_entropy_equals_a_plain_one():
     for mine, expected in zip(ours, theirs, strict=True):
         assert relative_error(mine, expected) <= 1e-5
     assert not np.asarray(ours[0][1]).any()  # uncounted tokens get no gradient
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_experts_in_token_tiles_give_the_outputs_and_gradients_of_all_at_once(packed):
+    """model.moe_tile: the MoE a tile of tokens at a time, each tile recomputed in the backward (the last one
+    padded) — the same outputs and gradients, dense experts or a packed base with expert adapters."""
+    base = gptoss_jax.GptOssConfig.tiny().replace(vocab_size=512)
+    tokens = np.random.default_rng(0).integers(0, 512, (2, 40)).astype(np.int32)
+    results = []
+    for tile in (0, 24):  # 80 tokens: four tiles, the last of 8
+        model = gptoss_jax.GptOss(base.replace(moe_tile=tile), dtype="float32", mxfp4_experts=packed,
+                                  rngs=nnx.Rngs(0))
+        if packed:
+            lora.add_lora(model, lora.LoraConfig(rank=4, alpha=8.0, targets=("gate_up_proj", "down_proj")),
+                          rngs=nnx.Rngs(1))
+            adapters = nnx.state(model, LoRAParam)  # b starts at zero: make the adapters count
+            nnx.update(model, jax.tree.map(lambda a: 0.1 * jax.random.normal(jax.random.key(2), a.shape, a.dtype),
+                                           adapters))
+        graphdef, trained, rest = nnx.split(model, LoRAParam if packed else nnx.Param, ...)
+
+        def loss(trained, graphdef=graphdef, rest=rest):
+            model = nnx.merge(graphdef, trained, rest)
+            hidden, router = model.hidden_states(tokens, remat="full")
+            return jnp.mean(model.logits(hidden) ** 2) + router.sum()
+
+        results.append(jax.value_and_grad(loss)(trained))
+    (untiled, untiled_grads), (tiled, tiled_grads) = results
+    assert abs(float(tiled) / float(untiled) - 1) <= 1e-6
+    for mine, expected in zip(jax.tree.leaves(tiled_grads), jax.tree.leaves(untiled_grads), strict=True):
+        if np.abs(np.asarray(expected)).max() > 0:
+            assert relative_error(mine, expected) <= 1e-5

@@ -17,7 +17,7 @@ _CHOICES = {
     "model.mxfp4": ("packed", "dequantize"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots", "attention"),
+    "model.remat": ("none", "full", "dots", "attention", "offload"),
     "model.kernels": ("xla", "pallas", "auto"),
     "data.train_on": ("assistant", "final", "all_assistant_turns"),
     "data.overlong": ("truncate", "drop"),
@@ -48,7 +48,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # dtype of the trainable (master) parameters
     c.model.compute_dtype = "float32"  # dtype of the forward pass (float32 is the fast one on a CPU)
     c.model.remat = "none"  # recompute in the backward pass: none | full (per layer) | dots | attention (keep it)
-    c.model.kernels = "xla"  # packed MXFP4 experts: xla | pallas (the kernel; interpret mode off a GPU) | auto
+    # | offload (as full, the layer inputs kept in host memory: long sequences on a GPU)
+    c.model.kernels = "auto"  # attention and packed MXFP4 experts: auto (the Pallas kernels on a GPU, XLA elsewhere)
+    # | xla | pallas (the kernels everywhere; interpret mode off a GPU: slow, for testing)
+    c.model.moe_tile = 0  # tokens the experts take at a time (each tile recomputed in the backward); 0: all at once
 
     c.lora = ConfigDict()
     c.lora.enabled = False  # False: full fine-tuning (every parameter trains)

@@ -4,16 +4,21 @@ The train step is compiled for abstract inputs of the config's shapes and shardi
 exists); XLA's buffer assignment then gives the per-device bytes of its arguments (parameters, optimizer state,
 batch) and of its temporaries (activations and everything else live during the step).
 
-The figures come from the compiler of the machine that runs `plan`. A CPU compile of a bfloat16 step is not a
-GPU's: XLA's CPU backend turns the bfloat16 arrays a loop reads (the layer stacks of weights, the saved
-activations) into float32 copies before the loop, where a GPU reads bfloat16 directly — about 2.6 GiB more for
-gpt-oss-20b. On a CPU those copies are found in the compiled program and reported, and the GPU figure is the
+With a GPU target (`target="h100"`, "h200" or a target config file) the step is compiled for that GPU by XLA's
+GPU compiler: on this machine's GPUs when it has them, else deviceless, on a topology of as many GPUs as the mesh
+asks (`gptoss_jax.gpu_compile`), and the figures are XLA GPU's own buffer assignment.
+
+Without a target the figures come from the compiler of the machine that runs `plan`. A CPU compile of a bfloat16
+step is not a GPU's: XLA's CPU backend turns the bfloat16 arrays a loop reads (the layer stacks of weights, the
+saved activations) into float32 copies before the loop, where a GPU reads bfloat16 directly — about 2.6 GiB more
+for gpt-oss-20b. On a CPU those copies are found in the compiled program and reported, and the GPU figure is the
 total without them; it is an estimate that errs high (fusion and buffer reuse differ a little between the two,
 and the CPU makes other, smaller float32 copies inside its loops that are not subtracted).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -25,7 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gptoss_jax import GptOss, GptOssConfig, hub, lora
+from gptoss_jax import GptOss, GptOssConfig, backend, gpu_compile, hub, lora
 from gptoss_jax.checkpoint import open_checkpoint
 from gptoss_jax.model import LoRAParam
 from gptoss_jax.sharding import MESH_AXES, param_shardings
@@ -41,13 +46,16 @@ class Plan:
     batch_bytes: int  # per device
     temporary_bytes: int  # per device: activations and other buffers live during the step, as compiled here
     device_memory: int
+    host_bytes: int = 0  # per device: what the step keeps in host memory (activations offloaded by remat)
     platform: str = "gpu"  # what the step was compiled for
+    compiled_for: str = ""  # the device, in words (a GPU target's name, and whether it was present)
     cpu_copy_bytes: int = 0  # of the temporaries: float32 copies of bfloat16 arrays only a CPU compile makes
     # GRPO: the rollouts' KV cache, the policy in the model's dtypes and the generation temporaries (the largest
     # of prefill's and a decode step's), live while sampling — not during the update, whose batch and
     # temporaries the fields above are; and of them, the CPU's float32 copies
     rollout_bytes: int = 0
     rollout_cpu_copy_bytes: int = 0
+    program: str = dataclasses.field(default="", repr=False)  # the compiled step's optimized HLO (for its roofline)
 
     @property
     def _persistent_bytes(self) -> int:
@@ -70,11 +78,14 @@ class Plan:
                 ("optimizer state", self.optimizer_bytes), ("batch", self.batch_bytes),
                 ("activations and temporaries", self.temporary_bytes)]
         copies = "of which float32 copies of bf16 arrays"
-        lines = [f"per device, {self.devices} device(s), compiled for {self.platform}:"]
+        lines = [f"per device, {self.devices} device(s), compiled for {self.compiled_for or self.platform}:"]
         lines += [f"  {name:42s} {size / gib:9.2f} GiB" for name, size in rows]
         if self.platform == "cpu":
             lines.append(f"    {copies:40s} {self.cpu_copy_bytes / gib:9.2f} GiB   "
                          "(XLA's CPU backend makes them for its loops; a GPU reads bf16 directly)")
+        if self.host_bytes:
+            lines.append(f"  {'host memory (offloaded activations)':42s} {self.host_bytes / gib:9.2f} GiB   "
+                         "(pinned host memory, not the device's)")
         if self.rollout_bytes:
             lines.append(f"  {'rollouts: KV cache, policy, generation':42s} {self.rollout_bytes / gib:9.2f} GiB   "
                          "(not live during the update: the larger of the two counts)")
@@ -95,19 +106,36 @@ def _devices_needed(config: ml_collections.ConfigDict) -> int:
     return math.prod(s for s in sizes if s != -1)
 
 
-def plan(config: ml_collections.ConfigDict, *, device_memory: int) -> Plan:
+def plan(config: ml_collections.ConfigDict, *, device_memory: int | None = None, target: str | None = None) -> Plan:
+    """The per-device memory of the config's step, compiled for this machine's devices or for a GPU `target`
+    ("h100", "h200" or a target config file); `device_memory` defaults to the target's (80 GiB without one)."""
     needed = _devices_needed(config)
-    platform = jax.devices()[0].platform
-    if jax.device_count() < needed and platform == "cpu":
-        raise ValueError(f"config.mesh needs {needed} devices; run plan with "
-                         f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} on a CPU")
-    mesh = trainer.make_mesh(config)
+    if target is not None:
+        gpu = gpu_compile.target(target)
+        devices, present = gpu_compile.devices(gpu, needed)
+        platform = "gpu"
+        compiled_for = f"{gpu.description} ({'this machine' if present else 'deviceless'})"
+        device_memory = device_memory or gpu.memory
+        tracing = backend.compiling_for("gpu")
+    else:
+        devices, platform, compiled_for = None, jax.devices()[0].platform, ""
+        device_memory = device_memory or 80 * 2**30
+        tracing = contextlib.nullcontext()
+        if jax.device_count() < needed and platform == "cpu":
+            raise ValueError(f"config.mesh needs {needed} devices; run plan with "
+                             f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} on a CPU")
+    with tracing:
+        return _plan(config, trainer.make_mesh(config, devices), device_memory, platform, compiled_for)
+
+
+def _plan(config: ml_collections.ConfigDict, mesh, device_memory: int, platform: str, compiled_for: str) -> Plan:
     if config.model.checkpoint:
         checkpoint = open_checkpoint(_config_only(config.model.checkpoint))
         architecture, packed = checkpoint.config, checkpoint.experts_quantized and config.model.mxfp4 == "packed"
     else:
         architecture = getattr(GptOssConfig, config.model.preset)()
         packed = config.lora.enabled and config.model.mxfp4 == "packed"
+    architecture = architecture.replace(kernels=config.model.kernels, moe_tile=config.model.moe_tile)
 
     def build():
         model = GptOss(architecture, dtype=config.model.compute_dtype, mxfp4_experts=packed, rngs=nnx.Rngs(0))
@@ -127,8 +155,11 @@ def plan(config: ml_collections.ConfigDict, *, device_memory: int) -> Plan:
     frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), frozen, frozen_shards)
     transform, schedule = trainer.make_optimizer(config, master)
     init = jax.jit(transform.init).lower(master).compile()
-    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             jax.eval_shape(transform.init, master), init.output_shardings)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # state made from nothing (the step count) is placed on the default device: it goes beside the rest
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(
+        a.shape, a.dtype, sharding=s if s.device_set == set(mesh.devices.flat) else replicated),
+        jax.eval_shape(transform.init, master), init.output_shardings)
     rollout = {}
     if config.method == "grpo":
         rows = config.grpo.prompts_per_step * config.grpo.group_size
@@ -149,7 +180,8 @@ def plan(config: ml_collections.ConfigDict, *, device_memory: int) -> Plan:
         rows = config.data.batch_size * config.optimizer.grad_accum
         batch = _abstract_batch(mesh, rows, config.data.seq_len, (("weights", jnp.float32),))
         steps = trainer.make_steps(config, graphdef, dtypes, transform, schedule)
-        compiled = steps.train.lower(master, opt_state, frozen, batch, jnp.int32(0)).compile()
+        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+        compiled = steps.train.lower(master, opt_state, frozen, batch, step).compile()
     return Plan(
         devices=mesh.size,
         frozen_bytes=_per_device(frozen),
@@ -157,9 +189,12 @@ def plan(config: ml_collections.ConfigDict, *, device_memory: int) -> Plan:
         optimizer_bytes=_per_device(opt_state),
         batch_bytes=_per_device(batch),
         temporary_bytes=int(compiled.memory_analysis().temp_size_in_bytes),
+        host_bytes=int(compiled.memory_analysis().host_temp_size_in_bytes),
         device_memory=device_memory,
         platform=platform,
+        compiled_for=compiled_for,
         cpu_copy_bytes=cpu_float32_copies(compiled.as_text()) if platform == "cpu" else 0,
+        program=compiled.as_text(),
         **rollout,
     )
 

@@ -50,10 +50,11 @@ class TrainingStopped(RuntimeError):
 # ---- model, data and optimizer from a config -------------------------------------------------------------------
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """The (data, fsdp, expert, tensor) mesh of `config.mesh` over all devices; -1 takes the devices left."""
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+    """The (data, fsdp, expert, tensor) mesh of `config.mesh` over `devices` (default: all); -1 takes the devices
+    left."""
     try:
-        return sharding.make_mesh({axis: config.mesh[axis] for axis in sharding.MESH_AXES})
+        return sharding.make_mesh({axis: config.mesh[axis] for axis in sharding.MESH_AXES}, devices)
     except ValueError as error:
         raise ValueError(f"config.{error}") from None
 
@@ -64,9 +65,10 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> G
     dtype = config.model.compute_dtype
     if config.model.checkpoint:
         model = load_model(config.model.checkpoint, dtype=dtype, mxfp4=config.model.mxfp4, mesh=mesh,
-                           kernels=config.model.kernels)
+                           kernels=config.model.kernels, moe_tile=config.model.moe_tile)
     else:
-        preset = getattr(GptOssConfig, config.model.preset)().replace(kernels=config.model.kernels)
+        preset = getattr(GptOssConfig, config.model.preset)().replace(kernels=config.model.kernels,
+                                                                        moe_tile=config.model.moe_tile)
         packed = config.lora.enabled and config.model.mxfp4 == "packed"
         model = GptOss(preset, dtype=dtype, mxfp4_experts=packed, rngs=nnx.Rngs(config.train.seed))
     if config.lora.enabled:
