@@ -102,9 +102,11 @@ def _has_driver() -> bool:
 
 
 def devices(gpu: Target, count: int) -> tuple[list[jax.Device], bool]:
-    """`count` devices to compile for, and whether they are real: this machine's GPUs when it has that many (the
-    figures are then the device's own), else a deviceless topology of `count` GPUs of the target on one host."""
-    if jax.default_backend() == "gpu" and jax.device_count() >= count:
+    """`count` devices to compile for, and whether they are real: this machine's GPUs when it has that many of the
+    target's kind (the figures are then the device's own), else a deviceless topology of `count` GPUs of the target
+    on one host."""
+    if (jax.default_backend() == "gpu" and jax.device_count() >= count
+            and jax.devices()[0].device_kind == gpu.description):
         return jax.devices()[:count], True
     from jax.experimental import topologies
 
