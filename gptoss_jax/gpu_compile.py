@@ -94,7 +94,10 @@ def use_cpu_platform() -> bool:
 
 
 def cuda_plugin_installed() -> bool:
-    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax plugin at all
+        return False
 
 
 def _has_driver() -> bool:

@@ -369,11 +369,12 @@ def _grouped_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_d
     rows and results come back by gathers with the sort order and its inverse, in both directions of autodiff
     (`_permute`): no scatter of every pair. With the Pallas kernel (`kernels`, packed weights) the matmuls
     dequantize tiles as they go, bias and SwiGLU fused (SwiGLU only without a gate-up adapter, whose update
-    comes before it).
+    comes before it). `_experts_path` chooses among these; `path` forces one (benchmarks/gpu_roofline.py compares
+    them).
     """
     num_tokens, k = experts.shape
     num_experts = b_gate_up.shape[0]
-    path = path or experts_path(kernels, w_gate_up, num_tokens, k, num_experts)
+    path = path or _experts_path(kernels, w_gate_up, num_tokens, k, num_experts)
     kernel = _expert_kernel() if path == "kernel" else None
     if path == "every":
         return _every_expert(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_down, low_rank, swiglu)
@@ -485,7 +486,7 @@ def _every_expert(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_down
     return jnp.einsum("ne,end->nd", mix, out.astype(jnp.float32)).astype(dtype)
 
 
-def experts_path(kernels: str, w_gate_up, num_tokens: int, k: int, num_experts: int) -> str:
+def _experts_path(kernels: str, w_gate_up, num_tokens: int, k: int, num_experts: int) -> str:
     """How the experts run: "kernel" (the Pallas MXFP4 grouped matmul: packed weights and kernels asked for),
     "every" (every expert on every token), "gathered" (each pair times its own expert's gathered weights) or
     "grouped" (pairs sorted by expert, one group of `ops.grouped_matmul` per expert). `_grouped_experts` says what
