@@ -76,3 +76,18 @@ def test_help_works_offline_without_a_cached_tokenizer(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert all(command in result.stdout for command in ("train", "eval", "serve", "generate", "chat", "plan"))
     assert not list(tmp_path.iterdir())  # nothing was downloaded or cached
+
+
+def test_the_cli_starts_where_no_jax_plugin_is_installed():
+    """README command 1 installs no CUDA plugin, so no `jax_plugins` package exists at all: asking whether the
+    plugin is there must say no, not fail (it once stopped every command)."""
+    code = ("import sys; sys.modules['jax_plugins'] = None\n"  # as if no plugin package were installed
+            "from gptoss_jax import gpu_compile\n"
+            "assert not gpu_compile.cuda_plugin_installed() and not gpu_compile.use_cpu_platform()\n"
+            "from gptoss_jax.cli import main\n"
+            "sys.exit(main(['inspect', '--preset', 'gpt-oss-20b']))")
+    environment = {key: value for key, value in os.environ.items() if key != "JAX_PLATFORMS"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "20.91B" in result.stdout
