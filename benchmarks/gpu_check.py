@@ -14,9 +14,9 @@ test suite runs it so the script keeps working between GPU sessions. A section t
 time budget is reported as such; the others still run.
 
 `--aot TARGET` (h100, h200 or a target config file) needs no GPU: it compiles every kernel at gpt-oss-20b and 120b
-shapes, and the 20b prefill and decode step with kernels "auto" and "xla", for that GPU (`gptoss_jax.gpu_compile`:
-the gpu-compile extra) and prints one table — kernel, program, grid, shared memory, registers, spills, compile
-time — ending `aot: K of K compiled, S spilled`.
+shapes, and the 20b prefill, decode step and LoRA train step with kernels "auto" and "xla", for that GPU
+(`gptoss_jax.gpu_compile`: the gpu-compile extra) and prints one table — kernel, program, grid, shared memory,
+registers, spills, compile time — ending `aot: K of K compiled, S spilled`.
 
 On a GPU the script also writes the device's own target config (target_config.txtpb) beside the table: the figures
 `gptoss_jax/targets/` should hold for it.
@@ -269,9 +269,11 @@ def lora_step(s: Sizes, setting: str) -> tuple:
 
 
 def compile_ahead(target: str, out: Path) -> int:
-    """Every kernel and the 20b inference steps compiled for `target`; one table, ending `aot: K of K compiled, S
-    spilled`. Returns 0 when all compiled without spills."""
+    """Every kernel, the 20b inference steps and the 20b LoRA step compiled for `target`; one table, ending `aot: K of
+    K compiled, S spilled`. Returns 0 when all compiled without spills."""
     from gptoss_jax import gpu_compile
+    from gptoss_jax.train.config import load_config
+    from gptoss_jax.train.plan import plan
 
     gpu = gpu_compile.target(target)
     devices, present = gpu_compile.devices(gpu, 1)
@@ -304,13 +306,34 @@ def compile_ahead(target: str, out: Path) -> int:
         if not kernels:
             lines.append(f"| (XLA only) | {model}: {check.label} | | | | | {seconds:.1f} |")
         shutil.rmtree(dump, ignore_errors=True)
-    lines += ["", f"aot: {compiled} of {len(checks)} compiled, {spilled} spilled"]
+    for kernels in ("auto", "xla"):  # the trainer's LoRA step, as `plan --target` compiles it
+        dump = out / "aot_dump" / f"lora-{kernels}"
+        label = f"20b: LoRA step (attention + experts, rank 8), 2048 tokens (kernels={kernels})"
+        started = time.perf_counter()
+        try:
+            report = plan(load_config(ROOT / "configs" / "train" / "gpt_oss_20b_lora.py", [
+                "--config.model.checkpoint=", "--config.model.preset=gpt_oss_20b", "--config.optimizer.grad_accum=1",
+                f"--config.model.kernels={kernels}"]), target=target, dump_to=str(dump))
+        except Exception as error:  # noqa: BLE001 - the table names each failure and goes on
+            lines.append(f"| (failed) | {label} | | | | | {str(error).splitlines()[0][:120]} |")
+            continue
+        seconds, compiled = time.perf_counter() - started, compiled + 1
+        kernels_found = list(dict.fromkeys(gpu_compile.pallas_kernels(dump)))
+        for kernel in kernels_found:
+            spilled += kernel.spill_bytes > 0
+            lines.append(f"| {kernel.name} | {label} | {'x'.join(map(str, kernel.grid))} | "
+                         f"{kernel.shared_memory:,} B | {kernel.registers} | {kernel.spill_bytes} B | {seconds:.1f} |")
+        if not kernels_found:
+            lines.append(f"| (XLA only) | {label}: {report.total_bytes / GIB:.1f} GiB | | | | | {seconds:.1f} |")
+        shutil.rmtree(dump, ignore_errors=True)
+    total = len(checks) + 2
+    lines += ["", f"aot: {compiled} of {total} compiled, {spilled} spilled"]
     text = "\n".join(lines) + "\n"
     print(text)
     file = out / f"gpu_check-aot-{gpu.name if gpu.name in gpu_compile.TARGETS else 'target'}.md"
     file.write_text(text)
     print(f"written to {file}")
-    return 0 if compiled == len(checks) and not spilled else 1
+    return 0 if compiled == total and not spilled else 1
 
 
 def write_target_config(out: Path) -> None:

@@ -106,9 +106,11 @@ def _devices_needed(config: ml_collections.ConfigDict) -> int:
     return math.prod(s for s in sizes if s != -1)
 
 
-def plan(config: ml_collections.ConfigDict, *, device_memory: int | None = None, target: str | None = None) -> Plan:
+def plan(config: ml_collections.ConfigDict, *, device_memory: int | None = None, target: str | None = None,
+         dump_to: str | None = None) -> Plan:
     """The per-device memory of the config's step, compiled for this machine's devices or for a GPU `target`
-    ("h100", "h200" or a target config file); `device_memory` defaults to the target's (80 GiB without one)."""
+    ("h100", "h200" or a target config file); `device_memory` defaults to the target's (80 GiB without one).
+    dump_to: a folder for the compiler's dumps of the step (PTX, thunks: `gpu_compile.pallas_kernels` reads them)."""
     needed = _devices_needed(config)
     if target is not None:
         gpu = gpu_compile.target(target)
@@ -125,10 +127,12 @@ def plan(config: ml_collections.ConfigDict, *, device_memory: int | None = None,
             raise ValueError(f"config.mesh needs {needed} devices; run plan with "
                              f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} on a CPU")
     with tracing:
-        return _plan(config, trainer.make_mesh(config, devices), device_memory, platform, compiled_for)
+        return _plan(config, trainer.make_mesh(config, devices), device_memory, platform, compiled_for,
+                     gpu_compile.compiler_options(dump_to=dump_to))
 
 
-def _plan(config: ml_collections.ConfigDict, mesh, device_memory: int, platform: str, compiled_for: str) -> Plan:
+def _plan(config: ml_collections.ConfigDict, mesh, device_memory: int, platform: str, compiled_for: str,
+          options: dict) -> Plan:
     if config.model.checkpoint:
         checkpoint = open_checkpoint(_config_only(config.model.checkpoint))
         architecture, packed = checkpoint.config, checkpoint.experts_quantized and config.model.mxfp4 == "packed"
@@ -172,7 +176,7 @@ def _plan(config: ml_collections.ConfigDict, mesh, device_memory: int, platform:
         logprobs = jax.ShapeDtypeStruct((rows, length), jnp.float32, sharding=batch["inputs"].sharding)
         known = logprobs if config.grpo.inner_steps > 1 else None
         reference = logprobs if config.grpo.beta > 0 else None
-        compiled = steps.update.lower(master, opt_state, frozen, batch, known, reference, advantages).compile()
+        compiled = steps.update.lower(master, opt_state, frozen, batch, known, reference, advantages).compile(options)
         rollout = _rollout_memory(model, graphdef, master, dtypes, frozen, mesh, config.grpo.prompts_per_step, rows,
                                   config.grpo.max_prompt_tokens,
                                   config.grpo.max_prompt_tokens + config.grpo.max_completion_tokens, platform)
@@ -181,7 +185,7 @@ def _plan(config: ml_collections.ConfigDict, mesh, device_memory: int, platform:
         batch = _abstract_batch(mesh, rows, config.data.seq_len, (("weights", jnp.float32),))
         steps = trainer.make_steps(config, graphdef, dtypes, transform, schedule)
         step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-        compiled = steps.train.lower(master, opt_state, frozen, batch, step).compile()
+        compiled = steps.train.lower(master, opt_state, frozen, batch, step).compile(options)
     return Plan(
         devices=mesh.size,
         frozen_bytes=_per_device(frozen),
