@@ -235,14 +235,14 @@ def measure_lora(s: Sizes, rows: list, setting: str, small: bool) -> None:
 def lora_step(s: Sizes, setting: str) -> tuple:
     """One LoRA step of configs/train/gpt_oss_20b_lora.py at `lora_tokens` tokens: time and peak memory."""
     from gptoss_jax import lora
-    from gptoss_jax.train import trainer
+    from gptoss_jax.train import run, trainer
     from gptoss_jax.train.config import load_config
 
     config = load_config(ROOT / "configs" / "train" / "gpt_oss_20b_lora.py", [
         "--config.model.checkpoint=", f"--config.data.seq_len={s.lora_tokens}", "--config.data.batch_size=1",
         "--config.optimizer.grad_accum=1"])
     model, = random_model(s.config, (setting,), seed=1)
-    lora.add_lora(model, trainer.lora_config(config), rngs=nnx.Rngs(2))
+    lora.add_lora(model, run.lora_config(config), rngs=nnx.Rngs(2))
     graphdef, params, frozen = nnx.split(model, LoRAParam, ...)
     dtypes = jax.tree.map(lambda a: a.dtype, params)
     master = jax.tree.map(lambda a: a.astype(jnp.float32), params)

@@ -43,7 +43,8 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from gptoss_jax import backend, lora, ops  # noqa: E402
 from gptoss_jax.config import GptOssConfig  # noqa: E402
 from gptoss_jax.generation import compiled_steps  # noqa: E402
-from gptoss_jax.model import GptOss, LoRAParam, _grouped_experts  # noqa: E402
+from gptoss_jax.model import GptOss, LoRAParam  # noqa: E402
+from gptoss_jax.moe import run_experts  # noqa: E402
 from gptoss_jax.mxfp4 import BLOCK_SIZE, Mxfp4Weight  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def moe_program(path: str, tokens: int, mode: str, sharding):
         low_rank = {name: (*pair, 2.0) for name, pair in low_rank.items()}
         if path == "ragged_dot":
             return _ragged_dot_experts(x, routing, ids, w, low_rank, swiglu)
-        return _grouped_experts(x, routing, ids, w["w_gate_up"], w["b_gate_up"], w["w_down"], w["b_down"], low_rank,
+        return run_experts(x, routing, ids, w["w_gate_up"], w["b_gate_up"], w["w_down"], w["b_down"], low_rank,
                                 swiglu, "pallas" if path == "kernel" else "xla", path=path)
 
     if mode == "forward":

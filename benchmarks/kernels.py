@@ -25,7 +25,7 @@ import numpy as np
 from timing import seconds
 
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.model import _grouped_experts
+from gptoss_jax.moe import run_experts
 from gptoss_jax.mxfp4 import Mxfp4Weight
 
 
@@ -90,7 +90,7 @@ def main() -> None:
         weights = jnp.full((count, k), 1 / k, jnp.float32)
         times = {}
         for kernels in ("xla", "pallas"):
-            step = jax.jit(lambda t, w, x, kernels=kernels: _grouped_experts(
+            step = jax.jit(lambda t, w, x, kernels=kernels: run_experts(
                 t, w, x, w_gate_up, b_gate_up, w_down, b_down, {}, swiglu, kernels))
             times[kernels] = _time(step, (tokens, weights, experts), args.repeats)
         touched = len(np.unique(np.asarray(experts)))

@@ -24,7 +24,7 @@ from gptoss_jax.eval import report
 from gptoss_jax.eval.backends import JaxBackend, OpenAIBackend, Request, seed_of
 from gptoss_jax.eval.graders import answer_format, answer_text, grade
 from gptoss_jax.eval.tasks import Problem, load_task, task_name, task_tools
-from gptoss_jax.train.config import ConfigError, read_config, setting
+from gptoss_jax.settings import ConfigError, read_config, setting
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +260,8 @@ def _backend(config: ml_collections.ConfigDict):
         endpoint = config.endpoint
         return OpenAIBackend(endpoint.base_url, model=endpoint.model, api_key_env=endpoint.api_key_env,
                              timeout=endpoint.timeout, **sampling)
-    from gptoss_jax.chat import load_for_inference
     from gptoss_jax.generation import Generator
+    from gptoss_jax.inference import load_for_inference
 
     model = load_for_inference(config.model.checkpoint, dtype=config.model.dtype, mesh=config.model.mesh,
                                lora=config.model.lora or None, kernels=config.model.kernels)

@@ -6,7 +6,7 @@
   gpqa       the GPQA columns (Question, Correct Answer, Incorrect Answer 1-3; CSV or JSONL); the four choices
              shuffled with a fixed seed and laid out as in the gpt-oss evals; mcq grader.
   math       {problem, answer (or a solution with a boxed answer)}; the AIME instruction; math grader.
-  synthetic  the tiny demo's counting questions (`gptoss_jax.train.synthetic`, held-out seed); numeric grader.
+  synthetic  the tiny demo's counting questions (`gptoss_jax.synthetic`, held-out seed); numeric grader.
   custom     any other task name is a JSONL file of {prompt, answer, grader[, id]}; the task is named after the
              file.
 
@@ -24,8 +24,8 @@ from typing import Any
 
 from gptoss_jax.eval.graders import GRADERS, answer_number, boxed
 from gptoss_jax.harmony import BUILTIN_TOOLS
-from gptoss_jax.train.data import DataError, read_records
-from gptoss_jax.train.synthetic import count, counting_problems
+from gptoss_jax.records import DataError, read_records
+from gptoss_jax.synthetic import count, counting_problems
 
 BUILTIN = ("gsm8k", "aime", "gpqa", "math", "synthetic")
 BOX_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."

@@ -33,3 +33,13 @@ def compiling_for(platform_name: str):
         yield
     finally:
         _COMPILING_FOR.reset(token)
+
+
+def use_kernels(kernels: str) -> bool:
+    """GptOssConfig.kernels: "pallas" always (interpret mode off a GPU), "auto" on a GPU, "xla" never."""
+    return kernels == "pallas" or (kernels == "auto" and on_gpu())
+
+
+def interpret_note() -> str:
+    """What the log adds when a Pallas kernel runs off a GPU."""
+    return "" if on_gpu() else " (interpret mode: no GPU)"

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--max-shard-size", default="5GB", help="largest shard file, e.g. 5GB or 500MB")
     convert.add_argument("--revision", help="hub revision of SRC")
 
-    from gptoss_jax import chat
+    from gptoss_jax import chat, inference
 
     generate = commands.add_parser("generate", help="answer one prompt (harmony format), printing tokens/s",
                                    description="Renders the prompt as a harmony conversation at the given reasoning "
@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_arguments(generate)
     conversation = commands.add_parser("chat", help="interactive multi-turn harmony chat (/exit or EOF to leave)")
     chat.add_arguments(conversation)
-    chat.add_tool_arguments(conversation)
+    inference.add_tool_arguments(conversation)
     serve = commands.add_parser("serve", help="OpenAI-compatible chat completions server (continuous batching)",
                                 description="POST /v1/chat/completions, GET /v1/models, GET /health. Needs the "
                                 "serve extra: pip install 'gptoss-jax[serve]'.")
-    chat.add_model_arguments(serve)
+    inference.add_model_arguments(serve)
     serve.add_argument("--lora", metavar="ADAPTER_DIR", help="a PEFT LoRA adapter to put on the model")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="require `Authorization: Bearer KEY` on /v1/ (default: $GPTOSS_API_KEY; none: open)")
     serve.add_argument("--max-request-bytes", type=int, default=16 * 2**20,
                        help="largest request body; a larger one is refused with 413 (default: 16 MiB)")
-    chat.add_tool_arguments(serve)
+    inference.add_tool_arguments(serve)
 
     for name, help_text in (("train", "fine-tune (LoRA or full) from a config file"),
                             ("plan", "compile the train step on abstract inputs and report per-device memory"),
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument("--device-memory", help="memory of one device, e.g. 80GiB (default: the target's, "
                                  "or 80GiB)")
         if name == "train":
-            chat.add_distributed_arguments(command)
+            inference.add_distributed_arguments(command)
 
     args, extra = parser.parse_known_args(argv)
     configured = args.command in ("train", "plan", "eval")
@@ -134,15 +134,16 @@ def _overrides(extra: list[str]) -> list[str]:
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from gptoss_jax import chat
+    from gptoss_jax import inference
+    from gptoss_jax.train import grpo, trainer
     from gptoss_jax.train.config import load_config
     from gptoss_jax.train.rewards import RewardError
-    from gptoss_jax.train.trainer import TrainingStopped, train
+    from gptoss_jax.train.run import TrainingStopped
 
     config = load_config(args.config, overrides)
-    chat.join(args)
-    try:
-        result = train(config)
+    inference.join(args)
+    try:  # the method chooses the loop: supervised fine-tuning or GRPO, both built on train.run
+        result = (grpo.train if config.method == "grpo" else trainer.train)(config)
     except (TrainingStopped, RewardError) as stopped:
         print(f"error: {stopped}", file=sys.stderr)
         return 1

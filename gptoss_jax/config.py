@@ -15,11 +15,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from gptoss_jax.settings import ConfigError
+
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A configuration value or file that does not describe a valid gpt-oss model."""
 
 
 KERNELS = ("xla", "pallas", "auto")

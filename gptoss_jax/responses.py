@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gptoss_jax import agent, harmony
-from gptoss_jax.server import BadRequest, Choice, _number, check_fields, check_type, prepare, split_tools
+from gptoss_jax.protocol import BadRequest, Choice, check_fields, check_type, number, prepare, split_tools
 
 STORED_RESPONSES = 1000
-# Each field read, with its JSON type in OpenAI's API reference (see server.check_fields).
+# Each field read, with its JSON type in OpenAI's API reference (see protocol.check_fields).
 _FIELDS = {"model": "string", "input": "string|array", "instructions": "string", "reasoning": "object",
            "tools": "array", "tool_choice": "string|object", "parallel_tool_calls": "boolean",
            "previous_response_id": "string", "store": "boolean", "stream": "boolean", "max_output_tokens": "integer",
@@ -87,10 +87,10 @@ def parse(body: Any, store: Store, max_length: int, server_tools: Sequence[str])
     prompt, settings = prepare(record, max_length, body.get("max_output_tokens"), "max_output_tokens")
     calls = body.get("max_tool_calls")
     settings.update({
-        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
-        "top_p": _number(body, "top_p", 1.0, 1e-9, 1.0),
+        "temperature": number(body, "temperature", 1.0, 0.0, 2.0),
+        "top_p": number(body, "top_p", 1.0, 1e-9, 1.0),
         "seed": secrets.randbelow(1 << 31),
-        "max_tool_calls": None if calls is None else int(_number(body, "max_tool_calls", 0, 0, 1 << 10)),
+        "max_tool_calls": None if calls is None else int(number(body, "max_tool_calls", 0, 0, 1 << 10)),
     })
     echo = {"instructions": instructions, "metadata": body.get("metadata") or {}, "tools": body.get("tools") or [],
             "tool_choice": choice or "auto", "parallel_tool_calls": body.get("parallel_tool_calls", True),

@@ -40,7 +40,7 @@ def expert_path(request, monkeypatch):
     """Both ways a small dense model's few tokens can take: every expert on every token (decode-sized work), or
     routed to their experts (gathered or grouped), as larger work is."""
     if request.param == "routed":
-        import gptoss_jax.model
+        import gptoss_jax.moe
 
-        monkeypatch.setattr(gptoss_jax.model, "EVERY_EXPERT_TOKENS", 0)
+        monkeypatch.setattr(gptoss_jax.moe, "EVERY_EXPERT_TOKENS", 0)
     return request.param

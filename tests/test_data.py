@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from flax import nnx
 
-from gptoss_jax import GptOss, GptOssConfig, harmony, tokenizer
-from gptoss_jax.train import data, gsm8k, synthetic
+from gptoss_jax import GptOss, GptOssConfig, harmony, synthetic, tokenizer
+from gptoss_jax.train import data, gsm8k
 
 from harmony_cases import RECORDS
 from helpers import SHARED, needs_shared, relative_error

@@ -15,13 +15,12 @@ import pytest
 from flax import nnx
 
 import gptoss_jax
-from gptoss_jax import harmony
+from gptoss_jax import harmony, synthetic
 from gptoss_jax.cli import main
 from gptoss_jax.eval import report, sweep
 from gptoss_jax.eval.backends import BackendError
 from gptoss_jax.eval.graders import answer_format, grade
 from gptoss_jax.generation import Generator
-from gptoss_jax.train import synthetic
 from gptoss_jax.train.config import ConfigError
 
 from helpers import free_ports, serving

@@ -14,10 +14,9 @@ import torch
 from flax import nnx
 
 import gptoss_jax
-from gptoss_jax import GptOssConfig
+from gptoss_jax import GptOssConfig, synthetic
+from gptoss_jax.engine import Engine, Request, _sample_rows
 from gptoss_jax.generation import Generator, generate, sample
-from gptoss_jax.serving import Engine, Request, _sample_rows
-from gptoss_jax.train import synthetic
 
 from helpers import free_ports, relative_error
 from hf_models import hf_and_ours, random_hf_model

@@ -119,7 +119,7 @@ def test_bad_settings_are_named():
 def test_token_logprobs_and_their_gradients_equal_a_plain_log_softmax():
     """The chunked log-probabilities GRPO trains through (counted tokens first, uncounted chunks skipped, custom
     VJP) against log_softmax of the whole logits, values and gradients for hidden states and unembedding."""
-    from gptoss_jax.train.trainer import token_logprobs
+    from gptoss_jax.train.loss import token_logprobs
 
     rng = np.random.default_rng(3)
     hidden = jnp.asarray(rng.normal(size=(2, 150, 16)), jnp.float32)

@@ -37,7 +37,7 @@ def _overrides(output: Path, **settings) -> list[str]:
 def grpo_run(tmp_path_factory):
     """Two steps with every option on: KL to the reference (beta > 0), 2 inner updates over 2 micro-batches, a
     task grader + format + a user reward that raises on half the samples, an eval through the harness."""
-    from gptoss_jax.train.trainer import train
+    from gptoss_jax.train.grpo import train
 
     root = tmp_path_factory.mktemp("grpo")
     (root / "grpo_test_rewards.py").write_text(FLAKY)
@@ -124,7 +124,7 @@ def test_bad_grpo_settings_are_config_errors(settings, message):
     ({"optimizer.grad_accum": 3}, "config.optimizer.grad_accum: 3 micro-batches do not split a step's 2 x 4"),
 ])
 def test_a_run_refuses_a_task_or_split_it_cannot_use_before_it_starts(settings, message, tmp_path):
-    from gptoss_jax.train.trainer import train
+    from gptoss_jax.train.grpo import train
 
     with pytest.raises(ConfigError, match=message):
         train(load_config(DEMO, _overrides(tmp_path, **settings)), progress=False)

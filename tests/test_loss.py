@@ -11,7 +11,8 @@ import torch
 from flax import nnx
 
 from gptoss_jax.lora import LoraConfig, add_lora
-from gptoss_jax.model import LoRA, LoRAParam, router_losses
+from gptoss_jax.model import LoRA, LoRAParam
+from gptoss_jax.moe import router_losses
 from gptoss_jax.train import data as data_lib
 from gptoss_jax.train import trainer
 from gptoss_jax.train.config import load_config

@@ -20,13 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gptoss_jax
-from gptoss_jax import constrain, harmony
+from gptoss_jax import constrain, harmony, synthetic
 from gptoss_jax import tokenizer as tok
 from gptoss_jax.generation import Generator
 from gptoss_jax.lora import LoraConfig, add_lora, save_peft_adapter
 from gptoss_jax.model import LoRAParam
-from gptoss_jax.server import Completion
-from gptoss_jax.train import synthetic
+from gptoss_jax.protocol import Completion
 
 from helpers import free_ports, serving, wait_until_healthy
 from hf_models import bigram_hf_model, random_hf_model
@@ -394,7 +393,7 @@ def test_streamed_content_never_runs_past_a_stop_string(stops, content):
 def test_spec_fields_at_their_defaults_are_accepted_and_other_values_named():
     """What the openai client and other libraries send by default (penalties at 0, metadata, store, user, service
     tier) is accepted; a spec field at a value the server cannot honour, and a name outside the spec, is a 400."""
-    from gptoss_jax.server import BadRequest, parse_request
+    from gptoss_jax.protocol import BadRequest, parse_request
 
     messages = [{"role": "user", "content": "hi"}]
     plain = parse_request({"messages": messages}, 512)
@@ -589,8 +588,8 @@ def _exchange(url: str, body: dict) -> tuple[int, str]:
 def test_any_request_to_either_api_is_answered_whole_or_refused_with_a_4xx(server, data):
     """Random bodies over both APIs' fields (any JSON type in any field, hostile nested items): every answer is a
     2xx or a 4xx with an error object, never a 5xx, and a 200 stream always reaches its end."""
+    from gptoss_jax import protocol as chat
     from gptoss_jax import responses
-    from gptoss_jax import server as chat
 
     if data.draw(st.booleans(), label="responses"):
         body = {"input": data.draw(_items(), label="input"), "max_output_tokens": data.draw(_TOKENS),

@@ -25,7 +25,8 @@ from gptoss_jax import lora
 from gptoss_jax.model import LoRAParam
 from gptoss_jax.train.config import ConfigError, load_config
 from gptoss_jax.train.data import DataStats
-from gptoss_jax.train.trainer import Batches, TrainingStopped, load_examples, train
+from gptoss_jax.train.run import TrainingStopped
+from gptoss_jax.train.trainer import Batches, load_examples, train
 
 from helpers import free_ports, killed_run_resumes_bit_identically, relative_error
 from layouts import model_with_mxfp4_experts, write_hf_mxfp4
@@ -176,7 +177,7 @@ def test_an_export_is_written_whole_or_not_at_all_and_a_rerun_writes_what_is_mis
                                                                                       monkeypatch):
     """The merged export fails half-way (as a run killed while writing it would): no merged/ appears, the
     adapter stays, and the rerun of the completed run writes merged/ instead of saying there is nothing to do."""
-    import gptoss_jax.train.trainer as trainer_module
+    import gptoss_jax.train.run as run_module
 
     config = _config(tmp_path / "export", mxfp4_base / "mxfp4", **{**LORA, "train.steps": 2, "data.eval": ""})
 
@@ -185,7 +186,7 @@ def test_an_export_is_written_whole_or_not_at_all_and_a_rerun_writes_what_is_mis
         (target / "config.json").write_text("{}")
         raise KeyboardInterrupt("killed while exporting")
 
-    monkeypatch.setattr(trainer_module, "save_pretrained", killed)
+    monkeypatch.setattr(run_module, "save_pretrained", killed)
     with pytest.raises(KeyboardInterrupt):
         train(config, progress=False)
     assert (tmp_path / "export" / "adapter" / "adapter_model.safetensors").is_file()
@@ -405,7 +406,7 @@ def test_remat_policies_give_the_gradients_of_no_remat(remat):
 def test_chunked_cross_entropy_equals_a_plain_one():
     """token_losses (chunks, counted tokens first, chunks of uncounted tokens skipped, custom VJP) against a
     plain cross-entropy over the whole logits: the loss and the gradients of hidden states and unembedding."""
-    from gptoss_jax.train.trainer import token_losses
+    from gptoss_jax.train.loss import token_losses
 
     rng = np.random.default_rng(0)
     hidden = jnp.asarray(rng.normal(size=(2, 700, 32)), jnp.float32)

@@ -1,16 +1,14 @@
-"""Training run configs: python files with `get_config()` returning an ml_collections ConfigDict, overridden
-from the command line with `--config.a.b=value`. Unknown keys and out-of-range values are errors that name
-the key."""
+"""Training run configs: every setting with its meaning (`defaults()`), and the checks a run's config must pass.
+The files themselves are read by `gptoss_jax.settings` (python files with `get_config()`, `--config.a.b=value`
+overrides); unknown keys and out-of-range values are errors that name the key."""
 
 from __future__ import annotations
 
-import ast
-import difflib
-import importlib.util
 import os
-from pathlib import Path
 
 import ml_collections
+
+from gptoss_jax.settings import ConfigError, read_config, setting
 
 _CHOICES = {
     "model.preset": ("tiny", "gpt_oss_20b", "gpt_oss_120b"),
@@ -147,100 +145,11 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
-class ConfigError(ValueError):
-    """A config file, key or value that cannot run; the message names it."""
-
-
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> ml_collections.ConfigDict:
     """A training config: the file's `get_config()` with `--config.a.b=value` overrides, validated."""
     config = read_config(path, overrides, reference=defaults())
     validate(config)
     return config
-
-
-def read_config(path: str | os.PathLike, overrides: list[str] = (), *,
-                reference: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
-    """Runs the file's `get_config()` and applies `--config.a.b=value` overrides (any kind of config). With a
-    `reference` (that kind's defaults), a key the file sets that the reference lacks — a typo such as
-    `c.train.stpes` — is an error naming the nearest valid key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    spec = importlib.util.spec_from_file_location(f"_gptoss_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as error:  # the file is user code: report any failure with its name
-        raise ConfigError(f"{path}: {type(error).__name__}: {error}") from error
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path}: defines no get_config()")
-    config = module.get_config()
-    if not isinstance(config, ml_collections.ConfigDict):
-        raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
-    unknown = [] if reference is None else _unknown_keys(config, reference)
-    if unknown:
-        raise ConfigError(f"{path}: " + "; ".join(unknown))
-    config.lock()
-    apply_overrides(config, overrides)
-    return config
-
-
-def _unknown_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
-                  prefix: str = "") -> list[str]:
-    """A line for each key of `config` that `reference` lacks, with the nearest valid key."""
-    unknown = []
-    for name, value in config.items():
-        key = f"{prefix}{name}"
-        if name not in reference:
-            near = difflib.get_close_matches(name, list(reference.keys()), n=1)
-            hint = f"did you mean config.{prefix}{near[0]}?" if near else f"valid keys: {sorted(reference.keys())}"
-            unknown.append(f"config.{key} is not a setting ({hint})")
-        elif isinstance(value, ml_collections.ConfigDict) and isinstance(reference[name], ml_collections.ConfigDict):
-            unknown += _unknown_keys(value, reference[name], f"{key}.")
-    return unknown
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
-    """`--config.a.b=value` (or `a.b=value`): the value is parsed as the type the field already has."""
-    for override in overrides:
-        key, separator, text = override.removeprefix("--").removeprefix("config.").partition("=")
-        if not separator:
-            raise ConfigError(f"{override}: expected --config.KEY=VALUE")
-        parent, name = _parent(config, key)
-        current = parent[name]
-        try:
-            parent[name] = _parse(text, current)
-        except (ValueError, SyntaxError) as error:
-            raise ConfigError(f"config.{key}: {error}") from None
-
-
-def _parent(config: ml_collections.ConfigDict, key: str):
-    node, parts = config, key.split(".")
-    for depth, part in enumerate(parts):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            where = ".".join(parts[:depth]) or "(top level)"
-            valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            raise ConfigError(f"config.{key}: unknown key {part!r} under {where}; valid keys: {valid}")
-        if depth == len(parts) - 1:
-            return node, part
-        node = node[part]
-
-
-def _parse(text: str, current):
-    if isinstance(current, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true or false, got {text!r}")
-        return text.lower() in ("true", "1")
-    if isinstance(current, int):
-        return int(text)
-    if isinstance(current, float):
-        return float(text)
-    if isinstance(current, tuple | list):
-        value = ast.literal_eval(text) if text.strip().startswith(("(", "[")) else text.split(",")
-        return type(current)(item.strip() if isinstance(item, str) else item for item in value)
-    if isinstance(current, ml_collections.ConfigDict):
-        raise ValueError("is a group of settings; override its fields")
-    return text
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -297,11 +206,3 @@ def _validate_grpo(grpo: ml_collections.ConfigDict) -> None:
     for key in ("epsilon_low", "epsilon_high", "beta", "eval_limit"):
         if grpo[key] < 0:
             raise ConfigError(f"config.grpo.{key}: must be >= 0, got {grpo[key]}")
-
-
-def setting(config: ml_collections.ConfigDict, key: str):
-    """The value at a dotted key, e.g. "model.remat"."""
-    node = config
-    for part in key.split("."):
-        node = node[part]
-    return node

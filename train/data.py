@@ -1,9 +1,8 @@
 """Training data: conversation records -> harmony tokens + loss masks -> fixed-length packed rows.
 
-Records come from JSONL files, from a directory of JSONL / JSON / Parquet / CSV files (an HF dataset repo as
-downloaded), or from an HF dataset id (through the hub cache; `HF_HUB_OFFLINE` honoured). Parquet needs
-`pyarrow` (the `data` extra). Columns other than the record's are ignored, so HF datasets with extra columns
-(e.g. HuggingFaceH4/Multilingual-Thinking) load as they are.
+Records come through `gptoss_jax.records` (JSONL files, dataset directories, HF dataset ids). Columns other than
+the record's are ignored, so HF datasets with extra columns (e.g. HuggingFaceH4/Multilingual-Thinking) load as
+they are.
 
 A row packs several examples back to back: `inputs` predict `targets` (the next token), `weights` mark the
 targets that count in the loss, `segment_ids` number the examples in the row (0 = padding) so attention stays
@@ -12,28 +11,21 @@ inside each example, and `positions` restart at 0 for each example.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from gptoss_jax import harmony, hub
+from gptoss_jax import harmony
+from gptoss_jax.records import DataError, read_records
 
 log = logging.getLogger(__name__)
 
 OVERLONG = ("truncate", "drop")
 SHUFFLE = ("examples", "rows", "none")
-_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-
-
-class DataError(ValueError):
-    """A dataset row or file that cannot be used; the message starts with `file:line:`."""
 
 
 @dataclasses.dataclass
@@ -72,82 +64,6 @@ class PackedRows:
 
     def __len__(self) -> int:
         return len(self.inputs)
-
-
-# ---- reading ---------------------------------------------------------------------------------------------------
-
-
-def read_records(source: str | os.PathLike, *, split: str = "train", revision: str | None = None
-                 ) -> Iterator[tuple[str, Any]]:
-    """(where, record) for every row of a JSONL file, a dataset directory or an HF dataset id. A row that is not
-    JSON is yielded as a `DataError` for the caller to raise or skip; a file that is not UTF-8 text, or a .json
-    file that is not JSON, raises one."""
-    for file in _data_files(source, split, revision):
-        try:
-            yield from _file_rows(file)
-        except UnicodeDecodeError as error:
-            raise DataError(f"{file}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-
-
-def _file_rows(file: Path) -> Iterator[tuple[str, Any]]:
-    if file.suffix == ".parquet":
-        yield from _parquet_rows(file)
-    elif file.suffix == ".csv":  # a header line, then one row per record (GPQA is published this way)
-        with open(file, encoding="utf-8", newline="") as lines:
-            for number, row in enumerate(csv.DictReader(lines), start=1):
-                yield f"{file}:row {number}", row
-    elif file.suffix == ".json" and not _is_json_lines(file):
-        try:
-            rows = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise DataError(f"{file}:{error.lineno}: not JSON ({error.msg})") from None
-        for number, row in enumerate(rows if isinstance(rows, list) else [rows], start=1):
-            yield f"{file}:{number}", row
-    else:
-        with open(file, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if line.strip():
-                    try:
-                        yield f"{file}:{number}", json.loads(line)
-                    except json.JSONDecodeError as error:
-                        yield f"{file}:{number}", DataError(f"{file}:{number}: not JSON ({error.msg})")
-
-
-def _data_files(source: str | os.PathLike, split: str, revision: str | None) -> list[Path]:
-    path = Path(source).expanduser()
-    if not path.exists():
-        if not hub.is_repo_id(str(source)):
-            raise DataError(f"{source}: no such file or directory, nor an HF dataset id like 'owner/name'")
-        try:
-            path = hub.snapshot(str(source), repo_type="dataset", revision=revision,
-                                allow_patterns=[f"*{suffix}" for suffix in _DATA_SUFFIXES])
-        except OSError as error:
-            raise DataError(str(error)) from None
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.suffix in _DATA_SUFFIXES and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    in_split = [p for p in files if split in p.relative_to(path).as_posix()]
-    if not (in_split or files):
-        raise DataError(f"{path}: no {', '.join(_DATA_SUFFIXES)} files")
-    return in_split or files
-
-
-def _is_json_lines(file: Path) -> bool:
-    with open(file, encoding="utf-8") as stream:
-        return stream.read(1).lstrip() != "["
-
-
-def _parquet_rows(file: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{file}: reading Parquet needs pyarrow (pip install 'gptoss-jax[data]')") from None
-    number = 0
-    for batch in pq.ParquetFile(file).iter_batches():
-        for row in batch.to_pylist():
-            number += 1
-            yield f"{file}:row {number}", row
 
 
 # ---- rendering and packing -------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ definitions, so its users' settings mean the same here.
 `group_size` completions of each from a `Generator` holding the current parameters (no second engine, no copy of
 the weights; rows seeded by (train.seed, step, row) so that a resumed run samples what the uninterrupted one
 did), the rewards (`gptoss_jax.train.rewards`), then `inner_steps` updates, with the SFT trainer's checkpoints,
-logging, NaN guard, SIGTERM and exports (`trainer.Run`).
+logging, NaN guard, SIGTERM and exports (`train.run.Run`).
 """
 
 from __future__ import annotations
@@ -41,9 +41,21 @@ from jax.sharding import NamedSharding
 from gptoss_jax import harmony, sharding
 from gptoss_jax.eval.backends import seed_of
 from gptoss_jax.generation import Generator
+from gptoss_jax.settings import ConfigError
 from gptoss_jax.train import rewards as rewards_lib
-from gptoss_jax.train import trainer
-from gptoss_jax.train.config import ConfigError
+from gptoss_jax.train.loss import token_logprobs
+from gptoss_jax.train.run import (
+    FINITE_METRICS,
+    Run,
+    already_completed,
+    build_model,
+    export,
+    init_optimizer,
+    make_mesh,
+    make_optimizer,
+    merge_trained,
+    split_trainable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +178,7 @@ def sequence_logprobs(model, batch, *, remat: str = "none", temperature: float =
     hidden, _ = model.hidden_states(batch["inputs"], positions=batch["positions"],
                                     segment_ids=batch["segment_ids"], remat=remat)
     hidden = hidden if temperature == 1.0 else hidden / jnp.asarray(temperature, hidden.dtype)
-    return trainer.token_logprobs(hidden, model.unembedding[...], batch["targets"], batch["counted"])
+    return token_logprobs(hidden, model.unembedding[...], batch["targets"], batch["counted"])
 
 
 @dataclasses.dataclass
@@ -239,7 +251,7 @@ class Result:
 
     def summary(self) -> str:
         if not self.rewards:
-            return trainer.already_completed(self.steps, self.exports)
+            return already_completed(self.steps, self.exports)
         head, tail = self.rewards[:10], self.rewards[-10:]
         text = (f"trained {self.steps} GRPO steps: mean reward {sum(head) / len(head):.3f} (first {len(head)} steps) "
                 f"-> {sum(tail) / len(tail):.3f} (last {len(tail)})")
@@ -272,15 +284,15 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
         raise ConfigError(f"config.optimizer.grad_accum: {micro_batches} micro-batches do not split a step's "
                           f"{g.prompts_per_step} x {g.group_size} completions evenly")
     settings = loss_settings(config)
-    with trainer.Run(config, progress=progress) as run:
-        mesh = trainer.make_mesh(config)
-        generator = Generator(trainer.build_model(config, mesh))
-        graphdef, master, frozen, dtypes = trainer.split_trainable(config, generator.model)
+    with Run(config, progress=progress) as run:
+        mesh = make_mesh(config)
+        generator = Generator(build_model(config, mesh))
+        graphdef, master, frozen, dtypes = split_trainable(config, generator.model)
         reference = None  # the parameters the KL is measured to: LoRA off (adapters zeroed), or the start
         if g.beta > 0:
             reference = jax.tree.map(jnp.zeros_like if config.lora.enabled else jnp.copy, master)
-        transform, schedule = trainer.make_optimizer(config, master, updates_per_step=g.inner_steps)
-        opt_state = trainer.init_optimizer(transform, master, mesh)
+        transform, schedule = make_optimizer(config, master, updates_per_step=g.inner_steps)
+        opt_state = init_optimizer(transform, master, mesh)
         steps = make_policy_steps(graphdef, dtypes, transform, settings, remat=config.model.remat,
                                   micro_batches=micro_batches)
         start, state = run.resume({"params": master, "opt_state": opt_state})
@@ -291,7 +303,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
         mean_rewards, evals, step = [], {}, start
         while step < config.train.steps:
             chosen = step_prompts(problems, step, config)
-            generator.state = nnx.state(trainer.merge_trained(graphdef, master, dtypes, frozen))
+            generator.state = nnx.state(merge_trained(graphdef, master, dtypes, frozen))
             rollout = roll_out(generator, chosen, step, config, named_rewards)
             for report in rollout.errors:
                 log.warning("step %d: %s", step + 1, report)
@@ -307,7 +319,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
                     master, opt_state, metrics = steps.update(master, opt_state, frozen, batch, old, ref,
                                                               advantages)
                 metrics = {name: float(value) for name, value in metrics.items()}
-                run.check_finite(step + 1, metrics, trainer.FINITE_METRICS)
+                run.check_finite(step + 1, metrics, FINITE_METRICS)
             step += 1
             metrics.update(rollout_metrics(rollout, chosen, config, kept),
                            update_seconds=time.perf_counter() - started, updated=float(kept.any()),
@@ -319,14 +331,14 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
                 with open(run.output / "reward_errors.jsonl", "a") as errors:
                     errors.writelines(json.dumps({"step": step, "error": report}) + "\n" for report in rollout.errors)
             if g.eval_tasks and (step % config.train.eval_every == 0 or step == config.train.steps):
-                generator.state = nnx.state(trainer.merge_trained(graphdef, master, dtypes, frozen))
+                generator.state = nnx.state(merge_trained(graphdef, master, dtypes, frozen))
                 evals[step] = evaluate(generator, config, step)
                 run.log(step, {f"eval/{name}": value for name, value in evals[step].items()})
             if run.end_of_step(step, {"params": master, "opt_state": opt_state}):
                 break
 
-    trained = trainer.merge_trained(graphdef, master, dtypes, frozen)
-    exports = trainer.export(trained, config, missing_only=start == step) if step == config.train.steps else {}
+    trained = merge_trained(graphdef, master, dtypes, frozen)
+    exports = export(trained, config, missing_only=start == step) if step == config.train.steps else {}
     return Result(step, mean_rewards, evals, trained, exports)
 
 

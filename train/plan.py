@@ -35,6 +35,7 @@ from gptoss_jax.checkpoint import open_checkpoint
 from gptoss_jax.model import LoRAParam
 from gptoss_jax.sharding import MESH_AXES, param_shardings
 from gptoss_jax.train import grpo, trainer
+from gptoss_jax.train.run import lora_config, make_mesh, make_optimizer
 
 
 @dataclasses.dataclass
@@ -127,7 +128,7 @@ def plan(config: ml_collections.ConfigDict, *, device_memory: int | None = None,
             raise ValueError(f"config.mesh needs {needed} devices; run plan with "
                              f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} on a CPU")
     with tracing:
-        return _plan(config, trainer.make_mesh(config, devices), device_memory, platform, compiled_for,
+        return _plan(config, make_mesh(config, devices), device_memory, platform, compiled_for,
                      gpu_compile.compiler_options(dump_to=dump_to))
 
 
@@ -144,7 +145,7 @@ def _plan(config: ml_collections.ConfigDict, mesh, device_memory: int, platform:
     def build():
         model = GptOss(architecture, dtype=config.model.compute_dtype, mxfp4_experts=packed, rngs=nnx.Rngs(0))
         if config.lora.enabled:
-            lora.add_lora(model, trainer.lora_config(config), rngs=nnx.Rngs(1))
+            lora.add_lora(model, lora_config(config), rngs=nnx.Rngs(1))
         return model
 
     model = nnx.eval_shape(build)
@@ -157,7 +158,7 @@ def _plan(config: ml_collections.ConfigDict, mesh, device_memory: int, platform:
     master = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(config.model.param_dtype), sharding=s),
                           params, param_shards)
     frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), frozen, frozen_shards)
-    transform, schedule = trainer.make_optimizer(config, master)
+    transform, schedule = make_optimizer(config, master)
     init = jax.jit(transform.init).lower(master).compile()
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     # state made from nothing (the step count) is placed on the default device: it goes beside the rest

@@ -28,7 +28,7 @@ from typing import Any
 from gptoss_jax import harmony
 from gptoss_jax import tokenizer as tok
 from gptoss_jax.eval.graders import GRADERS, grade
-from gptoss_jax.train.config import ConfigError
+from gptoss_jax.settings import ConfigError
 
 BUILTIN = ("grader", "format", "length", *(f"grader:{name}" for name in GRADERS))
 

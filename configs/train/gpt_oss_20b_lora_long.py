@@ -10,7 +10,7 @@ tile recomputed in the backward (`model.moe_tile`). The data must hold long conv
 
 from pathlib import Path
 
-from gptoss_jax.train.config import read_config
+from gptoss_jax.settings import read_config
 
 
 def get_config():
