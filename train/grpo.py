@@ -43,19 +43,8 @@ from gptoss_jax.eval.backends import seed_of
 from gptoss_jax.generation import Generator
 from gptoss_jax.settings import ConfigError
 from gptoss_jax.train import rewards as rewards_lib
+from gptoss_jax.train import run as scaffold  # what every run has (train.run)
 from gptoss_jax.train.loss import token_logprobs
-from gptoss_jax.train.run import (
-    FINITE_METRICS,
-    Run,
-    already_completed,
-    build_model,
-    export,
-    init_optimizer,
-    make_mesh,
-    make_optimizer,
-    merge_trained,
-    split_trainable,
-)
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +240,7 @@ class Result:
 
     def summary(self) -> str:
         if not self.rewards:
-            return already_completed(self.steps, self.exports)
+            return scaffold.already_completed(self.steps, self.exports)
         head, tail = self.rewards[:10], self.rewards[-10:]
         text = (f"trained {self.steps} GRPO steps: mean reward {sum(head) / len(head):.3f} (first {len(head)} steps) "
                 f"-> {sum(tail) / len(tail):.3f} (last {len(tail)})")
@@ -284,15 +273,15 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
         raise ConfigError(f"config.optimizer.grad_accum: {micro_batches} micro-batches do not split a step's "
                           f"{g.prompts_per_step} x {g.group_size} completions evenly")
     settings = loss_settings(config)
-    with Run(config, progress=progress) as run:
-        mesh = make_mesh(config)
-        generator = Generator(build_model(config, mesh))
-        graphdef, master, frozen, dtypes = split_trainable(config, generator.model)
+    with scaffold.Run(config, progress=progress) as run:
+        mesh = scaffold.make_mesh(config)
+        generator = Generator(scaffold.build_model(config, mesh))
+        graphdef, master, frozen, dtypes = scaffold.split_trainable(config, generator.model)
         reference = None  # the parameters the KL is measured to: LoRA off (adapters zeroed), or the start
         if g.beta > 0:
             reference = jax.tree.map(jnp.zeros_like if config.lora.enabled else jnp.copy, master)
-        transform, schedule = make_optimizer(config, master, updates_per_step=g.inner_steps)
-        opt_state = init_optimizer(transform, master, mesh)
+        transform, schedule = scaffold.make_optimizer(config, master, updates_per_step=g.inner_steps)
+        opt_state = scaffold.init_optimizer(transform, master, mesh)
         steps = make_policy_steps(graphdef, dtypes, transform, settings, remat=config.model.remat,
                                   micro_batches=micro_batches)
         start, state = run.resume({"params": master, "opt_state": opt_state})
@@ -303,7 +292,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
         mean_rewards, evals, step = [], {}, start
         while step < config.train.steps:
             chosen = step_prompts(problems, step, config)
-            generator.state = nnx.state(merge_trained(graphdef, master, dtypes, frozen))
+            generator.state = nnx.state(scaffold.merge_trained(graphdef, master, dtypes, frozen))
             rollout = roll_out(generator, chosen, step, config, named_rewards)
             for report in rollout.errors:
                 log.warning("step %d: %s", step + 1, report)
@@ -319,7 +308,7 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
                     master, opt_state, metrics = steps.update(master, opt_state, frozen, batch, old, ref,
                                                               advantages)
                 metrics = {name: float(value) for name, value in metrics.items()}
-                run.check_finite(step + 1, metrics, FINITE_METRICS)
+                run.check_finite(step + 1, metrics, scaffold.FINITE_METRICS)
             step += 1
             metrics.update(rollout_metrics(rollout, chosen, config, kept),
                            update_seconds=time.perf_counter() - started, updated=float(kept.any()),
@@ -331,14 +320,14 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
                 with open(run.output / "reward_errors.jsonl", "a") as errors:
                     errors.writelines(json.dumps({"step": step, "error": report}) + "\n" for report in rollout.errors)
             if g.eval_tasks and (step % config.train.eval_every == 0 or step == config.train.steps):
-                generator.state = nnx.state(merge_trained(graphdef, master, dtypes, frozen))
+                generator.state = nnx.state(scaffold.merge_trained(graphdef, master, dtypes, frozen))
                 evals[step] = evaluate(generator, config, step)
                 run.log(step, {f"eval/{name}": value for name, value in evals[step].items()})
             if run.end_of_step(step, {"params": master, "opt_state": opt_state}):
                 break
 
-    trained = merge_trained(graphdef, master, dtypes, frozen)
-    exports = export(trained, config, missing_only=start == step) if step == config.train.steps else {}
+    trained = scaffold.merge_trained(graphdef, master, dtypes, frozen)
+    exports = scaffold.export(trained, config, missing_only=start == step) if step == config.train.steps else {}
     return Result(step, mean_rewards, evals, trained, exports)
 
 
