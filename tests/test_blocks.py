@@ -248,3 +248,23 @@ def test_expert_gradients_match_the_loop_over_experts(num_tokens, packed, expert
     for mine, expected in zip(jax.tree.leaves(grouped), jax.tree.leaves(looped), strict=True):
         assert np.abs(np.asarray(expected)).max() > 0
         assert relative_error(mine, expected) <= TOLERANCE
+
+
+def test_named_scopes_name_the_layers_in_the_compiled_program():
+    """A profile or a dumped HLO names the model's parts: each op's name carries its layer kind, attention or
+    moe (router, experts), and the loss."""
+    from gptoss_jax.model import GptOss
+    from gptoss_jax.train.loss import token_losses
+
+    model = GptOss(GptOssConfig.tiny().replace(vocab_size=512), dtype="float32", rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = jnp.ones((1, 16), jnp.int32)
+
+    def loss(params):
+        model = nnx.merge(graphdef, params)
+        hidden, _ = model.hidden_states(tokens)
+        return token_losses(hidden, model.unembedding[...], tokens, jnp.ones(tokens.shape))
+
+    program = jax.jit(jax.grad(loss)).lower(params).as_text(debug_info=True)
+    for scope in ("banded_layer/attention/", "full_layer/moe/router/", "full_layer/moe/experts/", "loss/"):
+        assert scope in program, scope
