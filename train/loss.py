@@ -41,8 +41,7 @@ def token_logprobs(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array
     def chunked(a):
         return jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape(-1, chunk, *a.shape[1:])
 
-    with jax.named_scope("loss"):
-        logprobs = _chunked_logprobs(chunked(hidden), chunked(targets), chunked(counted), unembedding)
+    logprobs = _chunked_logprobs(chunked(hidden), chunked(targets), chunked(counted), unembedding)
     return jnp.zeros(len(targets), jnp.float32).at[order].set(logprobs.reshape(-1)[:len(targets)]).reshape(shape)
 
 
@@ -70,7 +69,8 @@ def _logprobs_forward(hidden, targets, counted, unembedding):
         skipped = (jnp.zeros(t.shape, jnp.float32), jnp.zeros(t.shape, jnp.float32))
         return jax.lax.cond(jnp.any(c), compute, lambda _: skipped, None)
 
-    return jax.lax.map(chunk_logprobs, (hidden, targets, counted))
+    with jax.named_scope("loss"):  # inside the custom VJP's rules: a scope around its call does not reach them
+        return jax.lax.map(chunk_logprobs, (hidden, targets, counted))
 
 
 def _logprobs_fwd(hidden, targets, counted, unembedding):
@@ -103,7 +103,8 @@ def _logprobs_bwd(residuals, grad):
         return jax.lax.cond(jnp.any(c), compute, lambda d: (d, jnp.zeros_like(h)), d_unembedding)
 
     start = jnp.zeros(unembedding.shape, jnp.float32) if train_unembedding else None
-    d_unembedding, d_hidden = jax.lax.scan(chunk_grads, start, (hidden, targets, counted, partitions, grad))
+    with jax.named_scope("loss"):
+        d_unembedding, d_hidden = jax.lax.scan(chunk_grads, start, (hidden, targets, counted, partitions, grad))
     return (d_hidden, None, None,
             d_unembedding.astype(unembedding.dtype) if train_unembedding else None)
 
