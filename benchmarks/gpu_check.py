@@ -3,7 +3,7 @@
   kernels    every Pallas kernel compiled at gpt-oss-20b shapes and checked against the XLA path it replaces
              (MXFP4 grouped matmul with SwiGLU, forward and backward; flash attention with sinks, banded and full,
              forward and backward; decode attention)
-  benchmark  benchmarks/kernels.py (kernels against the XLA paths, with the device's ceilings)
+  benchmark  benchmarks/kernel_speed.py (kernels against the XLA paths, with the device's ceilings)
   inference  gpt-oss-20b with random full-size weights made on the device: prefill and decode (batch 1 and 64)
              tokens/s, with the kernels (`auto`) and without (`xla`)
   lora       one LoRA step (attention + experts, configs/train/gpt_oss_20b_lora.py) at 2048 tokens: time and the
@@ -187,10 +187,10 @@ def _verdict(error: float) -> str:
 
 def run_benchmark(s: Sizes, rows: list, out: Path) -> None:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), *s.benchmark_args],
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_speed.py"), *s.benchmark_args],
                             capture_output=True, text=True, timeout=600)
     (out / "kernels.txt").write_text(result.stdout + result.stderr)
-    rows.append(("benchmark", "benchmarks/kernels.py " + " ".join(s.benchmark_args),
+    rows.append(("benchmark", "benchmarks/kernel_speed.py " + " ".join(s.benchmark_args),
                  "ok" if result.returncode == 0 else "FAILED", f"output in {out / 'kernels.txt'}",
                  time.perf_counter() - started))
 

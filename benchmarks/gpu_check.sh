@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: run it as it is on a machine with one H100/H200 (at most 8 minutes), or with --small anywhere
 # (tiny sizes; on a CPU the kernels run in interpret mode). It checks every Pallas kernel against the XLA path at
-# gpt-oss-20b shapes, runs benchmarks/kernels.py, measures 20b prefill and decode (batch 1 and 64) with and
+# gpt-oss-20b shapes, runs benchmarks/kernel_speed.py, measures 20b prefill and decode (batch 1 and 64) with and
 # without the kernels, and a 20b LoRA step at 2048 tokens (time, peak device memory); it prints one table and
 # writes it to benchmarks/results/ (or --out DIR). See benchmarks/gpu_check.py for the sections.
 # With --aot TARGET (h100, h200, or a target config file) it needs no GPU: it compiles every kernel and the 20b

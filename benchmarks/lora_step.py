@@ -7,7 +7,9 @@ grouped matmul), attention "eager" (its sinks rule out sdpa, and flex attention 
 faster is the reference. We also time a large float32 matmul in the same run and report the step's achieved FLOP
 rate as a fraction of that ceiling. Step FLOPs are counted from the model: forward 2 x active parameters x tokens,
 backward the same again for the activation gradients (the frozen base needs no weight gradients; the adapters'
-are negligible), plus causal attention scores and their gradients (banded layers: the window).
+are negligible), plus causal attention scores and their gradients (banded layers: the window). Our step is also
+timed with quantization-aware training (train.qat: the experts through Q(W + delta), what an MXFP4 export holds),
+and its cost printed as a ratio to the plain step.
 
     python benchmarks/lora_step.py                 # batch 2 x 512 tokens
     python benchmarks/lora_step.py --length 2048 --batch 1
@@ -51,12 +53,13 @@ def matmul_rate() -> float:
     return 2 * 2048**3 / seconds
 
 
-def ours(directory: Path, tokens: np.ndarray):
+def ours(directory: Path, tokens: np.ndarray, qat: bool = False):
     batch_size, length = tokens.shape[0], tokens.shape[1] - 1
     config = load_config(ROOT / "configs" / "train" / "tiny_demo.py", [
         f"--config.model.checkpoint={directory}", "--config.lora.enabled=true", "--config.model.mxfp4=packed",
         "--config.lora.targets=q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj", "--config.optimizer.warmup_steps=1",
-        f"--config.data.batch_size={batch_size}", f"--config.data.seq_len={length}", "--config.data.eval="])
+        f"--config.data.batch_size={batch_size}", f"--config.data.seq_len={length}", "--config.data.eval=",
+        f"--config.train.qat={qat}", f"--config.export.mxfp4={qat}"])
     mesh = trainer.make_mesh(config)
     model = trainer.build_model(config, mesh)
     graphdef, params, frozen = nnx.split(model, LoRAParam, ...)
@@ -114,6 +117,7 @@ def main():
     with tempfile.TemporaryDirectory() as directory:
         random_hf_model(seed=0, **SIZES).save_pretrained(directory)
         our_seconds, flops = ours(Path(directory), tokens)
+        qat_seconds, _ = ours(Path(directory), tokens, qat=True)
     peer = {experts: theirs(experts, tokens) for experts in PEER_EXPERTS}
     rate = matmul_rate()
     best = min(peer, key=peer.get)
@@ -123,6 +127,8 @@ def main():
         print(f"transformers + PEFT LoRA step, experts={experts:10s} attention=eager: {seconds * 1e3:8.1f} ms")
     print(f"gptoss-jax LoRA step:                                          {our_seconds * 1e3:8.1f} ms   "
           f"speed-up {peer[best] / our_seconds:.2f}x over the faster peer ({best})")
+    print(f"gptoss-jax LoRA step with QAT (train.qat):                     {qat_seconds * 1e3:8.1f} ms   "
+          f"{qat_seconds / our_seconds:.2f}x our plain step")
     print(f"float32 matmul ceiling (2048^3, same run): {rate / 1e9:.1f} GFLOP/s")
     print(f"our step: {flops / 1e9:.2f} GFLOP (model count) -> {flops / our_seconds / 1e9:.1f} GFLOP/s = "
           f"{flops / our_seconds / rate:.0%} of the matmul ceiling")

@@ -242,6 +242,7 @@ def load_model(
     revision: str | None = None,
     kernels: str = "auto",
     moe_tile: int = 0,
+    qat: bool = False,
 ) -> GptOss:
     """Loads a gpt-oss checkpoint: a local directory or a hub repo id, in the HF layout (unquantized or with
     MXFP4 experts, as released) or the original one (a directory holding, or named, `original/`).
@@ -251,12 +252,13 @@ def load_model(
     mesh: place every parameter straight into its sharding on this mesh (by `rules`, default DEFAULT_RULES).
     kernels: "auto" (the Pallas kernels on a GPU, XLA elsewhere), "xla" or "pallas" (see `GptOssConfig.kernels`).
     moe_tile: tokens the experts take at a time, 0 for all (see `GptOssConfig.moe_tile`).
+    qat: the experts as an MXFP4 export holds them, for quantization-aware training (see `GptOssConfig.qat`).
     """
     if mxfp4 not in ("packed", "dequantize"):
         raise ValueError(f"mxfp4={mxfp4!r}: expected 'packed' or 'dequantize'")
     checkpoint = open_checkpoint(path_or_repo_id, revision=revision)
     packed = checkpoint.experts_quantized and mxfp4 == "packed"
-    config, dtype = checkpoint.config.replace(kernels=kernels, moe_tile=moe_tile), jnp.dtype(dtype)
+    config, dtype = checkpoint.config.replace(kernels=kernels, moe_tile=moe_tile, qat=qat), jnp.dtype(dtype)
     model = nnx.eval_shape(lambda: GptOss(config, dtype=dtype, mxfp4_experts=packed, rngs=nnx.Rngs(0)))
     graphdef, abstract = nnx.split(model)
     shardings = dict(nnx.to_flat_state(param_shardings(model, mesh, rules))) if mesh is not None else None

@@ -62,6 +62,10 @@ class GptOssConfig:
     # expert) pairs — at 131,072 tokens the [pairs, 2 x 2880] activations of gpt-oss would be 5.6 GiB each — for one
     # more forward pass of the experts in the backward. For long sequences; a run-time choice too.
     moe_tile: int = 0
+    # Quantization-aware training (train.qat): the experts multiply by their weights as an MXFP4 export will hold
+    # them — an adapter's update merged in, then quantized and dequantized (gptoss_jax.mxfp4.fake_quantize) — and
+    # gradients pass straight through to the float weights and adapters. A run-time choice too.
+    qat: bool = False
 
     def __post_init__(self):
         if self.kernels not in KERNELS:

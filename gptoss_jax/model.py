@@ -38,7 +38,7 @@ from jax.ad_checkpoint import checkpoint_name
 from gptoss_jax import backend, moe, ops
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernels.attention import decode_attention, flash_attention
-from gptoss_jax.mxfp4 import Mxfp4Layer, Mxfp4Weight
+from gptoss_jax.mxfp4 import Mxfp4Layer, Mxfp4Weight, fake_quantize
 from gptoss_jax.ops import SegmentMask
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,8 @@ class MoE(nnx.Module):
         self.b_down = _param(rngs, (e, d), ("experts", "embed"), dtype, _zeros)
         self.experts_per_token = config.experts_per_token
         self.swiglu = dict(alpha=config.swiglu_alpha, limit=config.swiglu_limit)
-        self.kernels, self.tile = config.kernels, config.moe_tile
+        self.kernels, self.tile, self.qat = config.kernels, config.moe_tile, config.qat
+        self.dtype = jnp.dtype(dtype)
         self.adapters = nnx.Dict()  # LoRA of router_w, w_gate_up, w_down
         self.mesh = None  # set by sharding.shard_model: with an expert axis, the experts run expert-parallel
 
@@ -258,20 +259,33 @@ class MoE(nnx.Module):
 
     def _experts(self, tokens: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
         if self.mesh is not None and self.mesh.shape["expert"] > 1:
-            return moe.expert_parallel(self.mesh, tokens, weights, experts, self.w_gate_up.get_value(),
-                                       self.b_gate_up[...], self.w_down.get_value(), self.b_down[...],
-                                       self._low_rank_factors(), self.swiglu, self.kernels)
+            w_gate_up, w_down, low_rank = self._weights_for_experts()
+            return moe.expert_parallel(self.mesh, tokens, weights, experts, w_gate_up, self.b_gate_up[...], w_down,
+                                       self.b_down[...], low_rank, self.swiglu, self.kernels)
         return self.grouped_experts(tokens, weights, experts)
 
     def grouped_experts(self, tokens: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
         """All experts here: each expert's (token, expert) pairs are one group of a ragged matmul."""
-        return moe.run_experts(tokens, weights, experts, self.w_gate_up.get_value(), self.b_gate_up[...],
-                               self.w_down.get_value(), self.b_down[...], self._low_rank_factors(), self.swiglu,
-                               self.kernels)
+        w_gate_up, w_down, low_rank = self._weights_for_experts()
+        return moe.run_experts(tokens, weights, experts, w_gate_up, self.b_gate_up[...], w_down, self.b_down[...],
+                               low_rank, self.swiglu, self.kernels)
 
-    def _low_rank_factors(self) -> dict[str, tuple[jax.Array, jax.Array, float]]:
-        return {name: (adapter.a[...], adapter.b[...], adapter.scaling) for name, adapter in self.adapters.items()
-                if name in ("w_gate_up", "w_down")}
+    def _weights_for_experts(self):
+        """(gate-up weight, down weight, their adapters' factors) as the experts multiply by them. With QAT
+        (`GptOssConfig.qat`) each weight is the one an MXFP4 export writes — its adapter's update merged as
+        `lora.merge_lora` merges it, then through `mxfp4.fake_quantize` — and no adapter is left beside it."""
+        names = ("w_gate_up", "w_down")
+        if not self.qat:
+            low_rank = {name: (adapter.a[...], adapter.b[...], adapter.scaling)
+                        for name, adapter in self.adapters.items() if name in names}
+            return self.w_gate_up.get_value(), self.w_down.get_value(), low_rank
+        exported = []
+        for name in names:
+            weight = moe.dense(getattr(self, name).get_value(), jnp.float32)
+            if name in self.adapters:
+                weight = (weight + self.adapters[name].delta()).astype(self.dtype)
+            exported.append(fake_quantize(weight).astype(self.dtype))
+        return *exported, {}
 
     def loop_over_experts(self, tokens: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
         """Slow reference for `grouped_experts`: every expert runs densely on every token, weighted by routing;

@@ -83,6 +83,26 @@ class Mxfp4Layer:
         return Mxfp4Weight(self.stack.blocks[self.layer], self.stack.scales[self.layer])
 
 
+@jax.custom_vjp
+def fake_quantize(weight: jax.Array) -> jax.Array:
+    """A dense `[..., in, out]` weight as its MXFP4 export holds it: quantized by `Mxfp4Weight.quantize` (the code
+    `save_pretrained` writes with) and dequantized again, in `weight`'s dtype (exact: MXFP4 values are exact in
+    bf16 and f32). The gradient passes straight through to `weight` (straight-through estimator), so training
+    with it (quantization-aware training) moves the float weights the export rounds."""
+    return Mxfp4Weight.quantize(weight).dequantize(jnp.float32).astype(weight.dtype)
+
+
+def _fake_quantize_fwd(weight):
+    return fake_quantize(weight), None
+
+
+def _fake_quantize_bwd(_, grad):
+    return (grad,)
+
+
+fake_quantize.defvjp(_fake_quantize_fwd, _fake_quantize_bwd)
+
+
 def is_packed(weight) -> bool:
     return isinstance(weight, (Mxfp4Weight, Mxfp4Layer))
 

@@ -36,7 +36,8 @@ def _overrides(output: Path, **settings) -> list[str]:
 @pytest.fixture(scope="module")
 def grpo_run(tmp_path_factory):
     """Two steps with every option on: KL to the reference (beta > 0), 2 inner updates over 2 micro-batches, a
-    task grader + format + a user reward that raises on half the samples, an eval through the harness."""
+    task grader + format + a user reward that raises on half the samples, an eval through the harness,
+    quantization-aware training for the MXFP4 export (which the run then evaluates too)."""
     from gptoss_jax.train.grpo import train
 
     root = tmp_path_factory.mktemp("grpo")
@@ -48,7 +49,7 @@ def grpo_run(tmp_path_factory):
                              "(1.0, 0.5, 1.0)", "grpo.beta": 0.05, "grpo.inner_steps": 2, "optimizer.grad_accum": 2,
                              "grpo.eval_tasks": "synthetic", "grpo.eval_efforts": "low", "grpo.eval_limit": 2,
                              "grpo.eval_max_tokens": 8, "train.steps": 2, "train.eval_every": 2,
-                             "train.checkpoint_every": 1}))
+                             "train.checkpoint_every": 1, "train.qat": True, "export.mxfp4": True}))
         return train(config, progress=False), root / "run"
     finally:
         sys.path.remove(str(root))
@@ -72,6 +73,11 @@ def test_a_run_logs_rewards_kl_and_clipping_evaluates_and_exports(grpo_run):
     assert (output / "eval" / "step_2" / "report.md").is_file()
     assert sorted(p.name for p in (output / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
     assert (output / "adapter" / "adapter_model.safetensors").is_file() and (output / "merged").is_dir()
+    # QAT: the export read back is the policy as trained, so its greedy answers score the same
+    final = [line for line in lines if "eval_exported/synthetic/low" in line]
+    assert final[0]["step"] == 2 and (output / "eval" / "exported" / "report.md").is_file()
+    assert final[0]["eval_exported/synthetic/low"] == result.evals[2]["synthetic/low"]
+    assert "MXFP4 export: synthetic/low accuracy" in result.summary()
 
 
 def test_a_reward_that_raises_is_reported_with_its_sample_and_the_run_goes_on(grpo_run):

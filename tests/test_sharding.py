@@ -38,15 +38,16 @@ def _compare(results):
     reference = results[""]
     for spec, result in results.items():
         assert relative_error(result["logits"], reference["logits"]) <= 1e-5, spec
-        assert relative_error(result["adapted"], reference["adapted"]) <= 1e-5, spec
-        assert relative_error(result["grads"], reference["grads"]) <= 1e-5, spec
+        for name in ("adapted", "adapted_grads", "qat", "qat_grads"):
+            assert relative_error(result[name], reference[name]) <= 1e-5, (spec, name)
         assert result["generated"] == reference["generated"], spec
     assert relative_error(reference["adapted"], reference["logits"]) > 1e-3  # the adapters matter
+    assert relative_error(reference["qat"], reference["adapted"]) > 1e-4  # and so does quantizing their merge
 
 
 def test_meshes_of_eight_devices_match_one_device(checkpoint, tmp_path):
     output = tmp_path / "results.json"
-    result = _run([str(checkpoint), json.dumps(MESHES), str(output)],
+    result = _run([str(checkpoint), json.dumps(MESHES), str(output), "adapters"],
                   {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert result.returncode == 0, result.stderr[-4000:]
     _compare(json.loads(output.read_text()))
@@ -55,7 +56,7 @@ def test_meshes_of_eight_devices_match_one_device(checkpoint, tmp_path):
 def test_two_processes_reproduce_one(checkpoint, tmp_path):
     """Two jax.distributed processes on 127.0.0.1 (gloo collectives), four devices each, one 8-device mesh."""
     single = tmp_path / "single.json"
-    result = _run([str(checkpoint), json.dumps(["", "expert=4,tensor=2"]), str(single)],
+    result = _run([str(checkpoint), json.dumps(["", "expert=4,tensor=2"]), str(single), "plain"],
                   {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert result.returncode == 0, result.stderr[-4000:]
     with socket.socket() as probe:
@@ -64,7 +65,8 @@ def test_two_processes_reproduce_one(checkpoint, tmp_path):
     distributed = tmp_path / "distributed.json"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     processes = [subprocess.Popen([sys.executable, str(HERE / "sharded_check.py"), str(checkpoint),
-                                   json.dumps(["expert=4,tensor=2"]), str(distributed), str(i), "2", str(port)],
+                                   json.dumps(["expert=4,tensor=2"]), str(distributed), "plain", str(i), "2",
+                                   str(port)],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for i in range(2)]
     for process in processes:

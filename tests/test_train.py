@@ -125,6 +125,39 @@ def test_merged_mxfp4_export_loads_in_transformers(lora_run):
     assert relative_error(ours, expected) <= 1e-5
 
 
+def test_the_run_measures_what_its_mxfp4_export_lost(lora_run):
+    """Without QAT the export rounds the merged experts: the run reloads it and reports its held-out loss beside
+    the trained model's (whatever the difference; the run's summary says it)."""
+    result, output = lora_run
+    final = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["step"] == 6 and final["eval_loss_trained"] == result.eval_losses[6]
+    assert final["eval_loss_exported"] != final["eval_loss_trained"]  # rounding changed the model
+    assert f"MXFP4 export: held-out loss {final['eval_loss_exported']:.4f}" in result.summary()
+
+
+@pytest.fixture(scope="module")
+def qat_run(mxfp4_base, tmp_path_factory):
+    output = tmp_path_factory.mktemp("qat")
+    return train(_config(output, mxfp4_base / "mxfp4", **LORA, **{"train.qat": True}), progress=False), output
+
+
+def test_a_qat_run_exports_the_model_it_trained(qat_run):
+    """LoRA on the experts of a packed base with train.qat: the merged MXFP4 export, in transformers and read back
+    here, gives the trained model's logits, and the held-out loss the run measured on it is the trained one."""
+    result, output = qat_run
+    assert np.mean(result.losses[-2:]) < result.losses[0]
+    tokens = np.random.default_rng(2).integers(0, 201088, (2, 9))
+    trained = np.asarray(result.model(tokens.astype(np.int32)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        output / "merged", dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
+    with torch.no_grad():
+        assert relative_error(hf(torch.tensor(tokens)).logits.numpy(), trained) <= 1e-5
+    exported = gptoss_jax.load_model(output / "merged", dtype="float32")
+    assert relative_error(exported(tokens.astype(np.int32)), trained) <= 1e-5
+    final = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()][-1]
+    assert abs(final["eval_loss_exported"] - final["eval_loss_trained"]) <= 1e-5 * final["eval_loss_trained"]
+
+
 def test_full_fine_tuning_trains_every_parameter(mxfp4_base, tmp_path):
     config = _config(tmp_path / "full", mxfp4_base / "dense", **{"optimizer.learning_rate": 3e-3,
                                                                  "export.merged": False})

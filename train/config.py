@@ -99,6 +99,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2  # checkpoints kept
     c.train.async_checkpoints = True  # write checkpoints in the background
     c.train.output_dir = "runs/tiny_demo"  # checkpoints, metrics, TensorBoard events, exports
+    c.train.qat = False  # quantization-aware training: the experts' forward sees them as the MXFP4 export will hold
+    # them (adapter updates merged, then quantized and dequantized), gradients pass straight through to the float
+    # weights or adapters; needs export.mxfp4 = true. Without it an MXFP4 export rounds what was learned afterwards.
 
     c.mesh = ConfigDict()
     c.mesh.data = 1  # data-parallel devices
@@ -168,6 +171,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not config.lora.enabled and config.model.mxfp4 == "packed":
         raise ConfigError("config.model.mxfp4: full fine-tuning trains the experts, which cannot stay packed; "
                           "use 'dequantize' (export can re-quantize them)")
+    if config.train.qat and not config.export.mxfp4:
+        raise ConfigError("config.train.qat: trains the experts as an MXFP4 export holds them; set export.mxfp4 = "
+                          "true (without it the export keeps them unquantized, and QAT only costs accuracy)")
     if config.lora.enabled:
         from gptoss_jax.lora import LoraConfig
 

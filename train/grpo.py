@@ -237,16 +237,17 @@ class Result:
     evals: dict  # step -> {"TASK/EFFORT": accuracy}
     model: object  # the trained GptOss (adapters attached, for LoRA)
     exports: dict  # what was written: "adapter", "merged"
+    export_loss: list = dataclasses.field(default_factory=list)  # what the MXFP4 export lost, per eval task/effort
 
     def summary(self) -> str:
         if not self.rewards:
-            return scaffold.already_completed(self.steps, self.exports)
+            return "; ".join([scaffold.already_completed(self.steps, self.exports), *self.export_loss])
         head, tail = self.rewards[:10], self.rewards[-10:]
         text = (f"trained {self.steps} GRPO steps: mean reward {sum(head) / len(head):.3f} (first {len(head)} steps) "
                 f"-> {sum(tail) / len(tail):.3f} (last {len(tail)})")
         for step, accuracies in list(self.evals.items())[-1:]:
             text += f"; eval at step {step}: " + ", ".join(f"{name} {value:.3f}" for name, value in accuracies.items())
-        return text
+        return "; ".join([text, *self.export_loss])
 
 
 @dataclasses.dataclass
@@ -321,14 +322,23 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
                     errors.writelines(json.dumps({"step": step, "error": report}) + "\n" for report in rollout.errors)
             if g.eval_tasks and (step % config.train.eval_every == 0 or step == config.train.steps):
                 generator.state = nnx.state(scaffold.merge_trained(graphdef, master, dtypes, frozen))
-                evals[step] = evaluate(generator, config, step)
+                evals[step] = evaluate(generator, config, f"step_{step}")
                 run.log(step, {f"eval/{name}": value for name, value in evals[step].items()})
             if run.end_of_step(step, {"params": master, "opt_state": opt_state}):
                 break
 
-    trained = scaffold.merge_trained(graphdef, master, dtypes, frozen)
-    exports = scaffold.export(trained, config, missing_only=start == step) if step == config.train.steps else {}
-    return Result(step, mean_rewards, evals, trained, exports)
+        trained = scaffold.merge_trained(graphdef, master, dtypes, frozen)
+        exports = scaffold.export(trained, config, missing_only=start == step) if step == config.train.steps else {}
+        exported, lost = scaffold.reload_mxfp4_export(config, exports, mesh), []
+        if exported is not None and g.eval_tasks:
+            if step not in evals:  # a rerun that only exported
+                generator.state = nnx.state(trained)
+                evals[step] = evaluate(generator, config, f"step_{step}")
+            accuracies = evaluate(Generator(exported), config, "exported")
+            lost = [scaffold.export_loss(f"{name} accuracy", evals[step][name], accuracy, qat=config.train.qat,
+                                         higher_is_better=True) for name, accuracy in accuracies.items()]
+            run.log(step, {f"eval_exported/{name}": accuracy for name, accuracy in accuracies.items()})
+    return Result(step, mean_rewards, evals, trained, exports, lost)
 
 
 def loss_settings(config: ml_collections.ConfigDict) -> LossSettings:
@@ -451,10 +461,11 @@ def rollout_metrics(rollout: Rollout, chosen: list, config: ml_collections.Confi
     return metrics
 
 
-def evaluate(generator: Generator, config: ml_collections.ConfigDict, step: int) -> dict[str, float]:
-    """The eval harness on the policy as it is (greedy, grpo.eval_* settings) into output_dir/eval/step_N:
-    {"TASK/EFFORT": accuracy}. The run's own task, when evaluated, reads the same source's "test" files; the
-    synthetic set is the held-out one (data.synthetic.seed + 1)."""
+def evaluate(generator: Generator, config: ml_collections.ConfigDict, name: str) -> dict[str, float]:
+    """The eval harness on the generator's model (greedy, grpo.eval_* settings) into output_dir/eval/NAME (step_N
+    for the policy at step N, "exported" for the MXFP4 export read back): {"TASK/EFFORT": accuracy}. The run's
+    own task, when evaluated, reads the same source's "test" files; the synthetic set is the held-out one
+    (data.synthetic.seed + 1)."""
     from gptoss_jax.eval import sweep
     from gptoss_jax.eval.backends import JaxBackend
 
@@ -466,9 +477,9 @@ def evaluate(generator: Generator, config: ml_collections.ConfigDict, step: int)
     settings.data.synthetic.seed = config.data.synthetic.seed + 1
     if g.task in settings.data and g.task != "synthetic" and g.source:
         settings.data[g.task].source, settings.data[g.task].split = g.source, "test"
-    folder = output / "eval" / f"step_{step}"
+    folder = output / "eval" / name
     settings.output_dir = str(folder if jax.process_index() == 0 else folder / f"process_{jax.process_index()}")
-    settings.model.checkpoint = f"{output} at step {step}"
+    settings.model.checkpoint = f"{output}: {name}"
     backend = JaxBackend(generator, max_tokens=g.eval_max_tokens, temperature=0.0, top_p=1.0)
     results = sweep.run(settings, progress=False, backend=backend).summary["results"]
     return {f"{row['task']}/{row['effort']}": row["accuracy"] for row in results}

@@ -35,7 +35,7 @@ from gptoss_jax.checkpoint import open_checkpoint
 from gptoss_jax.model import LoRAParam
 from gptoss_jax.sharding import MESH_AXES, param_shardings
 from gptoss_jax.train import grpo, trainer
-from gptoss_jax.train.run import lora_config, make_mesh, make_optimizer
+from gptoss_jax.train.run import lora_config, make_mesh, make_optimizer, run_time_choices
 
 
 @dataclasses.dataclass
@@ -140,7 +140,7 @@ def _plan(config: ml_collections.ConfigDict, mesh, device_memory: int, platform:
     else:
         architecture = getattr(GptOssConfig, config.model.preset)()
         packed = config.lora.enabled and config.model.mxfp4 == "packed"
-    architecture = architecture.replace(kernels=config.model.kernels, moe_tile=config.model.moe_tile)
+    architecture = architecture.replace(**run_time_choices(config))
 
     def build():
         model = GptOss(architecture, dtype=config.model.compute_dtype, mxfp4_experts=packed, rngs=nnx.Rngs(0))

@@ -53,15 +53,19 @@ def build_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> G
     dtype = config.model.compute_dtype
     if config.model.checkpoint:
         model = load_model(config.model.checkpoint, dtype=dtype, mxfp4=config.model.mxfp4, mesh=mesh,
-                           kernels=config.model.kernels, moe_tile=config.model.moe_tile)
+                           **run_time_choices(config))
     else:
-        preset = getattr(GptOssConfig, config.model.preset)().replace(kernels=config.model.kernels,
-                                                                        moe_tile=config.model.moe_tile)
+        preset = getattr(GptOssConfig, config.model.preset)().replace(**run_time_choices(config))
         packed = config.lora.enabled and config.model.mxfp4 == "packed"
         model = GptOss(preset, dtype=dtype, mxfp4_experts=packed, rngs=nnx.Rngs(config.train.seed))
     if config.lora.enabled:
         lora.add_lora(model, lora_config(config), rngs=nnx.Rngs(config.train.seed + 1))
     return sharding.shard_model(model, mesh)
+
+
+def run_time_choices(config: ml_collections.ConfigDict) -> dict:
+    """The GptOssConfig fields a training config sets for its run (not part of the checkpoint)."""
+    return dict(kernels=config.model.kernels, moe_tile=config.model.moe_tile, qat=config.train.qat)
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:
@@ -252,6 +256,39 @@ def export(model: GptOss, config: ml_collections.ConfigDict, *, missing_only: bo
         written[kind] = output / kind
         log.info("exported %s to %s", kind, output / kind)
     return written
+
+
+# What an MXFP4 export may lose against the model as trained before a run without QAT says so: 1% of the held-out
+# loss, or 1 point of an eval task's accuracy.
+EXPORT_LOSS_LIMIT = 0.01
+
+
+def reload_mxfp4_export(config: ml_collections.ConfigDict, written: dict, mesh: jax.sharding.Mesh) -> GptOss | None:
+    """The merged MXFP4 export just written, loaded as its users load it, to measure what it lost against the model
+    as trained; None when this call wrote none. Multi-process runs are not measured: the other processes may not
+    see the files the first one wrote."""
+    if "merged" not in written or not config.export.mxfp4 or jax.process_count() > 1:
+        return None
+    return load_model(written["merged"], dtype=config.model.compute_dtype, mesh=mesh, kernels=config.model.kernels)
+
+
+def export_loss(name: str, trained: float, exported: float, *, qat: bool, higher_is_better: bool = False) -> str:
+    """One line on what the MXFP4 export lost in `name` against the model as trained (a held-out loss, relative;
+    an accuracy, in points), with a warning when it is past EXPORT_LOSS_LIMIT and the run did not train for it."""
+    change = exported - trained
+    if higher_is_better:
+        lost, shown = -change, f"{100 * change:+.1f} points"
+    else:
+        lost = change / max(abs(trained), 1e-12)
+        shown = f"{100 * lost:+.2f}%"
+    line = f"MXFP4 export: {name} {exported:.4f} (as trained {trained:.4f}, {shown})"
+    if lost > EXPORT_LOSS_LIMIT and not qat:
+        line += (f" — the export lost more than {EXPORT_LOSS_LIMIT:.0%} to rounding what was learned; "
+                 "train.qat = true trains for the MXFP4 export")
+        log.warning(line)
+    else:
+        log.info(line)
+    return line
 
 
 def _progress(enabled: bool, total: int, initial: int):

@@ -10,6 +10,7 @@ dtypes (`model.compute_dtype`; norms and sinks stay float32) for each forward pa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from pathlib import Path
@@ -31,10 +32,12 @@ from gptoss_jax.train.run import (
     already_completed,
     build_model,
     export,
+    export_loss,
     init_optimizer,
     make_mesh,
     make_optimizer,
     merge_trained,
+    reload_mxfp4_export,
     rows_per_process,
     split_trainable,
 )
@@ -106,6 +109,13 @@ class Batches:
 # ---- the loss and the step -------------------------------------------------------------------------------------
 
 
+def summed_loss(model: GptOss, batch: dict, dropout_key=None, remat: str = "none"):
+    """(summed token loss of the batch's counted tokens, router losses)."""
+    hidden, router = model.hidden_states(batch["inputs"], positions=batch["positions"],
+                                         segment_ids=batch["segment_ids"], dropout_key=dropout_key, remat=remat)
+    return token_losses(hidden, model.unembedding[...], batch["targets"], batch["weights"]), router
+
+
 @dataclasses.dataclass
 class Step:
     """The compiled train and eval steps of one run, and how many times the train step was traced."""
@@ -125,12 +135,7 @@ def make_steps(config: ml_collections.ConfigDict, graphdef, dtypes, transform, s
 
     def forward(master, frozen, batch, key):
         params = jax.tree.map(lambda p, d: p.astype(d), master, dtypes)
-        model = nnx.merge(graphdef, params, frozen)
-        hidden, router = model.hidden_states(batch["inputs"], positions=batch["positions"],
-                                             segment_ids=batch["segment_ids"],
-                                             dropout_key=key if use_dropout else None, remat=remat)
-        summed = token_losses(hidden, model.unembedding[...], batch["targets"], batch["weights"])
-        return summed, router
+        return summed_loss(nnx.merge(graphdef, params, frozen), batch, key if use_dropout else None, remat)
 
     def gradients(master, frozen, batch, step):
         """(gradients, mean token loss, router losses) of the whole batch: the objective is the mean loss over all
@@ -185,14 +190,16 @@ class Result:
     model: GptOss  # the trained model (adapters attached, for LoRA)
     compiles: int  # times the train step was traced
     exports: dict  # what was written: "adapter", "merged"
+    export_loss: str = ""  # what the MXFP4 export lost in held-out loss (when one was written and measured)
 
     def summary(self) -> str:
         if not self.losses:
-            return already_completed(self.steps, self.exports)
+            return "; ".join(filter(None, [already_completed(self.steps, self.exports), self.export_loss]))
         last = self.losses[-10:]
         return (f"trained {self.steps} steps: loss {self.losses[0]:.3f} -> {sum(last) / len(last):.3f} (mean of the "
                 f"last {len(last)})" + "".join(f"; held-out loss at step {s}: {v:.3f}"
-                                                 for s, v in list(self.eval_losses.items())[-1:]))
+                                                 for s, v in list(self.eval_losses.items())[-1:])
+                + (f"; {self.export_loss}" if self.export_loss else ""))
 
 
 def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result:
@@ -235,27 +242,49 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
                 run.log(step, metrics, loss=f"{metrics['loss']:.3f}", lr=f"{metrics['learning_rate']:.2e}",
                         tok_s=f"{metrics['tokens_per_s']:.0f}")
             if eval_rows is not None and (step % config.train.eval_every == 0 or step == config.train.steps):
-                eval_losses[step] = evaluate(steps, master, frozen, eval_rows, config, batch_sharding)
+                eval_losses[step] = evaluate(functools.partial(steps.evaluate, master, frozen), eval_rows, config,
+                                             batch_sharding)
                 run.log(step, {"eval_loss": eval_losses[step]})
             if run.end_of_step(step, {"params": master, "opt_state": opt_state}):
                 break
 
-    trained = merge_trained(graphdef, master, dtypes, frozen)
-    exports = export(trained, config, missing_only=start == step) if step == config.train.steps else {}
-    return Result(step, losses, eval_losses, trained, len(steps.traces), exports)
+        trained = merge_trained(graphdef, master, dtypes, frozen)
+        exports = export(trained, config, missing_only=start == step) if step == config.train.steps else {}
+        exported, lost = reload_mxfp4_export(config, exports, mesh), ""
+        if exported is not None and eval_rows is not None:
+            losses_of = {
+                "trained": eval_losses.get(step) or evaluate(functools.partial(steps.evaluate, master, frozen),
+                                                             eval_rows, config, batch_sharding),
+                "exported": evaluate(_model_loss(exported), eval_rows, config, batch_sharding)}
+            lost = export_loss("held-out loss", losses_of["trained"], losses_of["exported"], qat=config.train.qat)
+            run.log(step, {"eval_loss_trained": losses_of["trained"], "eval_loss_exported": losses_of["exported"]})
+    return Result(step, losses, eval_losses, trained, len(steps.traces), exports, lost)
 
 
-def evaluate(steps: Step, master, frozen, rows: data_lib.PackedRows, config, sharding) -> float:
-    """Mean token loss over the first `eval_batches` batches of the held-out rows (this process's share of each)."""
+def evaluate(batch_loss, rows: data_lib.PackedRows, config, sharding) -> float:
+    """Mean token loss over the first `eval_batches` batches of the held-out rows (this process's share of each);
+    `batch_loss(batch)` gives a batch's (summed loss, counted tokens)."""
     size = rows_per_process(config)
     summed = count = 0.0
     for start in range(0, min(len(rows), size * config.train.eval_batches), size):
         piece = data_lib.PackedRows(*(getattr(rows, f.name)[start:start + size] for f in dataclasses.fields(rows)))
         if len(piece) < size:
             break
-        batch_sum, batch_count = steps.evaluate(master, frozen, _global_batch(piece, sharding))
+        batch_sum, batch_count = batch_loss(_global_batch(piece, sharding))
         summed, count = summed + float(batch_sum), count + float(batch_count)
     return summed / max(count, 1.0)
+
+
+def _model_loss(model: GptOss):
+    """`evaluate`'s batch loss for a whole model (an export read back)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def batch_loss(state, batch):
+        summed, _ = summed_loss(nnx.merge(graphdef, state), batch)
+        return summed, batch["weights"].sum()
+
+    return functools.partial(batch_loss, state)
 
 
 def _global_batch(rows: data_lib.PackedRows, sharding: NamedSharding) -> dict[str, jax.Array]:

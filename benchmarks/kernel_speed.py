@@ -6,9 +6,9 @@ matmul rate measured in the same run as the ceilings:
   model's blockwise attention);
 - decode attention of `decode-batch` new tokens over a `cache`-slot KV cache.
 
-    python benchmarks/kernels.py                         # gpt-oss-20b layer: decode 1-64 tokens, prefill 4k-16k
-    python benchmarks/kernels.py --preset gpt_oss_120b
-    python benchmarks/kernels.py --small --tokens 1,64 --attention-tokens 128 --decode-batch 1 --cache 256
+    python benchmarks/kernel_speed.py                         # gpt-oss-20b layer: decode 1-64 tokens, prefill 4k-16k
+    python benchmarks/kernel_speed.py --preset gpt_oss_120b
+    python benchmarks/kernel_speed.py --small --tokens 1,64 --attention-tokens 128 --decode-batch 1 --cache 256
                                                           # tiny shapes, interpret mode: a smoke run on a CPU
 
 Decode moves the touched experts' packed bytes (reported as GB/s against the copy ceiling); prefill is compute
