@@ -1,8 +1,9 @@
 """Run by tests/test_sharding.py in a fresh interpreter with 8 CPU devices (or as one of two jax.distributed
 processes): loads a checkpoint on several meshes and writes the logits and greedy tokens of each to a file, and
-with "adapters" the logits and adapter gradients of LoRA on every target, without and with QAT.
+the checks each mesh names: "adapted" (logits and adapter gradients of LoRA on every target), "qat" (the same
+with quantization-aware training).
 
-    python sharded_check.py CHECKPOINT MESHES_JSON OUTPUT adapters|plain [PROCESS_ID PROCESS_COUNT PORT]
+    python sharded_check.py CHECKPOINT '{"MESH": ["adapted", "qat"], ...}' OUTPUT [PROCESS_ID PROCESS_COUNT PORT]
 """
 
 import json
@@ -19,11 +20,11 @@ from gptoss_jax.lora import LoraConfig, add_lora
 from gptoss_jax.sharding import make_mesh, on_every_host, shard_model
 
 
-def main(checkpoint: str, meshes: list[str], output: str, adapters: bool) -> None:
+def main(checkpoint: str, meshes: dict[str, list[str]], output: str) -> None:
     tokens = np.random.default_rng(0).integers(0, 300, (4, 11)).astype(np.int32)
     prompts = [tokens[0, :9].tolist(), tokens[1, :3].tolist()]
     results = {}
-    for spec in meshes:
+    for spec, checks in meshes.items():
         mesh = make_mesh(spec) if spec else None
         model = gptoss_jax.load_model(checkpoint, dtype="float32", mesh=mesh)
         placed = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())) \
@@ -31,12 +32,10 @@ def main(checkpoint: str, meshes: list[str], output: str, adapters: bool) -> Non
         logits = nnx.jit(lambda m, t: m(t))(model, placed)
         generated = Generator(model).generate(prompts, 12, stop_tokens=[])
         results[spec] = {"logits": _host(logits).tolist(), "generated": generated}
-        if not adapters:
-            continue
         # adapters on every target (random b), expert-parallel LoRA included; and the same trained for an MXFP4
         # export (QAT: the experts through Q(W + delta))
-        for name, qat in (("adapted", False), ("qat", True)):
-            adapted = gptoss_jax.load_model(checkpoint, dtype="float32", qat=qat)
+        for name in checks:
+            adapted = gptoss_jax.load_model(checkpoint, dtype="float32", qat=name == "qat")
             add_lora(adapted, LoraConfig(rank=2, targets=("*",)), rngs=nnx.Rngs(1))
             adapters = nnx.state(adapted, gptoss_jax.model.LoRAParam)
             nnx.update(adapted, jax.tree.map(lambda a: a + 0.05, adapters))
@@ -58,8 +57,8 @@ def _host(array):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 5:  # process id, count, coordinator port
+    if len(sys.argv) > 4:  # process id, count, coordinator port
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(f"127.0.0.1:{sys.argv[7]}", num_processes=int(sys.argv[6]),
-                                   process_id=int(sys.argv[5]))
-    main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4] == "adapters")
+        jax.distributed.initialize(f"127.0.0.1:{sys.argv[6]}", num_processes=int(sys.argv[5]),
+                                   process_id=int(sys.argv[4]))
+    main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])

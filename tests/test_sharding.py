@@ -17,6 +17,8 @@ from layouts import model_with_mxfp4_experts, write_hf_mxfp4
 
 HERE = Path(__file__).parent
 MESHES = ["", "expert=4,tensor=2", "fsdp=8", "data=2,expert=4", "tensor=2,fsdp=4", "expert=2,tensor=2,fsdp=2"]
+# QAT changes only the experts' weights: checked on one device and on the meshes that split experts over every axis
+QAT_MESHES = ["", "expert=4,tensor=2", "expert=2,tensor=2,fsdp=2"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def _compare(results):
     reference = results[""]
     for spec, result in results.items():
         assert relative_error(result["logits"], reference["logits"]) <= 1e-5, spec
-        for name in ("adapted", "adapted_grads", "qat", "qat_grads"):
+        for name in ("adapted", "adapted_grads") + (("qat", "qat_grads") if spec in QAT_MESHES else ()):
             assert relative_error(result[name], reference[name]) <= 1e-5, (spec, name)
         assert result["generated"] == reference["generated"], spec
     assert relative_error(reference["adapted"], reference["logits"]) > 1e-3  # the adapters matter
@@ -47,7 +49,8 @@ def _compare(results):
 
 def test_meshes_of_eight_devices_match_one_device(checkpoint, tmp_path):
     output = tmp_path / "results.json"
-    result = _run([str(checkpoint), json.dumps(MESHES), str(output), "adapters"],
+    checks = {spec: ["adapted", "qat"] if spec in QAT_MESHES else ["adapted"] for spec in MESHES}
+    result = _run([str(checkpoint), json.dumps(checks), str(output)],
                   {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert result.returncode == 0, result.stderr[-4000:]
     _compare(json.loads(output.read_text()))
@@ -56,7 +59,7 @@ def test_meshes_of_eight_devices_match_one_device(checkpoint, tmp_path):
 def test_two_processes_reproduce_one(checkpoint, tmp_path):
     """Two jax.distributed processes on 127.0.0.1 (gloo collectives), four devices each, one 8-device mesh."""
     single = tmp_path / "single.json"
-    result = _run([str(checkpoint), json.dumps(["", "expert=4,tensor=2"]), str(single), "plain"],
+    result = _run([str(checkpoint), json.dumps({"": [], "expert=4,tensor=2": []}), str(single)],
                   {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert result.returncode == 0, result.stderr[-4000:]
     with socket.socket() as probe:
@@ -65,8 +68,7 @@ def test_two_processes_reproduce_one(checkpoint, tmp_path):
     distributed = tmp_path / "distributed.json"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     processes = [subprocess.Popen([sys.executable, str(HERE / "sharded_check.py"), str(checkpoint),
-                                   json.dumps(["expert=4,tensor=2"]), str(distributed), "plain", str(i), "2",
-                                   str(port)],
+                                   json.dumps({"expert=4,tensor=2": []}), str(distributed), str(i), "2", str(port)],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for i in range(2)]
     for process in processes:
