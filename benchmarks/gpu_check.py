@@ -287,53 +287,52 @@ def compile_ahead(target: str, out: Path) -> int:
              f"{platform.machine()}, jax {jax.__version__}", "",
              "| kernel | program | grid | shared memory | registers | spills | compile s |",
              "|---|---|---|---:|---:|---:|---:|"]
+
+    def lora_step(kernels):  # the trainer's LoRA step, as `plan --target` compiles it; its memory in the table
+        def compile_step(dump):
+            report = plan(load_config(ROOT / "configs" / "train" / "gpt_oss_20b_lora.py", [
+                "--config.model.checkpoint=", "--config.model.preset=gpt_oss_20b", "--config.optimizer.grad_accum=1",
+                f"--config.model.kernels={kernels}"]), target=target, dump_to=str(dump))
+            return f": {report.total_bytes / GIB:.1f} GiB"
+
+        return compile_step
+
+    def check_step(check):
+        def compile_step(dump):
+            gpu_compile.compile_check(check, devices, dump_to=dump)
+            return ""
+
+        return compile_step
+
+    programs = [(f"{model}: {check.label}", check_step(check)) for model, check in checks]
+    programs += [(f"20b: LoRA step (attention + experts, rank 8), 2048 tokens (kernels={kernels})", lora_step(kernels))
+                 for kernels in ("auto", "xla")]
     compiled = spilled = 0
-    for model, check in checks:
-        dump = out / "aot_dump" / f"{len(lines):03d}"
+    for index, (label, compile_program) in enumerate(programs):
+        dump = out / "aot_dump" / f"{index:03d}"
         started = time.perf_counter()
         try:
-            gpu_compile.compile_check(check, devices, dump_to=dump)
+            note = compile_program(dump)
         except Exception as error:  # noqa: BLE001 - the table names each failure and goes on
-            lines.append(f"| (failed) | {model}: {check.label} | | | | | {str(error).splitlines()[0][:120]} |")
+            lines.append(f"| (failed) | {label} | | | | | {str(error).splitlines()[0][:120]} |")
             continue
         seconds = time.perf_counter() - started
         compiled += 1
         kernels = list(dict.fromkeys(gpu_compile.pallas_kernels(dump)))  # a kernel per layer kind: listed once
         for kernel in kernels:
             spilled += kernel.spill_bytes > 0
-            lines.append(f"| {kernel.name} | {model}: {check.label} | {'x'.join(map(str, kernel.grid))} | "
-                         f"{kernel.shared_memory:,} B | {kernel.registers} | {kernel.spill_bytes} B | {seconds:.1f} |")
-        if not kernels:
-            lines.append(f"| (XLA only) | {model}: {check.label} | | | | | {seconds:.1f} |")
-        shutil.rmtree(dump, ignore_errors=True)
-    for kernels in ("auto", "xla"):  # the trainer's LoRA step, as `plan --target` compiles it
-        dump = out / "aot_dump" / f"lora-{kernels}"
-        label = f"20b: LoRA step (attention + experts, rank 8), 2048 tokens (kernels={kernels})"
-        started = time.perf_counter()
-        try:
-            report = plan(load_config(ROOT / "configs" / "train" / "gpt_oss_20b_lora.py", [
-                "--config.model.checkpoint=", "--config.model.preset=gpt_oss_20b", "--config.optimizer.grad_accum=1",
-                f"--config.model.kernels={kernels}"]), target=target, dump_to=str(dump))
-        except Exception as error:  # noqa: BLE001 - the table names each failure and goes on
-            lines.append(f"| (failed) | {label} | | | | | {str(error).splitlines()[0][:120]} |")
-            continue
-        seconds, compiled = time.perf_counter() - started, compiled + 1
-        kernels_found = list(dict.fromkeys(gpu_compile.pallas_kernels(dump)))
-        for kernel in kernels_found:
-            spilled += kernel.spill_bytes > 0
             lines.append(f"| {kernel.name} | {label} | {'x'.join(map(str, kernel.grid))} | "
                          f"{kernel.shared_memory:,} B | {kernel.registers} | {kernel.spill_bytes} B | {seconds:.1f} |")
-        if not kernels_found:
-            lines.append(f"| (XLA only) | {label}: {report.total_bytes / GIB:.1f} GiB | | | | | {seconds:.1f} |")
+        if not kernels:
+            lines.append(f"| (XLA only) | {label}{note} | | | | | {seconds:.1f} |")
         shutil.rmtree(dump, ignore_errors=True)
-    total = len(checks) + 2
-    lines += ["", f"aot: {compiled} of {total} compiled, {spilled} spilled"]
+    lines += ["", f"aot: {compiled} of {len(programs)} compiled, {spilled} spilled"]
     text = "\n".join(lines) + "\n"
     print(text)
     file = out / f"gpu_check-aot-{gpu.name if gpu.name in gpu_compile.TARGETS else 'target'}.md"
     file.write_text(text)
     print(f"written to {file}")
-    return 0 if compiled == total and not spilled else 1
+    return 0 if compiled == len(programs) and not spilled else 1
 
 
 def write_target_config(out: Path) -> None:
