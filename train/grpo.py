@@ -329,8 +329,9 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
 
         trained = scaffold.merge_trained(graphdef, master, dtypes, frozen)
         exports = scaffold.export(trained, config, missing_only=start == step) if step == config.train.steps else {}
-        exported, lost = scaffold.reload_mxfp4_export(config, exports, mesh), []
-        if exported is not None and g.eval_tasks:
+        exported = scaffold.reload_mxfp4_export(config, exports, mesh) if g.eval_tasks else None
+        lost = []
+        if exported is not None:
             if step not in evals:  # a rerun that only exported
                 generator.state = nnx.state(trained)
                 evals[step] = evaluate(generator, config, f"step_{step}")

@@ -265,8 +265,8 @@ EXPORT_LOSS_LIMIT = 0.01
 
 def reload_mxfp4_export(config: ml_collections.ConfigDict, written: dict, mesh: jax.sharding.Mesh) -> GptOss | None:
     """The merged MXFP4 export just written, loaded as its users load it, to measure what it lost against the model
-    as trained; None when this call wrote none. Multi-process runs are not measured: the other processes may not
-    see the files the first one wrote."""
+    as trained (callers load it only when they have something to measure it on); None when this call wrote none.
+    Multi-process runs are not measured: the other processes may not see the files the first one wrote."""
     if "merged" not in written or not config.export.mxfp4 or jax.process_count() > 1:
         return None
     return load_model(written["merged"], dtype=config.model.compute_dtype, mesh=mesh, kernels=config.model.kernels)

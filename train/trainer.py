@@ -250,8 +250,9 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
 
         trained = merge_trained(graphdef, master, dtypes, frozen)
         exports = export(trained, config, missing_only=start == step) if step == config.train.steps else {}
-        exported, lost = reload_mxfp4_export(config, exports, mesh), ""
-        if exported is not None and eval_rows is not None:
+        exported = reload_mxfp4_export(config, exports, mesh) if eval_rows is not None else None
+        lost = ""
+        if exported is not None:
             losses_of = {
                 "trained": eval_losses.get(step) or evaluate(functools.partial(steps.evaluate, master, frozen),
                                                              eval_rows, config, batch_sharding),
