@@ -38,7 +38,7 @@ from jax.ad_checkpoint import checkpoint_name
 from gptoss_jax import backend, moe, ops
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernels.attention import decode_attention, flash_attention
-from gptoss_jax.mxfp4 import Mxfp4Layer, Mxfp4Weight, fake_quantize
+from gptoss_jax.mxfp4 import Mxfp4Layer, Mxfp4Weight, fake_quantize, is_packed
 from gptoss_jax.ops import SegmentMask
 
 log = logging.getLogger(__name__)
@@ -273,9 +273,11 @@ class MoE(nnx.Module):
     def _weights_for_experts(self):
         """(gate-up weight, down weight, their adapters' factors) as the experts multiply by them. With QAT
         (`GptOssConfig.qat`) each weight is the one an MXFP4 export writes — its adapter's update merged as
-        `lora.merge_lora` merges it, then through `mxfp4.fake_quantize` — and no adapter is left beside it."""
+        `lora.merge_lora` merges it, then through `mxfp4.fake_quantize` — and no adapter is left beside it. Packed
+        weights without expert adapters are exported as they are (merge_lora keeps them packed): used as they are."""
         names = ("w_gate_up", "w_down")
-        if not self.qat:
+        as_exported = is_packed(self.w_gate_up.get_value()) and not any(name in self.adapters for name in names)
+        if not self.qat or as_exported:
             low_rank = {name: (adapter.a[...], adapter.b[...], adapter.scaling)
                         for name, adapter in self.adapters.items() if name in names}
             return self.w_gate_up.get_value(), self.w_down.get_value(), low_rank

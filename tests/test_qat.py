@@ -157,3 +157,14 @@ def test_remat_replays_the_quantized_experts_exactly():
             assert relative_error(replayed, kept) <= 1e-6
         else:
             assert not np.any(np.asarray(replayed))
+
+
+def test_a_packed_base_without_expert_adapters_is_used_as_exported():
+    """LoRA on attention only: the packed experts are exported as they are (merge_lora keeps them packed), so QAT's
+    forward is the plain one, bit for bit — no dense copy of the experts is made for it."""
+    outputs = []
+    for qat in (False, True):
+        model = GptOss(CONFIG.replace(qat=qat), dtype="float32", mxfp4_experts=True, rngs=nnx.Rngs(0))
+        lora.add_lora(model, lora.LoraConfig(rank=4), rngs=nnx.Rngs(1))
+        outputs.append(np.asarray(model(TOKENS)))
+    np.testing.assert_array_equal(outputs[1], outputs[0])
