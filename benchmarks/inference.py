@@ -4,7 +4,9 @@ Model: 4 layers, hidden 512, 16 experts (top 4), the real 201,088-token vocabula
 1024- and one 8192-token prompt, both sides computing the last position's logits only. Decode: batch 1, 64 greedy
 tokens after a 32-token prompt (the KV cache on both sides). transformers runs with each of its CPU experts
 implementations ("eager", "grouped_mm"; attention "eager": its sinks rule out sdpa, and flex attention with sinks
-needs a GPU) and the faster of the two is the reference. The machine's limits are measured in the same run: a
+needs a GPU) and the faster of the two is the reference. Also ours alone: a decode step of 16 rows (200-token prompts)
+in a cache of 256 and of 4,096 slots — a step attends over every slot, and should cost little more for the larger
+one (no copies of the cache: it writes one position a row). The machine's limits are measured in the same run: a
 2048^3 float32 matmul (FLOP/s) and reading a 1 GiB array (bytes/s). Prefill is compared with the matmul rate
 (FLOPs / time); decode at batch 1 with the bandwidth (the weight bytes a token reads / time).
 
@@ -36,6 +38,7 @@ SIZES = dict(num_hidden_layers=4, hidden_size=512, intermediate_size=512, head_d
              num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=4, vocab_size=201088,
              sliding_window=128)
 PREFILLS, PROMPT, DECODE = (1024, 8192), 32, 64
+CAPACITIES, ROWS, ROW_PROMPT = (256, 4096), 16, 200
 PEER_EXPERTS = ("eager", "grouped_mm")
 
 
@@ -67,11 +70,11 @@ def decode_bytes(config) -> float:
     return 4 * (active + config.hidden_size)
 
 
-def _decode_seconds(generator: Generator, prompt: list[int]) -> float:
+def _decode_seconds(generator: Generator, prompts: list[list[int]], cache_length: int | None = None) -> float:
     """Seconds per decode step: from the first sampled token (after the prefill) to the last."""
     stamps = []
-    generator.generate([prompt], DECODE + 1, stop_tokens=[], stream=lambda row, token: stamps.append(
-        time.perf_counter()))
+    generator.generate(prompts, DECODE + 1, stop_tokens=[], cache_length=cache_length,
+                       stream=lambda row, token: row == 0 and stamps.append(time.perf_counter()))
     return (stamps[-1] - stamps[0]) / DECODE
 
 
@@ -88,7 +91,9 @@ def main():
 
     ours = {length: seconds(lambda p=prompt: generator.generate([p], 1, stop_tokens=[]), 3)
             for length, prompt in long_prompts.items()}
-    ours["decode"] = min(_decode_seconds(generator, short_prompt) for _ in range(3))
+    ours["decode"] = min(_decode_seconds(generator, [short_prompt]) for _ in range(3))
+    rows = rng.integers(0, SIZES["vocab_size"], (ROWS, ROW_PROMPT)).tolist()
+    steps = {capacity: min(_decode_seconds(generator, rows, capacity) for _ in range(3)) for capacity in CAPACITIES}
 
     theirs = {}
     with torch.no_grad():
@@ -121,6 +126,9 @@ def main():
         peers = ", ".join(f"{experts} {rate:9.1f}" for experts, rate in peer.items())
         print(f"{name:15s} ours {ours_rate:9.1f} tok/s ({work * ours_rate / ceiling:.0%} {limit})   transformers "
               f"[{peers}] tok/s ({work * peer[best] / ceiling:.0%})   ratio {ours_rate / peer[best]:.2f}x over {best}")
+    small, large = CAPACITIES
+    print(f"decode step, batch {ROWS}: {steps[small] * 1e3:.1f} ms at {small} slots, {steps[large] * 1e3:.1f} ms at "
+          f"{large}: {steps[large] / steps[small]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -143,9 +143,8 @@ def run(generator, records: Sequence[Mapping[str, Any]], toolsets: Sequence[Mapp
                 if on_token is not None:
                     on_token(going[row], token)
 
-            # one batch, as many new tokens as the longest row leaves room for in `limit` positions; each row's
-            # output is then cut to its own room
-            new = min(max_new_tokens, limit - max(len(conversations[i].tokens) for i in going))
+            # one batch; each row as many new tokens as its own room in `limit` positions leaves
+            new = [min(max_new_tokens, limit - len(conversations[i].tokens)) for i in going]
             settings = {"temperature": temperature, "top_p": top_p, "stream": stream,
                         "seed": [(seeds[i] + turn * 104_729) % (1 << 31) for i in going]}
             started = time.perf_counter()
@@ -161,9 +160,7 @@ def run(generator, records: Sequence[Mapping[str, Any]], toolsets: Sequence[Mapp
             seconds = (time.perf_counter() - started) / len(going)
             calls = {}
             for i, output in zip(going, outputs, strict=True):
-                own = limit - len(conversations[i].tokens)
-                parsed = parsers[i].result() if len(output) <= own else harmony.parse(output[:own], role="assistant")
-                calls[i] = _take_output(conversations[i], output[:own], parsed, seconds, limit)
+                calls[i] = _take_output(conversations[i], output, parsers[i].result(), seconds, limit)
                 if on_step is not None:
                     on_step(i, conversations[i].steps[-1])
             if turn + 1 == max_turns:  # no generation left to read an answer: the calls stay unanswered
@@ -193,11 +190,12 @@ def _take_output(conversation: Conversation, output: list[int], parsed: harmony.
     conversation.messages += messages
     conversation.tokens += output
     last = output[-1] if output else None
-    if parsed.error:
+    cut = last not in (tok.RETURN, tok.CALL)  # by a token limit
+    if parsed.error and not (cut and parsed.error == harmony.HEADER_CUT):
         conversation.finish = f"error: {parsed.error}"
     elif last == tok.RETURN:
         conversation.finish = "final"
-    elif last != tok.CALL:
+    elif cut:
         conversation.finish = "max_tokens" if len(conversation.tokens) >= limit else "length"
     elif (messages[-1].recipient or "").startswith("functions."):
         conversation.finish = "function_call"

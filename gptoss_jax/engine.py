@@ -304,8 +304,8 @@ class Engine:
         mesh = self.model.mesh
         if mesh is None:
             return cache
-        heads = "tensor" if cache.full_k.shape[3] % mesh.shape["tensor"] == 0 else None
-        layers = NamedSharding(mesh, PartitionSpec(None, None, None, heads, None))
+        heads = "tensor" if cache.full_k.shape[2] % mesh.shape["tensor"] == 0 else None
+        layers = NamedSharding(mesh, PartitionSpec(None, None, heads, None, None))
         rows = NamedSharding(mesh, PartitionSpec())
         return KVCache(*(sharding.zeros(a.shape, a.dtype, layers) for a in (cache.banded_k, cache.banded_v,
                                                                              cache.full_k, cache.full_v)),

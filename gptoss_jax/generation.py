@@ -75,7 +75,7 @@ class Generator:
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
-        max_new_tokens: int,
+        max_new_tokens: int | Sequence[int],
         *,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -87,7 +87,8 @@ class Generator:
         constraints: constrain.RowConstraints | None = None,
         keep_cache: bool = False,
     ) -> list[list[int]] | tuple[list[list[int]], KVCache]:
-        """New tokens of each prompt, up to `max_new_tokens` or through the first stop token (included).
+        """New tokens of each prompt, up to `max_new_tokens` (one for all, or one per prompt) or through the first
+        stop token (included).
 
         stop_tokens: None for harmony's (`<|return|>`, `<|call|>`); [] to never stop early.
         seed: one seed for the batch, or one per prompt (a row's draws then do not depend on the other rows).
@@ -100,21 +101,18 @@ class Generator:
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, and no empty prompt")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 0:
-            raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}, "
-                             f"max_new_tokens={max_new_tokens}")
+        _check_settings(temperature, top_p, top_k)
+        new = _per_row(max_new_tokens, len(prompts))
         stops = set(DEFAULT_STOP_TOKENS if stop_tokens is None else stop_tokens)
         longest = max(len(p) for p in prompts)
-        capacity = cache_length or longest + max_new_tokens
+        needed = max(len(p) + n for p, n in zip(prompts, new, strict=True))  # indices: padded to the longest
+        capacity = cache_length or longest + max(new)
         limit = self.model.config.max_position_embeddings
-        if longest + max_new_tokens > capacity or capacity > limit:
-            raise ValueError(f"a prompt of {longest} tokens plus {max_new_tokens} new ones needs "
-                             f"{longest + max_new_tokens} positions; the cache holds {capacity} and the model "
+        if longest + max(new) > capacity or needed > limit:
+            raise ValueError(f"the prompts need {needed} positions with their new tokens (a prompt of {longest} "
+                             f"tokens plus up to {max(new)} new ones); the cache holds {capacity} and the model "
                              f"{limit}")
-        vocab = self.model.config.vocab_size
-        for row, prompt in enumerate(prompts):
-            if min(prompt) < 0 or max(prompt) >= vocab:
-                raise ValueError(f"prompt {row}: token ids must be in [0, {vocab})")
+        self._check_tokens(prompts, "prompt")
         # A prompt asked several times (n samples, GRPO's groups) is prefilled once; its rows then share that cache.
         distinct: dict[tuple[int, ...], int] = {}
         source_row = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
@@ -127,11 +125,11 @@ class Generator:
         if len(distinct) < len(prompts):
             logits, cache = self._spread(logits, cache, np.asarray(source_row, np.int32))
         states = constraints.states(prompts) if constraints is not None else None
-        outputs, cache = self._sample(logits, cache, max_new_tokens, temperature=temperature, top_p=top_p,
+        outputs, cache = self._sample(logits, cache, new, temperature=temperature, top_p=top_p,
                                       top_k=top_k, seed=seed, stops=stops, stream=stream, states=states)
         return (outputs, cache) if keep_cache else outputs
 
-    def resume(self, cache: KVCache, appended: Sequence[Sequence[int]], max_new_tokens: int, *,
+    def resume(self, cache: KVCache, appended: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | Sequence[int] = 0,
                stop_tokens: Sequence[int] | None = None,
                stream: Callable[[int, int], None] | None = None) -> tuple[list[list[int]], KVCache]:
@@ -142,13 +140,20 @@ class Generator:
         if len(appended) != cache.start.shape[0] or any(len(a) == 0 for a in appended):
             raise ValueError(f"resume needs one non-empty chunk per cache row ({cache.start.shape[0]}), got "
                              f"{[len(a) for a in appended]}")
-        needed = max(int(n) + len(a) for n, a in zip(_on_host(cache.length), appended, strict=True)) + max_new_tokens
+        _check_settings(temperature, top_p, top_k)
+        self._check_tokens(appended, "appended chunk")
+        new = _per_row(max_new_tokens, len(appended))
+        # A row's positions count from its first real token; its cache indices also count its left padding.
+        fed, written = self.fed(cache), _on_host(cache.length).tolist()
+        positions = [f + len(a) + n for f, a, n in zip(fed, appended, new, strict=True)]
         limit = self.model.config.max_position_embeddings
-        if needed > limit:
-            raise ValueError(f"the rows need {needed} positions with the appended and new tokens; the model holds "
-                             f"{limit}")
-        if needed > cache.full_k.shape[2]:  # grown to a power of two (few shapes); decode attends over it all
-            cache = self._grown(cache, min(limit, 1 << (needed - 1).bit_length()))
+        if max(positions) > limit:
+            row = positions.index(max(positions))
+            raise ValueError(f"row {row} needs {positions[row]} positions with its {fed[row]} tokens, "
+                             f"{len(appended[row])} appended and {new[row]} new ones; the model holds {limit}")
+        needed = max(w + len(a) + n for w, a, n in zip(written, appended, new, strict=True))
+        if needed > cache.capacity:  # grown to a power of two (few shapes); decode attends over it all
+            cache = self._grown(cache, 1 << (needed - 1).bit_length())
         width = 1 << (max(map(len, appended)) - 1).bit_length()  # few chunk shapes compile
         tokens = np.zeros((len(appended), width), np.int32)
         for row, chunk in enumerate(appended):
@@ -156,7 +161,7 @@ class Generator:
         count = np.asarray([len(a) for a in appended], np.int32)
         logits, cache = self._extend(self.state, self._replicated(tokens), self._replicated(count), cache)
         stops = set(DEFAULT_STOP_TOKENS if stop_tokens is None else stop_tokens)
-        return self._sample(logits, cache, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        return self._sample(logits, cache, new, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stops=stops, stream=stream, states=None)
 
     def _grown(self, cache: KVCache, capacity: int) -> KVCache:
@@ -164,7 +169,7 @@ class Generator:
         the cache (`init_cache`), so it holds index i in slot i, as the longer ring will: it is padded too."""
 
         def padded(array, size):
-            return jnp.pad(array, ((0, 0), (0, 0), (0, size - array.shape[2]), (0, 0), (0, 0)))
+            return jnp.pad(array, ((0, 0), (0, 0), (0, 0), (0, size - array.shape[KVCache.SLOTS]), (0, 0)))
 
         window = min(self.model.config.sliding_window, capacity)
         cache = KVCache(*(padded(a, window) for a in (cache.banded_k, cache.banded_v)),
@@ -183,8 +188,15 @@ class Generator:
         """The cache of some of its rows, in that order (the conversations that go on)."""
         return self._spread(jnp.zeros((cache.start.shape[0], 1)), cache, np.asarray(rows, np.int32))[1]
 
-    def _sample(self, logits, cache, max_new_tokens, *, temperature, top_p, top_k, seed, stops, stream, states):
-        """The sampling loop from the logits after each row's last token; finished rows are no longer written."""
+    def _check_tokens(self, chunks: Sequence[Sequence[int]], what: str) -> None:
+        vocab = self.model.config.vocab_size
+        for row, chunk in enumerate(chunks):
+            if min(chunk) < 0 or max(chunk) >= vocab:
+                raise ValueError(f"{what} {row}: token ids must be in [0, {vocab}), got {min(chunk)}..{max(chunk)}")
+
+    def _sample(self, logits, cache, new, *, temperature, top_p, top_k, seed, stops, stream, states):
+        """The sampling loop from the logits after each row's last token, up to `new[row]` tokens a row; finished
+        rows are no longer written."""
         rows = logits.shape[0]
         if isinstance(seed, int):
             key, fold = jax.random.key(seed), jax.random.fold_in
@@ -193,24 +205,23 @@ class Generator:
         else:
             raise ValueError(f"{len(seed)} seeds for {rows} prompts")
         outputs = [[] for _ in range(rows)]
-        done = np.zeros(rows, bool)
+        done = np.asarray(new) == 0
         bitmask = constrain.allocate(rows, self.model.config.vocab_size) if states is not None else None
         masked = self._fill(states, done, bitmask)
         settings = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
-        for step in range(max_new_tokens):
+        for step in range(max(new)):
             if masked:
                 chosen = self._sample_masked(logits, fold(key, step), self._replicated(bitmask), **settings)
             else:
                 chosen = self._draw(logits, fold(key, step), **settings)
             chosen = _on_host(chosen)
-            last = step == max_new_tokens - 1
             for row, token in enumerate(chosen.tolist()):
                 if not done[row]:
                     outputs[row].append(token)
-                    done[row] = token in stops
+                    done[row] = token in stops or len(outputs[row]) == new[row]
                     if stream is not None:
                         stream(row, token)
-            if done.all() or last:
+            if done.all():
                 break
             logits, cache = self._decode(self.state, self._replicated(chosen), cache, self._replicated(~done))
             if states is not None:  # the next masks, on the host while the device decodes
@@ -262,9 +273,22 @@ def cache_shardings(cache: KVCache, mesh: jax.sharding.Mesh) -> KVCache:
     """Where a cache lives beside the parameters: rows over data x fsdp, key/value heads over tensor, where they
     split."""
     rows = sharding.batch_spec(cache.start.shape[0], mesh)
-    heads = "tensor" if cache.full_k.shape[3] % mesh.shape["tensor"] == 0 else None
-    layers = NamedSharding(mesh, PartitionSpec(None, *(rows or (None,)), None, heads, None))
+    heads = "tensor" if cache.full_k.shape[2] % mesh.shape["tensor"] == 0 else None
+    layers = NamedSharding(mesh, PartitionSpec(None, *(rows or (None,)), heads, None, None))
     return KVCache(layers, layers, layers, layers, NamedSharding(mesh, rows), NamedSharding(mesh, rows))
+
+
+def _check_settings(temperature: float, top_p: float, top_k: int) -> None:
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
+
+
+def _per_row(max_new_tokens: int | Sequence[int], rows: int) -> list[int]:
+    """Each row's new-token limit, from one for all or one per row."""
+    new = [max_new_tokens] * rows if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(new) != rows or min(new) < 0:
+        raise ValueError(f"max_new_tokens: one count >= 0, or one per row ({rows}), got {max_new_tokens}")
+    return new
 
 
 def _on_host(array: jax.Array) -> np.ndarray:

@@ -49,6 +49,7 @@ KNOWLEDGE_CUTOFF = "2024-06"
 CHANNELS = ("analysis", "commentary", "final")
 JSON_CONTENT_TYPE = "<|constrain|>json"
 STOP_TOKENS = frozenset({tok.END, tok.RETURN, tok.CALL})
+HEADER_CUT = "output ended inside a message header"  # the parse error of an output cut off in a header
 
 
 class RecordError(ValueError):
@@ -598,7 +599,7 @@ class StreamParser:
         partial = self._close() if self._state == "content" else None
         error = self.error
         if self._state == "header" and self._header:
-            error = error or "output ended inside a message header"
+            error = error or HEADER_CUT
         return ParseResult(list(self.messages), partial, error, self.stop_token)
 
     def _close(self) -> Message:

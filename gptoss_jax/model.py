@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -198,9 +199,10 @@ class Attention(nnx.Module):
         self.kernels, self.block = config.kernels, config.attention_block
         self.adapters = nnx.Dict()  # LoRA of wq, wk, wv, wo
 
-    def __call__(self, x, cos, sin, mask, key=None, attend_to=None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """-> (output, keys, values attended). `attend_to(k, v)` gives the keys and values to attend over
-        (a KV cache updated with this step's); by default the step's own."""
+    def __call__(self, x, cos, sin, mask, key=None, attend_to=None) -> tuple[jax.Array, Any]:
+        """-> (output, kept). `attend_to(k, v) -> ((keys, values), kept)` gives the keys and values to attend
+        over (a KV cache updated with this step's) and what the caller keeps of them (the updated cache); by
+        default the step's own keys and values, kept as they are."""
         a = self.adapters
         q = ops.matmul("btd,dnh->btnh", x, self.wq[...]) + self.bq[...]
         q += _low_rank(a, "wq", x, "btd,dr->btr", "btr,rnh->btnh", _key(key, 0))
@@ -209,10 +211,10 @@ class Attention(nnx.Module):
         v = ops.matmul("btd,dkh->btkh", x, self.wv[...]) + self.bv[...]
         v += _low_rank(a, "wv", x, "btd,dr->btr", "btr,rkh->btkh", _key(key, 2))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = (k, v) if attend_to is None else attend_to(k, v)
+        (keys, values), kept = ((k, v), (k, v)) if attend_to is None else attend_to(k, v)
         out = checkpoint_name(attend(q, keys, values, self.sinks[...], mask, self.kernels, self.block), "attention")
         projected = ops.matmul("btnh,nhd->btd", out, self.wo[...]) + self.bo[...]
-        return projected + _low_rank(a, "wo", out, "btnh,nhr->btr", "btr,rd->btd", _key(key, 3)), keys, values
+        return projected + _low_rank(a, "wo", out, "btnh,nhr->btr", "btr,rd->btd", _key(key, 3)), kept
 
 
 # ---- mixture of experts ------------------------------------------------------------------------------------
@@ -322,14 +324,14 @@ class Block(nnx.Module):
         self.mlp = MoE(config, dtype=dtype, mxfp4_experts=mxfp4_experts, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, key=None, attend_to=None):
-        """-> (output, router losses, keys, values) — see Attention for `attend_to`. Named scopes (`attention`,
-        `moe`; inside it `router` and `experts`) name the parts in profiles and dumped HLO."""
+        """-> (output, router losses, kept) — see Attention for `attend_to` and `kept`. Named scopes
+        (`attention`, `moe`; inside it `router` and `experts`) name the parts in profiles and dumped HLO."""
         with jax.named_scope("attention"):
-            attended, keys, values = self.attn(self.attn_norm(x), cos, sin, mask, key, attend_to)
+            attended, kept = self.attn(self.attn_norm(x), cos, sin, mask, key, attend_to)
         x = x + attended
         with jax.named_scope("moe"):
             out, router = self.mlp(self.mlp_norm(x))
-        return x + out, router, keys, values
+        return x + out, router, kept
 
 
 def _stacked_blocks(count: int, config: GptOssConfig, dtype, mxfp4_experts: bool, rngs: nnx.Rngs) -> Block:
@@ -411,7 +413,7 @@ class GptOss(nnx.Module):
 
         def layer(mask):
             def step(block, x, key):
-                x, router, _, _ = block(x, cos, sin, mask, key)
+                x, router, _ = block(x, cos, sin, mask, key)
                 return x, router
             return step
 
@@ -463,10 +465,9 @@ class GptOss(nnx.Module):
     def init_cache(self, start: jax.Array, max_length: int) -> KVCache:
         """An empty cache for a batch of left-padded sequences whose real tokens begin at `start` [B]."""
         c, batch = self.config, start.shape[0]
-        heads = (batch, c.num_key_value_heads, c.head_dim)
 
         def zeros(layers, slots):
-            return jnp.zeros((layers, heads[0], slots, *heads[1:]), self.dtype)
+            return jnp.zeros((layers, batch, c.num_key_value_heads, slots, c.head_dim), self.dtype)
 
         window = min(c.sliding_window, max_length)
         return KVCache(zeros(c.num_banded_layers, window), zeros(c.num_banded_layers, window),
@@ -481,20 +482,20 @@ class GptOss(nnx.Module):
         real = (index[None, :] >= cache.start[:, None]).astype(jnp.int32)  # pads are their own segment
         positions = jnp.maximum(index[None, :] - cache.start[:, None], 0)
         cos, sin = rope_cos_sin(self.config, positions)
-        window = cache.banded_k.shape[2]
+        window = cache.window
         # Ring slot s keeps the latest index congruent to s (mod window); slots never written stay zero.
         ring_index = (length - 1) - ((length - 1 - jnp.arange(window)) % window)
         ring_written = (ring_index >= 0)[None, :, None, None]
 
         def banded(block, x, _):
-            x, _, k, v = block(x, cos, sin, SegmentMask(real, self.config.sliding_window))
+            x, _, (k, v) = block(x, cos, sin, SegmentMask(real, self.config.sliding_window))
             ring = [jnp.where(ring_written, a[:, jnp.maximum(ring_index, 0)], 0) for a in (k, v)]
-            return x, tuple(ring)
+            return x, tuple(_heads_first(a) for a in ring)
 
         def full(block, x, _):
-            x, _, k, v = block(x, cos, sin, SegmentMask(real, None))
-            pad = ((0, 0), (0, cache.full_k.shape[2] - length), (0, 0), (0, 0))
-            return x, (jnp.pad(k, pad), jnp.pad(v, pad))
+            x, _, (k, v) = block(x, cos, sin, SegmentMask(real, None))
+            pad = ((0, 0), (0, cache.capacity - length), (0, 0), (0, 0))
+            return x, (_heads_first(jnp.pad(k, pad)), _heads_first(jnp.pad(v, pad)))
 
         x, ((banded_k, banded_v), (full_k, full_v)) = self._run_layers(self.embedding[...][tokens], banded, full,
                                                                        unroll=_unroll_inference(self))
@@ -507,7 +508,7 @@ class GptOss(nnx.Module):
         the cache, as if the whole sequence had been prefilled — without prefilling it again (a conversation that
         goes on after a tool's answer). Every row needs count >= 1."""
         index, start = cache.length, cache.start
-        window, capacity, chunk = cache.banded_k.shape[2], cache.full_k.shape[2], tokens.shape[1]
+        window, capacity, chunk = cache.window, cache.capacity, tokens.shape[1]
         offsets = jnp.arange(chunk)
         at = index[:, None] + offsets[None, :]  # [B, T] the chunk's indices
         cos, sin = rope_cos_sin(self.config, at - start[:, None])
@@ -526,31 +527,43 @@ class GptOss(nnx.Module):
         full_mask = ((jnp.arange(capacity)[None, None, :] >= start[:, None, None])
                      & (jnp.arange(capacity)[None, None, :] <= at[:, :, None]))  # [B, T, C]
 
-        def banded(block, x, ring):
-            x, _, k, v = block(x, cos, sin, banded_mask, attend_to=lambda k, v: (
-                jnp.concatenate([ring[0], k], 1), jnp.concatenate([ring[1], v], 1)))
-            written = (taken >= 0)[:, :, None, None]
-            return x, tuple(jnp.where(written, both[:, window:][rows, jnp.maximum(taken, 0)], old)
-                            for old, both in zip(ring, (k, v), strict=True))
+        def banded(block, carry, layer):
+            x, ((ring_k, ring_v), full) = carry
 
-        def full(block, x, kv):
+            def ring_then_chunk(k, v):
+                both = (jnp.concatenate([_heads_first(ring_k[layer]), k], 1),
+                        jnp.concatenate([_heads_first(ring_v[layer]), v], 1))
+                return both, both
+
+            x, _, (k, v) = block(x, cos, sin, banded_mask, attend_to=ring_then_chunk)
+            written = (taken >= 0)[:, None, :, None]
+            ring = tuple(stack.at[layer].set(jnp.where(
+                written, _heads_first(both[:, window:][rows, jnp.maximum(taken, 0)]), stack[layer]))
+                for stack, both in ((ring_k, k), (ring_v, v)))
+            return (x, (ring, full)), None
+
+        def full(block, carry, layer):
             # padding past a row's count is written too, past its new length: masked until decoding overwrites it
             # (indices past the capacity are dropped)
-            x, _, k, v = block(x, cos, sin, full_mask, attend_to=lambda k, v: (
-                kv[0].at[rows, at].set(k, mode="drop"), kv[1].at[rows, at].set(v, mode="drop")))
-            return x, (k, v)
+            x, (ring, (full_k, full_v)) = carry
+            x, _, full = block(x, cos, sin, full_mask, attend_to=lambda k, v: _written(
+                full_k, full_v, layer, (rows, at), k, v))
+            return (x, (ring, full)), None
 
-        x, ((banded_k, banded_v), (full_k, full_v)) = self._run_layers(
-            self.embedding[...][tokens], banded, full,
-            ((cache.banded_k, cache.banded_v), (cache.full_k, cache.full_v)), unroll=_unroll_inference(self))
+        (x, cache_stacks), _ = self._run_layers((self.embedding[...][tokens], _stacks(cache)), banded, full,
+                                                self._layer_indices(), unroll=_unroll_inference(self))
         last = x[jnp.arange(index.shape[0]), count - 1]
-        return self.logits(self.norm(last)), KVCache(banded_k, banded_v, full_k, full_v, start, index + count)
+        return self.logits(self.norm(last)), KVCache(*cache_stacks[0], *cache_stacks[1], start, index + count)
 
     def decode(self, tokens: jax.Array, cache: KVCache, live: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """One new token per row [B], row b at index `cache.length[b]`; returns its logits [B, V] and the cache.
-        live [B] bool: rows whose token is written (the others' caches stay as they are, to be extended later)."""
+        live [B] bool: rows whose token is written (the others' caches stay as they are, to be extended later).
+
+        The cache is carried through the layer loop and each layer writes its one new position into it in place
+        (the cache is donated): a step reads each layer's cache once, for attention, and copies no stack of it
+        (a bfloat16 cache on a CPU aside: see `_scatter`)."""
         index, start = cache.length, cache.start
-        window, capacity = cache.banded_k.shape[2], cache.full_k.shape[2]
+        window, capacity = cache.window, cache.capacity
         cos, sin = rope_cos_sin(self.config, (index - start)[:, None])
         slots = jnp.arange(window)
         # the index each ring slot holds once this step's is written
@@ -560,28 +573,62 @@ class GptOss(nnx.Module):
         full_mask = ((positions >= start[:, None]) & (positions <= index[:, None]))[:, None, :]
         rows = jnp.arange(index.shape[0])
 
-        def writer(cache_k, cache_v, slot):
-            def attend_to(k, v):
-                if live is not None:
-                    k, v = (jnp.where(live[:, None, None], new[:, 0], old[rows, slot])[:, None]
-                            for new, old in ((k, cache_k), (v, cache_v)))
-                return cache_k.at[rows, slot].set(k[:, 0]), cache_v.at[rows, slot].set(v[:, 0])
-            return attend_to
+        def attend_to(stack_k, stack_v, layer, slot):
+            def write(k, v):
+                if live is not None:  # rows that are not live write back what their slot holds
+                    k, v = (jnp.where(live[:, None, None], new[:, 0], old[layer, rows, :, slot])[:, None]
+                            for new, old in ((k, stack_k), (v, stack_v)))
+                return _written(stack_k, stack_v, layer, (rows, slot), k[:, 0], v[:, 0])
+            return write
 
-        def banded(block, x, kv):
-            x, _, k, v = block(x, cos, sin, banded_mask, attend_to=writer(*kv, index % window))
-            return x, (k, v)
+        def banded(block, carry, layer):
+            x, (ring, full) = carry
+            x, _, ring = block(x, cos, sin, banded_mask, attend_to=attend_to(*ring, layer, index % window))
+            return (x, (ring, full)), None
 
-        def full(block, x, kv):
-            x, _, k, v = block(x, cos, sin, full_mask, attend_to=writer(*kv, index))
-            return x, (k, v)
+        def full(block, carry, layer):
+            x, (ring, full) = carry
+            x, _, full = block(x, cos, sin, full_mask, attend_to=attend_to(*full, layer, index))
+            return (x, (ring, full)), None
 
-        x = self.embedding[...][tokens][:, None]
-        x, ((banded_k, banded_v), (full_k, full_v)) = self._run_layers(
-            x, banded, full, ((cache.banded_k, cache.banded_v), (cache.full_k, cache.full_v)),
-            unroll=_unroll_inference(self))
-        cache = KVCache(banded_k, banded_v, full_k, full_v, start, index + (1 if live is None else live))
+        (x, cache_stacks), _ = self._run_layers((self.embedding[...][tokens][:, None], _stacks(cache)), banded,
+                                                full, self._layer_indices(), unroll=_unroll_inference(self))
+        cache = KVCache(*cache_stacks[0], *cache_stacks[1], start, index + (1 if live is None else live))
         return self.logits(self.norm(x[:, 0])), cache
+
+    def _layer_indices(self) -> tuple[jax.Array, jax.Array]:
+        """Each layer's index in its own stack (banded, full), as `_run_layers` inputs."""
+        return jnp.arange(self.config.num_banded_layers), jnp.arange(self.config.num_full_layers)
+
+
+def _stacks(cache: KVCache):
+    """The cache's ((banded keys, values), (full keys, values)) stacks, carried through the layer loop."""
+    return (cache.banded_k, cache.banded_v), (cache.full_k, cache.full_v)
+
+
+def _written(stack_k, stack_v, layer, where, k, v):
+    """An `attend_to` result: the step's keys and values [..., K, H] written into layer `layer` of the stacked
+    cache at `where` (row and slot indices; out of range: dropped); attends over that layer, keeps the stacks."""
+    stack_k, stack_v = (_scatter(stack, (layer, where[0], slice(None), where[1]), new)
+                        for stack, new in ((stack_k, k), (stack_v, v)))
+    return (_heads_first(stack_k[layer]), _heads_first(stack_v[layer])), (stack_k, stack_v)
+
+
+def _scatter(stack: jax.Array, index, new: jax.Array) -> jax.Array:
+    """stack.at[index].set(new) (out of range: dropped); on a CPU through an integer view of a bfloat16 stack: XLA's
+    CPU backend scatters bfloat16 in float32, converting the whole stack there and back at every step, where the
+    view costs one copy at bfloat16's width (a decode step of 16 rows at 4,096 slots: 153 ms, not 191)."""
+    if stack.dtype != jnp.bfloat16 or backend.on_gpu():
+        return stack.at[index].set(new.astype(stack.dtype), mode="drop")
+    bits = jax.lax.bitcast_convert_type
+    return bits(bits(stack, jnp.uint16).at[index].set(bits(new.astype(stack.dtype), jnp.uint16), mode="drop"),
+                jnp.bfloat16)
+
+
+def _heads_first(array: jax.Array) -> jax.Array:
+    """[B, S, K, H] <-> [B, K, S, H]: the cache keeps key/value heads before positions (the layout attention reads:
+    a per-head matrix of positions x head_dim), the model computes them the other way round."""
+    return jnp.swapaxes(array, 1, 2)
 
 
 @jax.tree_util.register_dataclass
@@ -590,18 +637,25 @@ class KVCache:
     """Keys and values of the tokens seen so far. Banded layers keep a ring of `sliding_window` slots (index i
     in slot i % window), full layers every index up to the capacity. Row b's real tokens start at index
     `start[b]` (prompts are left-padded) and `length[b]` indices have been written; rows are independent, so a
-    server can refill one while the others decode."""
+    server can refill one while the others decode. Key/value heads come before slots: the layout attention reads
+    (in another, XLA would transpose the whole cache at every decoding step)."""
 
-    banded_k: jax.Array  # [banded layers, B, window, K, H]
+    banded_k: jax.Array  # [banded layers, B, K, window, H]
     banded_v: jax.Array
-    full_k: jax.Array  # [full layers, B, capacity, K, H]
+    full_k: jax.Array  # [full layers, B, K, capacity, H]
     full_v: jax.Array
     start: jax.Array  # [B] int32
     length: jax.Array  # [B] int32
 
+    SLOTS = 3  # the slot axis of the key/value stacks
+
     @property
     def capacity(self) -> int:
-        return self.full_k.shape[2]
+        return self.full_k.shape[self.SLOTS]
+
+    @property
+    def window(self) -> int:
+        return self.banded_k.shape[self.SLOTS]
 
 
 # What the backward pass keeps of each layer's forward (the rest is recomputed from the layer's input):

@@ -114,7 +114,11 @@ def attention_with_sinks(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Ar
     [B, N, T, S] scores, so it serves decoding (T = 1), short sequences, and as the tested reference.
     """
     batch, length, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
+    num_kv_heads, dtype = k.shape[2], v.dtype
+    if backend.platform() == "cpu" and dtype == jnp.bfloat16:
+        # XLA's CPU backend cannot run every batched bfloat16 dot with float32 results (a KV cache read in place,
+        # heads before positions: "Unsupported element type for DotThunk"); it computes them in float32 anyway
+        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
     q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
@@ -123,7 +127,7 @@ def attention_with_sinks(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Ar
     weights = jnp.exp(scores - peak)
     probs = weights / (weights.sum(axis=-1, keepdims=True) + jnp.exp(sink - peak))
     out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, length, num_heads, head_dim).astype(v.dtype)
+    return out.reshape(batch, length, num_heads, head_dim).astype(dtype)
 
 
 # ---- attention with sinks, blockwise -----------------------------------------------------------------------------

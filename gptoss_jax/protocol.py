@@ -275,9 +275,9 @@ class Completion:
         if self.final_only and current.channel != "final":  # a preamble would break the formatted answer
             return {}
         self.content += delta
-        for stop in self.stops:
-            if stop in self.content:
-                self.content, self.stopped = self.content[: self.content.index(stop)], True
+        found = [self.content.find(stop) for stop in self.stops if stop in self.content]
+        if found:  # the earliest match, whichever string it is (stops may overlap)
+            self.content, self.stopped = self.content[: min(found)], True
         held = 0 if self.stopped else max((k for stop in self.stops for k in range(1, len(stop))
                                           if self.content.endswith(stop[:k])), default=0)
         return self._hand_out(len(self.content) - held)

@@ -98,3 +98,28 @@ def killed_run_resumes_bit_identically(start, root: Path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def whole_cache_copies(hlo: str, cache) -> list[str]:
+    """The instructions of an optimized HLO module that write an array the size of one of the cache's key/value
+    stacks (a copy, transpose or concatenation of a whole cache) other than the cache updated in place (scatter
+    or dynamic-update-slice fusions, which write into their operand's buffer)."""
+    import re
+
+    stacks = {tuple(sorted(a.shape)) for a in (cache.banded_k, cache.full_k)}  # in any order of the axes
+    fused = set(re.findall(r"kind=k\w+, calls=%([\w.-]+)", hlo))  # a fusion's body writes nothing of its own
+    found, computation = [], None
+    for line in hlo.splitlines():
+        if heading := re.match(r"(ENTRY )?%([\w.-]+) .*\{$", line):
+            computation = heading[2]
+        if computation in fused:
+            continue
+        match = re.match(r"\s*(ROOT )?%(\S+) = \w+\[([0-9,]*)\]\S* (\S+)\(", line)
+        if not match or tuple(sorted(int(d) for d in match[3].split(",") if d)) not in stacks:
+            continue
+        name, opcode = match[2], match[4]
+        in_place = opcode in ("scatter", "dynamic-update-slice") or (
+            opcode == "fusion" and re.search(r"scatter|dynamic.update.slice", name))
+        if not in_place and opcode not in ("parameter", "get-tuple-element", "bitcast", "tuple", "while"):
+            found.append(line.strip()[:160])
+    return found

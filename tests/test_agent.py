@@ -62,7 +62,8 @@ class ScriptedModel:
             conversation = self._conversation(prompt)
             self.batches[-1].append(conversation)
             self.prompts[conversation].append(list(prompt))
-            output = self.scripts[conversation].pop(0)[:max_new_tokens]
+            room = max_new_tokens if isinstance(max_new_tokens, int) else max_new_tokens[row]
+            output = self.scripts[conversation].pop(0)[:room]
             for token in output:
                 stream(row, token)
             outputs.append(output)

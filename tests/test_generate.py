@@ -14,11 +14,12 @@ import torch
 from flax import nnx
 
 import gptoss_jax
-from gptoss_jax import GptOssConfig, synthetic
+from gptoss_jax import GptOssConfig, agent, harmony, synthetic
 from gptoss_jax.engine import Engine, Request, _sample_rows
 from gptoss_jax.generation import Generator, generate, sample
+from gptoss_jax.harmony import HEADER_CUT
 
-from helpers import free_ports, relative_error
+from helpers import free_ports, relative_error, whole_cache_copies
 from hf_models import hf_and_ours, random_hf_model
 
 
@@ -206,26 +207,35 @@ def test_resuming_a_kept_cache_generates_what_a_fresh_prefill_does(pair):
     for prompt, output, chunk, tokens in zip(prompts, outputs, appended, resumed, strict=True):
         whole = prompt + output[:-1] + chunk
         assert tokens == generator.generate([whole], 5, stop_tokens=[])[0]
-    assert cache.full_k.shape[2] == 32  # grown to hold the appended and new tokens
+    assert cache.capacity == 32  # grown to hold the appended and new tokens
     with pytest.raises(ValueError, match="one non-empty chunk per cache row"):
         generator.resume(cache, [[1]], 2)
     # a cache shorter than the window of 5 (a ring of 3 slots) grows its ring with it
     outputs, cache = generator.generate([[1, 2]], 1, stop_tokens=[], keep_cache=True)
-    assert cache.banded_k.shape[2] == 3
+    assert cache.window == 3
     resumed, cache = generator.resume(cache, [[outputs[0][0], 7, 8, 9]], 4, stop_tokens=[])
-    assert cache.banded_k.shape[2] == 5
+    assert cache.window == 5
     assert resumed[0] == generator.generate([[1, 2, outputs[0][0], 7, 8, 9]], 4, stop_tokens=[])[0]
 
 
 def test_bad_requests(pair):
     _, model = pair
     generator = Generator(model)
-    with pytest.raises(ValueError, match="a prompt of 12 tokens plus 8 new ones needs 20 positions; the cache holds"):
+    with pytest.raises(ValueError, match=r"need 20 positions .*a prompt of 12 tokens plus up to 8 new ones.*the cache "
+                                         r"holds 16"):
         generator.generate([list(range(12))], 8, cache_length=16)
     with pytest.raises(ValueError, match="no empty prompt"):
         generator.generate([[1], []], 4)
     with pytest.raises(ValueError, match=r"prompt 0: token ids must be in \[0, 300\)"):
         generator.generate([[1, 300]], 4)
+    with pytest.raises(ValueError, match=r"one count >= 0, or one per row \(2\)"):
+        generator.generate([[1], [2]], [4])
+    outputs, cache = generator.generate([[1, 2], [3]], 2, keep_cache=True)
+    for bad in (300, 100000, -1):  # appended ids are checked as a prompt's are, never clamped
+        with pytest.raises(ValueError, match=r"appended chunk 1: token ids must be in \[0, 300\)"):
+            generator.resume(cache, [[outputs[0][-1]], [outputs[1][-1], bad]], 2)
+    with pytest.raises(ValueError, match="bad sampling settings"):
+        generator.resume(cache, [[1], [2]], 2, temperature=-1)
 
 
 # (prompt tokens, new tokens) for a 64-position server cache: each side of the prefill buckets' edges (16, 32, 64),
@@ -390,3 +400,69 @@ def test_chat_runs_across_two_processes_as_in_one(demo_model_dir):
                       r"ranks is : \d+\n?", "", out) for out, _ in outputs]
     assert single.stdout.count("assistant>") == 2 and single.stdout.count("[final]") == 2
     assert printed[0] == single.stdout and printed[1] == ""
+
+
+@pytest.fixture(scope="module")
+def real_vocab(tmp_path_factory):
+    """A random model with the real vocabulary (harmony prompts), a window of 8 and a 512-position context."""
+    _, model = hf_and_ours(tmp_path_factory.mktemp("vocab"), seed=5, vocab_size=201088, max_position_embeddings=512,
+                           sliding_window=8)
+    return Generator(model)
+
+
+def test_a_row_generates_alone_what_it_generates_beside_rows_of_any_length(real_vocab):
+    """Rows of 3, 60, 17 and 420 tokens (longer than the window; the last near the 512-position limit), each
+    with its own new-token limit: greedy and sampled (a seed per row), every row's tokens are those it generates
+    alone. Kept and resumed, the short row's left padding (417 indices) does not count against the model's
+    positions: it resumes 200 tokens as it does alone."""
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(0, 200_000, n).tolist() for n in (3, 60, 17, 420)]
+    new = [40, 12, 30, 90]  # the last row ends at 510 positions
+    for settings in ({"temperature": 0.0}, {"temperature": 1.0, "seed": [11, 12, 13, 14]}):
+        batched = real_vocab.generate(prompts, new, stop_tokens=[], **settings)
+        for row, prompt in enumerate(prompts):
+            alone = {**settings, "seed": [settings["seed"][row]]} if "seed" in settings else settings
+            assert batched[row] == real_vocab.generate([prompt], new[row], stop_tokens=[], **alone)[0], row
+        assert [len(o) for o in batched] == new
+    outputs, cache = real_vocab.generate(prompts, new, stop_tokens=[], keep_cache=True)
+    kept = real_vocab.take_rows(cache, [0])
+    appended = [[outputs[0][-1], *rng.integers(0, 200_000, 5).tolist()]]
+    with pytest.raises(ValueError, match=r"row 0 needs 513 positions with its 42 tokens, 6 appended and 465 new"):
+        real_vocab.resume(kept, appended, 465)
+    resumed, _ = real_vocab.resume(kept, appended, 200, stop_tokens=[])
+    alone_output, alone_cache = real_vocab.generate([prompts[0]], new[0], stop_tokens=[], keep_cache=True)
+    assert alone_output[0] == outputs[0]
+    assert resumed == real_vocab.resume(alone_cache, appended, 200, stop_tokens=[])[0]
+    assert len(resumed[0]) == 200
+
+
+def test_an_agent_conversation_ends_alone_as_it_ends_beside_one_near_the_context_limit(real_vocab):
+    """The agent loop on a random model (real attention and caches): a short conversation batched beside one
+    whose prompt nearly fills the 256-token context gets its own room — the same tokens and finish ("length",
+    at its max_new_tokens) as alone; the long one ends "max_tokens" at the limit, its output cut inside a message
+    header (random tokens never close one), which is a truncation, not an error."""
+    rng = np.random.default_rng(9)
+    words = " ".join(f"w{n}" for n in rng.integers(0, 10_000, 60))  # a 230-token prompt
+    records = [{"messages": [{"role": "user", "content": "Hi."}]}, {"messages": [{"role": "user", "content": words}]}]
+    settings = {"max_tokens": 256, "max_new_tokens": 60, "temperature": 0.0}
+    short, long = agent.run(real_vocab, records, [{}, {}], **settings)
+    (alone,) = agent.run(real_vocab, records[:1], [{}], **settings)
+    assert short.tokens == alone.tokens and short.finish == alone.finish == "length"
+    assert len(short.tokens) - len(harmony.encode_chat(records[0])) == 60
+    assert long.finish == "max_tokens" and len(long.tokens) == 256
+    assert harmony.parse(long.tokens[len(harmony.encode_chat(records[1])):], role="assistant").error == HEADER_CUT
+
+
+def test_a_decode_step_copies_no_whole_cache(pair):
+    """The compiled decode step (batch 4, 512 slots) writes its new position into the donated cache in place:
+    no instruction writes an array the size of a key/value stack (the check finds one in a program that
+    transposes the cache, as XLA did each step while the cache kept positions before heads). Float32: on a CPU,
+    XLA still copies a bfloat16 stack through the integer view its update takes (see `model._scatter`)."""
+    _, model = pair
+    graphdef, state = nnx.split(model)
+    _, decode = gptoss_jax.generation.compiled_steps(graphdef)
+    cache = model.init_cache(jnp.zeros(4, jnp.int32), 512)
+    compiled = decode.lower(state, jnp.zeros(4, jnp.int32), cache).compile()
+    assert whole_cache_copies(compiled.as_text(), cache) == []
+    transposed = jax.jit(lambda c: jnp.swapaxes(c.full_k, 2, 3) * 2).lower(cache).compile()
+    assert len(whole_cache_copies(transposed.as_text(), cache)) == 1

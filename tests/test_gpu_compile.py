@@ -17,6 +17,8 @@ import pytest
 
 from gptoss_jax import GptOssConfig, gpu_compile
 
+from helpers import whole_cache_copies
+
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 
@@ -69,7 +71,9 @@ def _pallas_calls(compiled) -> int:
 @pytest.mark.parametrize("kernels", ["auto", "xla"])
 def test_prefill_and_decode_compile_for_an_h100_with_and_without_the_kernels(h100, kernels, tmp_path):
     """On the deviceless GPU, "auto" means the kernels (as on a real one) and "xla" none of them. (Spills are
-    checked on the Pallas kernels only: XLA's own fusions may spill a few bytes, its choice.)"""
+    checked on the Pallas kernels only: XLA's own fusions may spill a few bytes, its choice.) The decode step
+    copies no whole key/value stack (as it did when the cache kept positions before heads: two transposes of the
+    full layers' cache a step)."""
     gpu, devices = h100
     for index, check in enumerate(gpu_compile.inference_checks(
             GptOssConfig.gpt_oss_20b().replace(kernels=kernels), prompt=1024, batch=8, cache=2048)):
@@ -77,6 +81,8 @@ def test_prefill_and_decode_compile_for_an_h100_with_and_without_the_kernels(h10
         assert (_pallas_calls(compiled) > 0) == (kernels == "auto"), check.label
         assert all(k.spill_bytes == 0 for k in gpu_compile.pallas_kernels(tmp_path / str(index))), check.label
         assert 0 < compiled.memory_analysis().temp_size_in_bytes < gpu.memory, check.label
+        if check.label.startswith("decode"):  # the step writes its one new position into the cache in place
+            assert whole_cache_copies(compiled.as_text(), check.arguments[2]) == [], check.label
 
 
 def _plan(target, *overrides):

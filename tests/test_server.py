@@ -377,10 +377,12 @@ def test_a_client_that_leaves_frees_its_slot(adapted):
 
 
 @pytest.mark.parametrize("stops, content", [(["o w"], "Hell"), (["fine!"], "Hello world, this is fine."),
-                                             (["is f", "s fine"], "Hello world, this "), ([], None)])
+                                             (["is f", "s fine"], "Hello world, this "),
+                                             (["s fine", "is f"], "Hello world, this "), ([], None)])
 def test_streamed_content_never_runs_past_a_stop_string(stops, content):
     """A stop string may span tokens: text that could begin one is held back until the next tokens tell, so the
-    deltas add up to the content before the stop (or, at the end, to all of it)."""
+    deltas add up to the content before the stop (or, at the end, to all of it). Overlapping stops cut at the
+    earliest match, whatever their order in the list."""
     text = "Hello world, this is fine."
     tokens = harmony.render_message(harmony.Message("assistant", text, "final"))[0][2:]
     completion = Completion(stops)
