@@ -4,7 +4,7 @@ Model: 4 layers, hidden 512, 16 experts (top 4), the real 201,088-token vocabula
 1024- and one 8192-token prompt, both sides computing the last position's logits only. Decode: batch 1, 64 greedy
 tokens after a 32-token prompt (the KV cache on both sides). transformers runs with each of its CPU experts
 implementations ("eager", "grouped_mm"; attention "eager": its sinks rule out sdpa, and flex attention with sinks
-needs a GPU) and the faster of the two is the reference. Also ours alone: a decode step of 16 rows (200-token prompts)
+needs a GPU) and the faster of the two is the reference. Also ours alone: a decode step of 16 rows (160-token prompts)
 in a cache of 256 and of 4,096 slots — a step attends over every slot, and should cost little more for the larger
 one (no copies of the cache: it writes one position a row). The machine's limits are measured in the same run: a
 2048^3 float32 matmul (FLOP/s) and reading a 1 GiB array (bytes/s). Prefill is compared with the matmul rate
@@ -38,7 +38,7 @@ SIZES = dict(num_hidden_layers=4, hidden_size=512, intermediate_size=512, head_d
              num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=4, vocab_size=201088,
              sliding_window=128)
 PREFILLS, PROMPT, DECODE = (1024, 8192), 32, 64
-CAPACITIES, ROWS, ROW_PROMPT = (256, 4096), 16, 200
+CAPACITIES, ROWS, ROW_PROMPT = (256, 4096), 16, 160
 PEER_EXPERTS = ("eager", "grouped_mm")
 
 
