@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gptoss_jax import constrain, sharding
-from gptoss_jax.generation import compiled_steps
+from gptoss_jax.generation import compiled_steps, placed_cache
 from gptoss_jax.model import GptOss, KVCache
 
 log = logging.getLogger(__name__)
@@ -302,14 +302,7 @@ class Engine:
     def _place(self, cache: KVCache) -> KVCache:
         """On a mesh: key/value heads over tensor (the rows stay whole: slots are refilled one at a time)."""
         mesh = self.model.mesh
-        if mesh is None:
-            return cache
-        heads = "tensor" if cache.full_k.shape[2] % mesh.shape["tensor"] == 0 else None
-        layers = NamedSharding(mesh, PartitionSpec(None, None, heads, None, None))
-        rows = NamedSharding(mesh, PartitionSpec())
-        return KVCache(*(sharding.zeros(a.shape, a.dtype, layers) for a in (cache.banded_k, cache.banded_v,
-                                                                             cache.full_k, cache.full_v)),
-                       *(sharding.put(np.asarray(a), rows) for a in (cache.start, cache.length)))
+        return cache if mesh is None else placed_cache(cache, mesh, split_rows=False)
 
 
 def _set_rows(whole: jax.Array, part: jax.Array, rows: jax.Array, slots: jax.Array) -> jax.Array:

@@ -252,15 +252,7 @@ class Generator:
         return array if mesh is None else sharding.put(np.asarray(array), NamedSharding(mesh, PartitionSpec()))
 
     def _place_cache(self, cache: KVCache) -> KVCache:
-        mesh = self.model.mesh
-        if mesh is None:
-            return cache
-        where = cache_shardings(cache, mesh)
-        keys_values = {name: sharding.zeros(getattr(cache, name).shape, getattr(cache, name).dtype,
-                                            getattr(where, name)) for name in ("banded_k", "banded_v", "full_k",
-                                                                               "full_v")}
-        return KVCache(**keys_values, start=sharding.put(np.asarray(cache.start), where.start),
-                       length=sharding.put(np.asarray(cache.length), where.length))
+        return cache if self.model.mesh is None else placed_cache(cache, self.model.mesh)
 
 
 @jax.jit
@@ -269,13 +261,22 @@ def _spread_rows(logits: jax.Array, cache: KVCache, index: jax.Array) -> tuple[j
                                   cache.start[index], cache.length[index])
 
 
-def cache_shardings(cache: KVCache, mesh: jax.sharding.Mesh) -> KVCache:
-    """Where a cache lives beside the parameters: rows over data x fsdp, key/value heads over tensor, where they
-    split."""
-    rows = sharding.batch_spec(cache.start.shape[0], mesh)
+def cache_shardings(cache: KVCache, mesh: jax.sharding.Mesh, split_rows: bool = True) -> KVCache:
+    """Where a cache lives beside the parameters: rows over data x fsdp (unless `split_rows` is off), key/value
+    heads over tensor, where they split."""
+    rows = sharding.batch_spec(cache.start.shape[0], mesh) if split_rows else PartitionSpec()
     heads = "tensor" if cache.full_k.shape[2] % mesh.shape["tensor"] == 0 else None
     layers = NamedSharding(mesh, PartitionSpec(None, *(rows or (None,)), heads, None, None))
     return KVCache(layers, layers, layers, layers, NamedSharding(mesh, rows), NamedSharding(mesh, rows))
+
+
+def placed_cache(cache: KVCache, mesh: jax.sharding.Mesh, split_rows: bool = True) -> KVCache:
+    """An empty cache made where `cache_shardings` puts it (every process making its own shards)."""
+    where = cache_shardings(cache, mesh, split_rows)
+    keys_values = {name: sharding.zeros(getattr(cache, name).shape, getattr(cache, name).dtype, getattr(where, name))
+                   for name in ("banded_k", "banded_v", "full_k", "full_v")}
+    return KVCache(**keys_values, start=sharding.put(np.asarray(cache.start), where.start),
+                   length=sharding.put(np.asarray(cache.length), where.length))
 
 
 def _check_settings(temperature: float, top_p: float, top_k: int) -> None:

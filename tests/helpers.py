@@ -1,4 +1,5 @@
 import contextlib
+import re
 import socket
 import subprocess
 import sys
@@ -104,8 +105,6 @@ def whole_cache_copies(hlo: str, cache) -> list[str]:
     """The instructions of an optimized HLO module that write an array the size of one of the cache's key/value
     stacks (a copy, transpose or concatenation of a whole cache) other than the cache updated in place (scatter
     or dynamic-update-slice fusions, which write into their operand's buffer)."""
-    import re
-
     stacks = {tuple(sorted(a.shape)) for a in (cache.banded_k, cache.full_k)}  # in any order of the axes
     fused = set(re.findall(r"kind=k\w+, calls=%([\w.-]+)", hlo))  # a fusion's body writes nothing of its own
     found, computation = [], None
