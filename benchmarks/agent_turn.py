@@ -6,7 +6,10 @@ the output is known, but every layer is computed as usual), after a user message
 `TURNS` turns through `Generator`, the sandboxed `PythonTool` answering each call; then each part of a turn is
 timed alone: the prefill of the whole conversation (what every turn paid before the loop kept its cache), the
 `Generator.resume` of a kept cache with the ~40 tokens a turn appends (what a turn pays now), the decode of the
-call, rendering the answer and parsing the output, and the python call.
+call, rendering the answer and parsing the output, and the python call. Last, the same conversation through
+`gptoss-jax serve --tools python` (its own process, 1 slot, a 4,096-token context; the Responses API's
+`max_tool_calls`): a server tool turn is the time of 3 answered calls less that of 1, halved (the choice keeps its
+engine slot between turns, so it should not grow with the conversation).
 
     python benchmarks/agent_turn.py [N ...]
 """
@@ -22,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import jax  # noqa: E402
+import openai  # noqa: E402
 from timing import seconds  # noqa: E402
 
 import gptoss_jax  # noqa: E402
@@ -29,6 +33,7 @@ from gptoss_jax import agent, harmony  # noqa: E402
 from gptoss_jax.generation import Generator  # noqa: E402
 from gptoss_jax.tools import PythonTool  # noqa: E402
 
+from helpers import serving  # noqa: E402
 from hf_models import bigram_hf_model  # noqa: E402
 
 TURNS = 4
@@ -45,7 +50,10 @@ def main(*lengths: int):
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}; "
           f"model: 4 layers, hidden 512, 16 experts, float32; {TURNS} turns per conversation")
     print("| prompt (tokens) | a turn of the loop (ms) | prefill of the whole conversation (ms) | resume: prefill "
-          "of the appended tokens (ms) | decode of the call (ms) | render + parse (ms) | python call (ms) |")
+          "of the appended tokens (ms) | decode of the call (ms) | render + parse (ms) | python call (ms) | "
+          "server: a tool turn (ms) |")
+    server_turns = {}
+    rows = {}
     with tempfile.TemporaryDirectory() as directory:
         assistant = harmony.encode_chat(record)[-1]
         bigram_hf_model([assistant, *call], **SIZES).save_pretrained(directory)
@@ -83,9 +91,20 @@ def main(*lengths: int):
 
                 render_parse = seconds(host, 3)
                 tool = seconds(lambda: python.run("print(6*7)"), 3)
-                print(f"| {len(prompt)} | {per_turn * 1e3:.0f} | {whole * 1e3:.0f} | {resume * 1e3:.0f} | "
-                      f"{decode * 1e3:.0f} | "
-                      f"{render_parse * 1e3:.2f} | {tool * 1e3:.0f} |")
+                rows[length] = (f"| {len(prompt)} | {per_turn * 1e3:.0f} | {whole * 1e3:.0f} | {resume * 1e3:.0f} | "
+                                f"{decode * 1e3:.0f} | {render_parse * 1e3:.2f} | {tool * 1e3:.0f} |")
+        with serving(directory, "--tools", "python", "--slots", "1", "--max-context", "4096") as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            for length in lengths:
+                words = " ".join(["word"] * (length - 8))
+
+                def calls(count, words=words):
+                    client.responses.create(model="m", input=words, tools=[{"type": "code_interpreter"}],
+                                            temperature=0, max_tool_calls=count)
+
+                server_turns[length] = (seconds(lambda: calls(3), 2) - seconds(lambda: calls(1), 2)) / 2
+    for length in lengths:
+        print(f"{rows[length]} {server_turns[length] * 1e3:.0f} |")
 
 
 if __name__ == "__main__":

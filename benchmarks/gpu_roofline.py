@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from gptoss_jax import backend, lora, ops  # noqa: E402
 from gptoss_jax.config import GptOssConfig  # noqa: E402
-from gptoss_jax.generation import compiled_steps  # noqa: E402
+from gptoss_jax.engine import compiled_steps  # noqa: E402
 from gptoss_jax.model import GptOss, LoRAParam  # noqa: E402
 from gptoss_jax.moe import run_experts  # noqa: E402
 from gptoss_jax.mxfp4 import BLOCK_SIZE, Mxfp4Weight  # noqa: E402
@@ -202,7 +202,7 @@ def model_program(kernels: str, workload: str, sharding):
 
         return jax.jit(jax.grad(loss)), replicated((adapters, frozen, batch))
     graphdef, state = nnx.split(model)
-    prefill, decode = compiled_steps(graphdef)
+    prefill, decode, _ = compiled_steps(graphdef)
     if workload.startswith("prefill"):
         cache = jax.eval_shape(lambda: model.init_cache(jnp.zeros(1, jnp.int32), tokens))
         return prefill, replicated((state, jax.ShapeDtypeStruct((1, tokens), jnp.int32), cache))

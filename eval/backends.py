@@ -1,5 +1,6 @@
-"""Where an eval's completions come from: the in-process JAX model (one batched `generate` per chunk of samples)
-or any OpenAI-compatible chat endpoint (`gptoss-jax serve`, vLLM, ...), asked with `reasoning_effort`.
+"""Where an eval's completions come from: the in-process JAX model (the engine, through `Generator.generate`, a
+chunk of samples at a time) or any OpenAI-compatible chat endpoint (`gptoss-jax serve`, vLLM, ...), asked with
+`reasoning_effort`.
 
 Both return, per request, the analysis and final texts and a harmony rendering of the reply, so graders and
 metrics do not depend on the backend: token counts are the o200k_harmony encodings of the texts.
@@ -54,15 +55,16 @@ def _reply_text(analysis: str, final: str, stop: str) -> str:
 
 
 class JaxBackend:
-    """The model in this process; each chunk of requests is one left-padded batched generation, each row sampled
-    with its request's own seed (so what a sample draws does not depend on the chunk it falls in). Requests with
-    built-in tools run the agent loop instead (a python kernel per sample); `max_tokens` then bounds each of its
-    generations, `max_turns` their number."""
+    """The model in this process; each chunk of requests runs through the engine (`Generator.generate`): `slots`
+    rows decode at once (None: the whole chunk), the others taking the slots finished rows free, each row sampled
+    with its request's own seed (so what a sample draws does not depend on the chunk it falls in, nor on its
+    slot). Requests with built-in tools run the agent loop instead (a python kernel per sample); `max_tokens` then
+    bounds each of its generations, `max_turns` their number."""
 
-    def __init__(self, generator, *, max_tokens: int, temperature: float, top_p: float, max_turns: int = 16,
-                 browser_docs: str | None = None, unsafe_python_tool: bool = False):
+    def __init__(self, generator, *, max_tokens: int, temperature: float, top_p: float, slots: int | None = None,
+                 max_turns: int = 16, browser_docs: str | None = None, unsafe_python_tool: bool = False):
         self.generator = generator  # a gptoss_jax.generation.Generator
-        self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
+        self.max_tokens, self.temperature, self.top_p, self.slots = max_tokens, temperature, top_p, slots
         self.max_turns, self.browser_docs, self.unsafe_python_tool = max_turns, browser_docs, unsafe_python_tool
         self._tool_makers = {}  # by the tools' names: checked (sandbox, document index) once, not per sample
         self.describe = f"in-process JAX model ({generator.model.config.num_hidden_layers} layers)"
@@ -80,6 +82,7 @@ class JaxBackend:
         try:
             outputs = self.generator.generate(prompts, self.max_tokens, temperature=self.temperature,
                                               top_p=self.top_p, seed=[r.seed for r in requests], stream=stream,
+                                              slots=self.slots,
                                               constraints=constrain.RowConstraints(finals) if any(finals) else None)
         except Exception as error:  # noqa: BLE001 - one bad sample must not sink the chunk: retry one by one
             if len(requests) == 1:

@@ -69,7 +69,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.top_p = 1.0
     c.response_format = ""  # "": free text | "json": the final answer as {"answer": ...}, held to it by the sampler
     c.seed = 0  # sampling seed (each sample derives its own from it) and the GPQA choice-shuffling seed
-    c.batch_size = 100  # samples generated together: one batched generation, or concurrent requests
+    c.batch_size = 100  # samples handed to the backend together: the jax backend's engine, or concurrent requests
+    c.slots = 0  # jax backend: samples decoding at once, the others of a chunk taking the slots that finished
+    # samples free (continuous batching: a long sample holds up no other); 0: the whole chunk at once
     c.output_dir = "runs/tiny_demo/eval"  # samples.jsonl, summary.json, report.md, accuracy_vs_reasoning.png
 
     c.data = ConfigDict()  # where each built-in task's problems come from: a local file or directory, or a hub id
@@ -106,6 +108,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("samples", "max_tokens", "batch_size"):
         if config[key] < 1:
             raise ConfigError(f"config.{key}: must be positive, got {config[key]}")
+    if config.slots < 0:
+        raise ConfigError(f"config.slots: must be >= 0 (0: the whole chunk at once), got {config.slots}")
     if config.response_format not in ("", "json"):
         raise ConfigError(f"config.response_format: expected '' or 'json', got {config.response_format!r}")
     if config.limit < 0 or config.temperature < 0 or not 0 < config.top_p <= 1:
@@ -265,5 +269,5 @@ def _backend(config: ml_collections.ConfigDict):
 
     model = load_for_inference(config.model.checkpoint, dtype=config.model.dtype, mesh=config.model.mesh,
                                lora=config.model.lora or None, kernels=config.model.kernels)
-    return JaxBackend(Generator(model), **sampling, max_turns=config.max_turns,
+    return JaxBackend(Generator(model), **sampling, slots=config.slots or None, max_turns=config.max_turns,
                       browser_docs=config.browser_docs or None, unsafe_python_tool=config.unsafe_python_tool)

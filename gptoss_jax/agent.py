@@ -3,16 +3,16 @@
 a function call (`functions.*`) ends the loop and goes to the caller, who answers it and runs the loop again.
 
 Many conversations run at once on one `Generator`: each round generates for every conversation still going (one
-batch), then runs the round's tool calls (in threads: a python call may take seconds). A conversation is kept as
-tokens — the prompt, the model's tokens exactly as sampled, each tool answer rendered as a harmony message — so
-what the model reads back is what it wrote, and as messages, for the caller. Every generation and every tool call
-is recorded as a `Step`. Limits: `max_turns` generations per conversation (a call made in the last one is left
-unanswered) and `max_tokens` in its context
-(prompt, output and tool answers together).
+batch on the engine), then runs the round's tool calls (in threads: a python call may take seconds). A
+conversation is kept as tokens — the prompt, the model's tokens exactly as sampled, each tool answer rendered as a
+harmony message — so what the model reads back is what it wrote, and as messages, for the caller. Every
+generation and every tool call is recorded as a `Step`. Limits: `max_turns` generations per conversation (a call
+made in the last one is left unanswered) and `max_tokens` in its context (prompt, output and tool answers
+together).
 
-The batch's KV cache is kept across rounds: a conversation that goes on after a tool's answer prefills only the
-tokens it appended (its last output token, the answer, the next header; `Generator.resume`), never the whole
-conversation again.
+Each conversation keeps its engine slot (and its KV cache) across rounds: one that goes on after a tool's answer
+prefills only the tokens it appended (its last output token, the answer, the next header; `Generator.resume`),
+never the whole conversation again; one that ends frees its slot.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def run(generator, records: Sequence[Mapping[str, Any]], toolsets: Sequence[Mapp
     for conversation in conversations:
         if len(conversation.tokens) >= limit:
             conversation.finish = "max_tokens"
-    cache, cached = None, []  # the kept cache and the conversation of each of its rows
+    kept, cached = None, []  # the kept rows and the conversation of each
     with concurrent.futures.ThreadPoolExecutor(max(1, min(8, len(records)))) as pool:
         for turn in range(max_turns):
             going = [i for i, c in enumerate(conversations) if c.finish is None]
@@ -148,14 +148,14 @@ def run(generator, records: Sequence[Mapping[str, Any]], toolsets: Sequence[Mapp
             settings = {"temperature": temperature, "top_p": top_p, "stream": stream,
                         "seed": [(seeds[i] + turn * 104_729) % (1 << 31) for i in going]}
             started = time.perf_counter()
-            if cache is None:
-                outputs, cache = generator.generate([conversations[i].tokens for i in going], new, keep_cache=True,
-                                                    **settings)
+            if kept is None:
+                outputs, kept = generator.generate([conversations[i].tokens for i in going], new, keep_cache=True,
+                                                   **settings)
             else:  # the conversations that go on keep their rows: only what they lack is prefilled
                 if cached != going:
-                    cache = generator.take_rows(cache, [cached.index(i) for i in going])
-                appended = [conversations[i].tokens[fed:] for i, fed in zip(going, generator.fed(cache), strict=True)]
-                outputs, cache = generator.resume(cache, appended, new, **settings)
+                    kept = generator.take_rows(kept, [cached.index(i) for i in going])
+                appended = [conversations[i].tokens[fed:] for i, fed in zip(going, generator.fed(kept), strict=True)]
+                outputs, kept = generator.resume(kept, appended, new, **settings)
             cached = going
             seconds = (time.perf_counter() - started) / len(going)
             calls = {}

@@ -205,12 +205,12 @@ def inference_checks(config: GptOssConfig, *, prompt: int = 2048, batch: int = 6
     experts packed, as `generation.Generator` compiles them."""
     from flax import nnx
 
-    from gptoss_jax.generation import compiled_steps
+    from gptoss_jax.engine import compiled_steps
     from gptoss_jax.model import GptOss
 
     model = nnx.eval_shape(lambda: GptOss(config, dtype="bfloat16", mxfp4_experts=True, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
-    prefill, decode = compiled_steps(graphdef)
+    prefill, decode, _ = compiled_steps(graphdef)
     tokens = jax.ShapeDtypeStruct
     return [
         Check(f"prefill, {prompt} tokens (kernels={config.kernels})", prefill,

@@ -317,7 +317,10 @@ class Choice:
     left. Events go to `events` as (index, "token", (token, logprob)), (index, "tool", (call, answer)) and, last,
     (index, "done", reason): "stop", "length", "cancelled" or "error: ...".
 
-    Each turn prefills its whole prompt again (the engine's requests start from an empty cache row)."""
+    A choice that may call a built-in tool keeps its engine slot between turns: the next turn appends what the slot
+    lacks (the call's last token, the answer, the next header) and prefills only that. Only when that slot has too
+    little room left (its first prompt's left padding counts against it) does the next turn start afresh in a new
+    slot, its whole prompt prefilled, so a conversation gets the context's whole room as it would alone."""
 
     def __init__(self, engine: Engine, prompt: list[int], settings: dict[str, Any], index: int,
                  events: asyncio.Queue, make_tools: Callable[[Sequence[str]], agent.Toolset] | None,
@@ -344,23 +347,28 @@ class Choice:
             if self.job is not None:
                 self.engine.cancel(self.job)
 
-    def _submit(self, prompt: list[int], turn: int, max_tokens: int) -> None:
+    def _submit(self, prompt: list[int], turn: int, max_tokens: int, appended: list[int] | None = None) -> None:
+        """A turn: generating after `prompt`, the whole conversation; with `appended` (its end), in the slot the
+        last turn kept, prefilling only that."""
         settings = self.settings
         final, strict = settings["final_format"], settings["strict_tools"]
 
         def put(kind):
             return lambda *value: self.loop.call_soon_threadsafe(self.inbox.put_nowait, (kind, value))
 
-        self.job = Request(prompt, max_tokens, settings["temperature"], settings["top_p"], settings.get("top_k", 0),
+        going_on = appended is not None
+        self.job = Request(appended if going_on else prompt, max_tokens, settings["temperature"], settings["top_p"],
+                           settings.get("top_k", 0),
                            _int32(settings["seed"] + self.index + turn * 1_000_003), DEFAULT_STOP_TOKENS,
                            settings.get("presence_penalty", 0.0), settings.get("frequency_penalty", 0.0),
                            settings.get("logit_bias", {}), settings.get("logprobs", False), on_token=put("token"),
                            on_done=put("done"),
-                           constraint=constrain.start(prompt, final, strict) if final or strict else None)
+                           constraint=constrain.start(prompt, final, strict) if final or strict else None,
+                           keep=self.tools is not None, slot=self.job.slot if going_on else None)
         self.engine.submit(self.job)
 
     async def _turns(self) -> None:
-        prompt, reason = self.prompt, "length"
+        prompt, reason, appended = self.prompt, "length", None
         try:
             for turn in range(self.settings["max_turns"]):
                 if turn:
@@ -368,7 +376,10 @@ class Choice:
                     if left < 1 or self.cancelled:
                         reason = "cancelled" if self.cancelled else "length"
                         break
-                    self._submit(prompt, turn, left)
+                    if self.engine.written[self.job.slot] + len(appended) + left - 1 > self.engine.max_length:
+                        self.engine.cancel(self.job)  # its slot is too short now: release it, start afresh
+                        appended = None
+                    self._submit(prompt, turn, left, appended)
                 while (event := await self.inbox.get())[0] == "token":
                     self.generated += 1
                     self.events.put_nowait((self.index, "token", event[1]))
@@ -382,10 +393,13 @@ class Choice:
                 step = await self.loop.run_in_executor(self.tool_threads, agent.answer, self.tools, call)
                 self.events.put_nowait((self.index, "tool", (call, step.messages[0])))
                 answer = harmony.render_message(step.messages[0])[0]
+                appended = self.job.tokens[-1:] + answer + agent.assistant_prompt()  # the call's end: sampled, not fed
                 prompt = prompt + self.job.tokens + answer + agent.assistant_prompt()
         except Exception as error:  # a failed turn fails this choice, never the server
             reason = f"error: {error}"
         finally:
+            if self.job is not None and self.job.keep:  # the slot it kept for its next turn
+                self.engine.cancel(self.job)
             self.ended = True
             self.events.put_nowait((self.index, "done", reason))
             if self.tools is not None:  # after the answer went out: closing a kernel takes a moment

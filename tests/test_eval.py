@@ -50,11 +50,14 @@ def _untimed(summary):
 
 
 def test_sweep_writes_graded_samples_summary_report_and_plot(demo_model_dir, tmp_path):
-    result = sweep.run(_config(tmp_path / "eval", demo_model_dir), progress=False)
+    """A sweep streamed through 4 engine slots (continuous batching): every sample is what generation alone gives
+    its prompt; the summary, report and plot follow the samples; a rerun (at another slot count) adds only what is
+    missing."""
+    result = sweep.run(_config(tmp_path / "eval", demo_model_dir, slots=4), progress=False)
     records = _samples(tmp_path / "eval")
     assert result.generated == len(records) == 18  # 6 problems x 3 efforts x 1 sample
     generator = Generator(gptoss_jax.load_model(demo_model_dir, dtype="float32"))
-    for record in records[::5]:  # each sample is what generation gives for its prompt at its effort
+    for record in records[::2]:  # each sample is what generation gives for its prompt at its effort
         prompt = harmony.encode_chat({"messages": [{"role": "user", "content": record["prompt"]}],
                                       "reasoning_effort": record["effort"]})
         tokens = generator.generate([prompt], 64)[0]

@@ -16,7 +16,7 @@ from flax import nnx
 import gptoss_jax
 from gptoss_jax import GptOssConfig, agent, harmony, synthetic
 from gptoss_jax.engine import Engine, Request, _sample_rows
-from gptoss_jax.generation import Generator, generate, sample
+from gptoss_jax.generation import Generator, generate
 from gptoss_jax.harmony import HEADER_CUT
 
 from helpers import free_ports, relative_error, whole_cache_copies
@@ -79,42 +79,46 @@ def test_stop_tokens_end_each_row_and_stream_reports_every_token(pair):
     assert [t for r, t in streamed if r == 0] == out[0] and [t for r, t in streamed if r == 1] == out[1]
 
 
+def _draws(logits, *, temperature, top_p, top_k, seed=0, steps=None):
+    """The engine's sampler on rows [B, V] that share settings, row i with key (seed, step i)."""
+    rows = logits.shape[0]
+    return np.asarray(_sample_rows(logits, steps=jnp.arange(rows) if steps is None else steps,
+                                   temperature=jnp.full(rows, temperature), top_p=jnp.full(rows, top_p),
+                                   top_k=jnp.full(rows, top_k, jnp.int32), seed=jnp.full(rows, seed, jnp.int32)))
+
+
 def test_sampling_settings():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
-    key = jax.random.key(0)
-    greedy = sample(logits, key, temperature=0.0, top_p=1.0, top_k=0)
-    assert np.all(np.asarray(greedy) == 0)
-    drawn = np.asarray(sample(logits, key, temperature=1.0, top_p=1.0, top_k=2))
+    assert np.all(_draws(logits, temperature=0.0, top_p=1.0, top_k=0) == 0)
+    drawn = _draws(logits, temperature=1.0, top_p=1.0, top_k=2)
     assert set(drawn.tolist()) == {0, 1} and abs((drawn == 0).mean() - 0.5 / 0.8) < 0.05
-    drawn = np.asarray(sample(logits, key, temperature=1.0, top_p=0.7, top_k=0))  # 0.5 + 0.3 reaches 0.7
+    drawn = _draws(logits, temperature=1.0, top_p=0.7, top_k=0)  # 0.5 + 0.3 reaches 0.7
     assert set(drawn.tolist()) == {0, 1}
-    drawn = np.asarray(sample(logits, key, temperature=1.0, top_p=0.4, top_k=0))
-    assert set(drawn.tolist()) == {0}
-    all_four = np.asarray(sample(logits, key, temperature=1.0, top_p=1.0, top_k=0))
+    assert set(_draws(logits, temperature=1.0, top_p=0.4, top_k=0).tolist()) == {0}
+    all_four = _draws(logits, temperature=1.0, top_p=1.0, top_k=0)
     assert set(all_four.tolist()) == {0, 1, 2, 3}
-    np.testing.assert_array_equal(all_four, np.asarray(sample(logits, key, temperature=1.0, top_p=1.0, top_k=0)))
+    np.testing.assert_array_equal(all_four, _draws(logits, temperature=1.0, top_p=1.0, top_k=0))
 
 
-def test_server_sampler_draws_what_generation_sample_draws():
-    """The server samples each row with its own settings and key (seed, step): the same draws as
-    `generation.sample` given that row, settings and key; and over many steps, the frequencies of the
-    distribution that temperature, top_k and top_p leave (bound: 5 standard errors)."""
+def test_each_row_samples_with_its_own_settings_and_key_as_alone():
+    """The one sampler takes each row's own settings and key (seed, step): a row draws what it draws alone, in
+    any batch; and over many steps, the frequencies of the distribution that temperature, top_k and top_p leave
+    (bound: 5 standard errors)."""
     rng = np.random.default_rng(6)
     logits = jnp.asarray(rng.normal(scale=2.0, size=(5, 50)), jnp.float32)
     settings = {"temperature": jnp.asarray([0.7, 1.0, 1.3, 0.0, 1.0]), "top_p": jnp.asarray([0.9, 1.0, 0.5, 1.0, 0.8]),
                 "top_k": jnp.asarray([0, 5, 0, 0, 3]), "seed": jnp.asarray([1, 2, 3, 4, 5])}
     steps = jnp.asarray([0, 3, 7, 2, 9])
     drawn = np.asarray(_sample_rows(logits, steps=steps, **settings))
+    assert drawn[3] == int(jnp.argmax(logits[3]))
     for row in range(5):
-        key = jax.random.fold_in(jax.random.key(int(settings["seed"][row])), int(steps[row]))
-        one = {name: value[row].item() for name, value in settings.items() if name != "seed"}
-        assert drawn[row] == int(sample(logits[row:row + 1], key, **one)[0]), row
+        alone = _sample_rows(logits[row:row + 1], steps=steps[row:row + 1],
+                             **{name: value[row:row + 1] for name, value in settings.items()})
+        assert drawn[row] == int(alone[0]), row
 
     draws = 4000
     row = jnp.asarray([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]])
-    many = np.asarray(_sample_rows(jnp.repeat(row, draws, axis=0), steps=jnp.arange(draws),
-                                   temperature=jnp.full(draws, 0.8), top_p=jnp.full(draws, 0.9),
-                                   top_k=jnp.full(draws, 4, jnp.int32), seed=jnp.full(draws, 7, jnp.int32)))
+    many = _draws(jnp.repeat(row, draws, axis=0), temperature=0.8, top_p=0.9, top_k=4, seed=7)
     kept = np.exp(np.asarray(row[0, :4]) / 0.8)
     kept /= kept.sum()  # top_k = 4, then the smallest head of them reaching top_p = 0.9
     head = int(np.searchsorted(np.cumsum(kept), 0.9)) + 1
@@ -149,15 +153,35 @@ def test_a_repeated_prompt_is_prefilled_once_and_each_row_samples_as_alone(pair,
     _, model = pair
     generator = Generator(model)
     prefilled = []
-    prefill = generator._prefill
-    monkeypatch.setattr(generator, "_prefill", lambda state, tokens, cache: prefilled.append(tokens.shape[0])
-                        or prefill(state, tokens, cache))
+    prefill, decode, extend = generator.steps
+    monkeypatch.setattr(generator, "steps", (lambda state, tokens, cache: prefilled.append(tokens.shape[0])
+                                             or prefill(state, tokens, cache), decode, extend))
     prompts, seeds = [[1, 2, 3], [4, 5], [1, 2, 3], [1, 2, 3], [4, 5]], [11, 12, 13, 14, 15]
     together = generator.generate(prompts, 8, temperature=1.0, seed=seeds, stop_tokens=[])
     assert prefilled == [2]
     for prompt, seed, row in zip(prompts, seeds, together, strict=True):
         assert generator.generate([prompt], 8, temperature=1.0, seed=[seed], stop_tokens=[])[0] == row
     assert together[0] != together[2]  # same prompt, other seed
+
+
+def test_rows_beyond_the_slots_take_the_slots_finished_rows_free_and_generate_as_alone(pair, monkeypatch):
+    """Continuous batching in `generate`: with 2 slots, 5 rows of different lengths and limits run at most 2 at a
+    time, a finished row's slot taken by the next, and each row's tokens (sampled with its seed) are those of all 5
+    at once."""
+    _, model = pair
+    generator = Generator(model)
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(0, 300, n).tolist() for n in (3, 9, 5, 12, 7)]
+    new, seeds = [2, 9, 4, 1, 6], [21, 22, 23, 24, 25]
+    together = generator.generate(prompts, new, temperature=1.0, seed=seeds, stop_tokens=[])
+    decoded = []
+    prefill, decode, extend = generator.steps
+    monkeypatch.setattr(generator, "steps", (prefill, lambda state, tokens, cache, live: decoded.append(
+        int(np.sum(live))) or decode(state, tokens, cache, live), extend))
+    assert generator.generate(prompts, new, temperature=1.0, seed=seeds, stop_tokens=[], slots=2) == together
+    assert [len(row) for row in together] == new
+    # both slots busy from the start; every token fed once (a row's last token is returned, never fed)
+    assert max(decoded) == 2 and sum(decoded) == sum(new) - len(new) and decoded[:3] == [2, 2, 2]
 
 
 def test_extending_a_cache_equals_prefilling_the_whole_sequence(pair):
@@ -207,21 +231,26 @@ def test_resuming_a_kept_cache_generates_what_a_fresh_prefill_does(pair):
     for prompt, output, chunk, tokens in zip(prompts, outputs, appended, resumed, strict=True):
         whole = prompt + output[:-1] + chunk
         assert tokens == generator.generate([whole], 5, stop_tokens=[])[0]
-    assert cache.capacity == 32  # grown to hold the appended and new tokens
-    with pytest.raises(ValueError, match="one non-empty chunk per cache row"):
+    assert cache.engine.cache.capacity == 32  # grown to hold the appended and new tokens
+    with pytest.raises(ValueError, match="one non-empty chunk per kept row"):
         generator.resume(cache, [[1]], 2)
     # a cache shorter than the window of 5 (a ring of 3 slots) grows its ring with it
     outputs, cache = generator.generate([[1, 2]], 1, stop_tokens=[], keep_cache=True)
-    assert cache.window == 3
+    assert cache.engine.cache.window == 3
     resumed, cache = generator.resume(cache, [[outputs[0][0], 7, 8, 9]], 4, stop_tokens=[])
-    assert cache.window == 5
+    assert cache.engine.cache.window == 5
     assert resumed[0] == generator.generate([[1, 2, outputs[0][0], 7, 8, 9]], 4, stop_tokens=[])[0]
+    # one new token: the chunk is prefilled once and that token is the whole output
+    _, cache = generator.generate([[1, 2]], 1, stop_tokens=[], keep_cache=True)
+    once, _ = generator.resume(cache, [[outputs[0][0], 7]], 1, stop_tokens=[])
+    assert once == [generator.generate([[1, 2, outputs[0][0], 7]], 1, stop_tokens=[])[0]] and len(once[0]) == 1
+    assert cache.engine.fed(cache.slots[0]) == 4
 
 
 def test_bad_requests(pair):
     _, model = pair
     generator = Generator(model)
-    with pytest.raises(ValueError, match=r"need 20 positions .*a prompt of 12 tokens plus up to 8 new ones.*the cache "
+    with pytest.raises(ValueError, match=r"prompt 0 needs 20 positions with its new tokens \(12 \+ 8\); the cache "
                                          r"holds 16"):
         generator.generate([list(range(12))], 8, cache_length=16)
     with pytest.raises(ValueError, match="no empty prompt"):
@@ -230,6 +259,9 @@ def test_bad_requests(pair):
         generator.generate([[1, 300]], 4)
     with pytest.raises(ValueError, match=r"one count >= 0, or one per row \(2\)"):
         generator.generate([[1], [2]], [4])
+    for slots, keep in ((0, False), (1, True)):
+        with pytest.raises(ValueError, match=f"slots: at least 1, .*got {slots} for 2 rows"):
+            generator.generate([[1], [2]], 4, slots=slots, keep_cache=keep)
     outputs, cache = generator.generate([[1, 2], [3]], 2, keep_cache=True)
     for bad in (300, 100000, -1):  # appended ids are checked as a prompt's are, never clamped
         with pytest.raises(ValueError, match=r"appended chunk 1: token ids must be in \[0, 300\)"):
@@ -328,8 +360,8 @@ def test_penalties_and_logit_bias_change_the_logits_as_openai_defines_them(pair)
         assert request.tokens != plain, kwargs  # the settings made a difference
     assert plain[0] not in requests[2].tokens
     # added in float32 whatever the model's dtype: in bfloat16, 20 - 0.05 would stay 20
-    engine = Engine(model, slots=1, max_length=64)
-    adjusted = engine._adjust(jnp.asarray([[20.0, 1.0]], jnp.bfloat16), jnp.asarray([[0]]), jnp.asarray([[-0.05]]))
+    adjusted = gptoss_jax.engine._adjust(jnp.asarray([[20.0, 1.0]], jnp.bfloat16), jnp.asarray([[0]]),
+                                         jnp.asarray([[-0.05]]))
     assert adjusted.dtype == jnp.float32 and abs(float(adjusted[0, 0]) - 19.95) < 1e-5
 
 
@@ -349,6 +381,42 @@ def test_a_request_cancelled_while_queued_is_never_run(pair):
     finally:
         engine.stop()
     assert ends == {"first": "length", "second": "cancelled"} and len(first.tokens) == 8 and second.tokens == []
+
+
+def test_a_kept_slot_goes_on_in_the_server_loop_as_a_fresh_prefill_and_frees_when_released(pair):
+    """The server's tool turns: a request made with keep=True keeps its slot (and cache) when it ends, while another
+    request decodes beside it; a request given that slot appends a chunk (the last token, sampled but never fed,
+    then 6 more) and generates what `generate` on the whole sequence does, needing no free slot (the other one is
+    busy); `cancel` of the kept request releases its slot."""
+    _, model = pair
+    rng = np.random.default_rng(12)
+    prompt, other = rng.integers(0, 300, 11).tolist(), rng.integers(0, 300, 20).tolist()
+    engine, ends = Engine(model, slots=2, max_length=64).start(), []
+    try:
+        def finished(requests, timeout=120):
+            deadline = time.time() + timeout
+            while len(ends) < requests and time.time() < deadline:
+                time.sleep(0.02)
+            return list(ends)
+
+        first, beside = Request(prompt, 5, keep=True, on_done=ends.append), Request(other, 20, on_done=ends.append)
+        engine.submit(first)
+        engine.submit(beside)
+        assert finished(1) == ["length"] and first.slot in engine.kept
+        chunk = [first.tokens[-1], *rng.integers(0, 300, 6).tolist()]
+        going_on = Request(chunk, 7, keep=True, slot=first.slot, on_done=ends.append)
+        engine.submit(going_on)
+        assert sorted(finished(3)) == ["length"] * 3
+        assert going_on.slot == first.slot and engine.fed(first.slot) == len(prompt) + 4 + len(chunk) + 6
+        engine.cancel(going_on)  # released: the slot takes the next request
+        last = Request(other[:5], 3, on_done=ends.append)
+        engine.submit(last)
+        assert finished(4)[-1] == "length" and last.slot is not None and not engine.kept
+    finally:
+        engine.stop()
+    generator = Generator(model)
+    assert going_on.tokens == generator.generate([prompt + first.tokens[:-1] + chunk], 7, stop_tokens=[])[0]
+    assert beside.tokens == generator.generate([other], 20, stop_tokens=[])[0]
 
 
 def test_server_context_defaults_to_the_smaller_of_8192_and_the_model():
@@ -460,7 +528,7 @@ def test_a_decode_step_copies_no_whole_cache(pair):
     XLA still copies a bfloat16 stack through the integer view its update takes (see `model._scatter`)."""
     _, model = pair
     graphdef, state = nnx.split(model)
-    _, decode = gptoss_jax.generation.compiled_steps(graphdef)
+    _, decode, _ = gptoss_jax.engine.compiled_steps(graphdef)
     cache = model.init_cache(jnp.zeros(4, jnp.int32), 512)
     compiled = decode.lower(state, jnp.zeros(4, jnp.int32), cache).compile()
     assert whole_cache_copies(compiled.as_text(), cache) == []

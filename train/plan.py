@@ -218,14 +218,14 @@ def _rollout_memory(model, graphdef, master, dtypes, frozen, mesh, prompts: int,
     copy's), the KV cache of `rows` sequences of `capacity` positions, and the larger of the prefill of the
     `prompts` distinct prompts (of `prompt_length`; their rows share it) with its own cache, and a decode step's
     temporaries (each with its CPU-only float32 copies)."""
-    from gptoss_jax.generation import cache_shardings, compiled_steps
+    from gptoss_jax.engine import cache_shardings, compiled_steps
 
     policy = jax.tree.map(lambda a, d: jax.ShapeDtypeStruct(a.shape, d, sharding=a.sharding), master, dtypes)
     cast_bytes = _per_device(policy) if any(a.dtype != d for a, d in zip(
         jax.tree.leaves(master), jax.tree.leaves(dtypes), strict=True)) else 0
     merged = nnx.merge(graphdef, policy, frozen)
     state = nnx.state(merged)
-    prefill, decode = compiled_steps(nnx.graphdef(merged))
+    prefill, decode, _ = compiled_steps(nnx.graphdef(merged))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def cache_of(count):
