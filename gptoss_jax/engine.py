@@ -104,7 +104,8 @@ class Engine:
         self.steps = np.zeros(slots, np.int32)
         self.settings = {"temperature": np.zeros(slots, np.float32), "top_p": np.ones(slots, np.float32),
                          "top_k": np.zeros(slots, np.int32), "seed": np.zeros(slots, np.int32)}
-        self.template = _plan([], [], slots, max_length)
+        # what the other processes receive plans into (several processes only: a plan holds a whole prompt a slot)
+        self.template = _plan([], [], slots, max_length) if jax.process_count() > 1 else None
         self._stop, self._wake = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self._prefill, self._decode, self._extend = steps or compiled_steps(self.graphdef)
@@ -170,6 +171,11 @@ class Engine:
         """How many tokens of its sequence a slot's cache holds (prompt, output and appended chunks)."""
         return int(self.written[slot] - self.padding[slot])
 
+    def room(self, slot: int) -> int:
+        """How many tokens a kept slot can still take, appended and new together (the last new token is returned,
+        never written)."""
+        return int(self.max_length - self.written[slot] + 1)
+
     def release(self, slot: int) -> None:
         """Frees a kept slot (on the caller's thread, between `run`s; a server's requests release theirs through
         `cancel`)."""
@@ -199,7 +205,7 @@ class Engine:
                                  "tokens")
         elif request.slot not in self.kept or not request.prompt:
             raise ValueError(f"slot {request.slot} holds no kept request to go on from, or nothing is appended")
-        elif self.written[request.slot] + len(request.prompt) + request.max_tokens - 1 > self.max_length:
+        elif len(request.prompt) + request.max_tokens > self.room(request.slot):
             raise ValueError(f"slot {request.slot} has {self.max_length - self.written[request.slot]} indices left: "
                              f"not enough for {len(request.prompt)} appended and {request.max_tokens} new tokens")
 

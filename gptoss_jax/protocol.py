@@ -376,7 +376,7 @@ class Choice:
                     if left < 1 or self.cancelled:
                         reason = "cancelled" if self.cancelled else "length"
                         break
-                    if self.engine.written[self.job.slot] + len(appended) + left - 1 > self.engine.max_length:
+                    if len(appended) + left > self.engine.room(self.job.slot):
                         self.engine.cancel(self.job)  # its slot is too short now: release it, start afresh
                         appended = None
                     self._submit(prompt, turn, left, appended)
