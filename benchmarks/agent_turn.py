@@ -5,7 +5,7 @@ whose greedy output is a call to the python tool (`tests/hf_models.bigram_hf_mod
 the output is known, but every layer is computed as usual), after a user message of about N tokens. The loop runs
 `TURNS` turns through `Generator`, the sandboxed `PythonTool` answering each call; then each part of a turn is
 timed alone: the prefill of the whole conversation (what every turn paid before the loop kept its cache), the
-`Generator.resume` of a kept cache with the ~40 tokens a turn appends (what a turn pays now), the decode of the
+extension of a kept engine slot by the ~40 tokens a turn appends (what a turn pays now), the decode of the
 call, rendering the answer and parsing the output, and the python call. Last, the same conversation through
 `gptoss-jax serve --tools python` (its own process, 1 slot, a 4,096-token context; the Responses API's
 `max_tool_calls`): a server tool turn is the time of 3 answered calls less that of 1, halved (the choice keeps its
@@ -30,6 +30,7 @@ from timing import seconds  # noqa: E402
 
 import gptoss_jax  # noqa: E402
 from gptoss_jax import agent, harmony  # noqa: E402
+from gptoss_jax.engine import Engine, Request  # noqa: E402
 from gptoss_jax.generation import Generator  # noqa: E402
 from gptoss_jax.tools import PythonTool  # noqa: E402
 
@@ -77,10 +78,13 @@ def main(*lengths: int):
                 whole = seconds(lambda context=context: generator.generate([context], 1), 3)
                 decode = seconds(lambda context=context: generator.generate([context], len(call)), 3) - whole
                 resumed = []
-                for _ in range(4):  # a fresh kept cache each time (resume consumes it); the first run compiles
-                    _, kept = generator.generate([prompt], len(call), keep_cache=True, cache_length=len(context) + 8)
-                    started = time.perf_counter()
-                    generator.resume(kept, [appended[len(call) - 1:]], 1)  # the cache holds the call but its end
+                for _ in range(4):  # a fresh kept slot each time (going on consumes it); the first run compiles
+                    engine = Engine(generator.model, slots=1, max_length=len(context) + 8, steps=generator.steps,
+                                    split=(generator.graphdef, generator.state))
+                    kept = Request(prompt, len(call), keep=True)
+                    engine.run([kept])
+                    started = time.perf_counter()  # the slot holds the call but its end
+                    engine.run([Request(appended[len(call) - 1:], 1, slot=kept.slot)])
                     resumed.append(time.perf_counter() - started)
                 resume = min(resumed[1:])
                 output = call

@@ -99,7 +99,7 @@ class JaxBackend:
                 conversations = agent.run(self.generator, records, toolsets, max_turns=self.max_turns,
                                           max_tokens=self.generator.model.config.max_position_embeddings,
                                           max_new_tokens=self.max_tokens, temperature=self.temperature,
-                                          top_p=self.top_p, seed=[r.seed for r in requests])
+                                          top_p=self.top_p, seed=[r.seed for r in requests], slots=self.slots)
         except Exception as error:  # noqa: BLE001 - as the plain path: one bad sample must not sink the chunk
             if len(requests) == 1:
                 return [Reply(error=f"{type(error).__name__}: {error}")]

@@ -2,21 +2,23 @@
 `browser.search` / `open` / `find`) run here and their answers go back into the conversation, generation goes on;
 a function call (`functions.*`) ends the loop and goes to the caller, who answers it and runs the loop again.
 
-Many conversations run at once on one `Generator`: each round generates for every conversation still going (one
-batch on the engine), then runs the round's tool calls (in threads: a python call may take seconds). A
-conversation is kept as tokens — the prompt, the model's tokens exactly as sampled, each tool answer rendered as a
-harmony message — so what the model reads back is what it wrote, and as messages, for the caller. Every
-generation and every tool call is recorded as a `Step`. Limits: `max_turns` generations per conversation (a call
-made in the last one is left unanswered) and `max_tokens` in its context (prompt, output and tool answers
-together).
+`ToolLoop` is the one tool loop: one conversation's turns on the engine (`gptoss_jax.engine`), each conversation
+in a slot it keeps across turns, so one that goes on after a tool's answer prefills only the tokens it appended (its
+last output token, the answer, the next header), never the whole conversation again. `run` drives many
+conversations at once on one engine, the server (`gptoss_jax.protocol.Choice`) one a choice; either way a
+conversation waiting for a tool (python may take seconds; it runs in a worker thread) leaves the others decoding,
+and what a conversation generates does not depend on the others.
 
-Each conversation keeps its engine slot (and its KV cache) across rounds: one that goes on after a tool's answer
-prefills only the tokens it appended (its last output token, the answer, the next header; `Generator.resume`),
-never the whole conversation again; one that ends frees its slot.
+A conversation is kept as tokens — the prompt, the model's tokens exactly as sampled, each tool answer rendered as a
+harmony message — so what the model reads back is what it wrote, and as messages, for the caller. Every generation
+and every tool call is recorded as a `Step`. Limits: `max_turns` generations per conversation (a call made in the
+last one is left unanswered), `max_new_tokens` a generation and `max_tokens` in its context (prompt, output and
+tool answers together).
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import functools
@@ -25,8 +27,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
+
 from gptoss_jax import harmony
 from gptoss_jax import tokenizer as tok
+from gptoss_jax.engine import Engine, Request
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +78,12 @@ class Conversation:
 
     record: Mapping[str, Any]
     tokens: list[int]  # everything the model reads: prompt, its output, the tools' answers
-    tools: Mapping[str, Any]
+    tools: Mapping[str, Any] | None  # its built-in tools; None: the caller answers every call
     messages: list[harmony.Message] = dataclasses.field(default_factory=list)  # added by the loop
     steps: list[Step] = dataclasses.field(default_factory=list)
-    finish: str | None = None  # "final", "function_call", "max_turns", "max_tokens", "length" or "error: ..."
+    # "final", "function_call", "max_turns", "max_tokens" (its context is full), "length" (a generation cut by
+    # its token limit), "cancelled" or "error: ..."
+    finish: str | None = None
 
     @property
     def final(self) -> str:
@@ -110,98 +117,201 @@ def as_record(message: harmony.Message) -> dict[str, Any]:
             "recipient": message.recipient, "content_type": message.content_type, "name": message.name}
 
 
+class ToolLoop:
+    """One conversation on an engine (`gptoss_jax.engine`), turn by turn: the model generates; when it calls a
+    built-in tool, the tool answers (in a worker thread: python may take seconds) and the model goes on. Used by
+    `run` (many conversations at once) and by the server (each choice of a chat or Responses request).
+
+    The conversation keeps its engine slot (its KV cache) across turns: the next turn appends what the slot lacks
+    (the call's last token, sampled but never fed; the answer; the next `<|start|>assistant`) and prefills only
+    that. Only when that slot has too little room left (its first prompt's left padding counts against it) does a
+    turn start afresh in a new slot, its whole conversation prefilled, so that it gets the context's whole room as
+    it would alone.
+
+    `request(tokens, turn)`: the turn's sampling settings (and constraint) as an engine `Request`, given everything
+    the model reads; the loop sets what it generates from, how many tokens, the stop tokens and the slot. A turn
+    generates at most `max_new_tokens`, all turns together at most `budget` (None: no such bound), and a
+    conversation holds at most `limit` tokens. `on_token(token, logprob)` sees every generated token, `on_step(step)`
+    every generation and tool answer (both on the event loop). Without tools (`conversation.tools` None), a
+    built-in call ends the conversation as a function call does: the caller answers it."""
+
+    def __init__(self, engine: Engine, conversation: Conversation, request: Callable[[list[int], int], Request], *,
+                 max_turns: int, max_new_tokens: int, limit: int, budget: int | None = None,
+                 on_token: Callable[[int, float], None] | None = None,
+                 on_step: Callable[[Step], None] | None = None,
+                 tool_threads: concurrent.futures.Executor | None = None):
+        self.engine, self.conversation, self.request = engine, conversation, request
+        self.max_turns, self.max_new_tokens, self.limit, self.budget = max_turns, max_new_tokens, limit, budget
+        self.on_token, self.on_step = on_token or (lambda token, logprob: None), on_step or (lambda step: None)
+        self.tool_threads = tool_threads  # where tool calls run (None: the event loop's default threads)
+        self.loop = asyncio.get_running_loop()
+        self.inbox: asyncio.Queue = asyncio.Queue()  # this turn's engine events
+        self.generated = 0  # tokens generated over all turns
+        self.job: Request | None = None
+        self.reason: str | None = None  # how the engine ended the last turn: "stop", "length", "cancelled", ...
+        self.cancelled = False
+        self.ended = False
+
+    def start(self) -> None:
+        """Submits the first turn now, so that a turn the engine refuses fails (ValueError) before anything runs."""
+        self._submit(0, self._left(), None)
+
+    def cancel(self) -> None:
+        """Ends the conversation early (its client left, or a stop string was reached)."""
+        if not self.ended:
+            self.cancelled = True
+            if self.job is not None:
+                self.engine.cancel(self.job)
+
+    async def run(self) -> Conversation:
+        """The turns, after `start`, to the conversation's end (`finish` set)."""
+        conversation, appended = self.conversation, None
+        try:
+            for turn in range(self.max_turns):
+                if turn:
+                    left = self._left()
+                    if self.cancelled or left < 1:
+                        spent = self.budget is not None and self.generated >= self.budget
+                        conversation.finish = "cancelled" if self.cancelled else "length" if spent else "max_tokens"
+                        self.reason = "cancelled" if self.cancelled else self.reason
+                        break
+                    if len(appended) + left > self.engine.room(self.job.slot):
+                        self.engine.cancel(self.job)  # its slot is too short now: release it, start afresh
+                        appended = None
+                    self._submit(turn, left, appended)
+                started = time.perf_counter()
+                while (event := await self.inbox.get())[0] == "token":
+                    self.generated += 1
+                    self.on_token(*event[1:])
+                self.reason = event[1]
+                call = self._take_output(time.perf_counter() - started)
+                if call is None:
+                    break
+                if turn + 1 == self.max_turns:  # no turn left to read an answer in: the call stays unanswered
+                    break
+                step = await self.loop.run_in_executor(self.tool_threads, answer, conversation.tools, call)
+                conversation.steps.append(step)
+                conversation.messages += step.messages
+                self.on_step(step)
+                added = harmony.render_message(step.messages[0])[0] + assistant_prompt()
+                appended = self.job.tokens[-1:] + added
+                conversation.tokens += added
+        except Exception as error:  # a failed turn fails this conversation, never the others
+            self.reason = conversation.finish = f"error: {error}"
+        finally:
+            if self.job is not None and self.job.keep:  # the slot it kept for its next turn
+                self.engine.cancel(self.job)
+            self.ended = True
+            if conversation.finish is None:
+                conversation.finish = "max_turns"
+        return conversation
+
+    def _left(self) -> int:
+        """How many tokens the next turn may generate."""
+        left = min(self.max_new_tokens, self.limit - len(self.conversation.tokens))
+        return left if self.budget is None else min(left, self.budget - self.generated)
+
+    def _submit(self, turn: int, left: int, appended: list[int] | None) -> None:
+        """A turn: generating after the whole conversation; with `appended` (its end), in the slot the last turn
+        kept, prefilling only that."""
+
+        def put(kind):
+            return lambda *value: self.loop.call_soon_threadsafe(self.inbox.put_nowait, (kind, *value))
+
+        tokens = list(self.conversation.tokens)
+        self.job = dataclasses.replace(
+            self.request(tokens, turn), prompt=appended or tokens, max_tokens=left, stop_tokens=(tok.RETURN, tok.CALL),
+            on_token=put("token"), on_done=put("done"), keep=self.conversation.tools is not None,
+            slot=self.job.slot if appended else None)
+        self.engine.submit(self.job)
+
+    def _take_output(self, seconds: float) -> harmony.Message | None:
+        """Adds the turn's generation to the conversation; returns the built-in call to answer, if it made one."""
+        conversation, output = self.conversation, self.job.tokens
+        parsed = harmony.parse(output, role="assistant")
+        messages = parsed.messages + ([parsed.partial] if parsed.partial else [])
+        step = Step("model", messages, len(output), seconds)
+        conversation.steps.append(step)
+        conversation.messages += messages
+        conversation.tokens += output
+        self.on_step(step)
+        last = output[-1] if output else None
+        cut = last not in (tok.RETURN, tok.CALL)  # by a token limit
+        if self.reason not in ("stop", "length"):  # "cancelled", or "error: ..." (the engine's)
+            conversation.finish = self.reason
+        elif parsed.error and not (cut and parsed.error == harmony.HEADER_CUT):
+            conversation.finish = f"error: {parsed.error}"
+        elif last == tok.RETURN:
+            conversation.finish = "final"
+        elif cut:
+            conversation.finish = "max_tokens" if len(conversation.tokens) >= self.limit else "length"
+        elif conversation.tools is None or not messages or (messages[-1].recipient or "").startswith("functions."):
+            conversation.finish = "function_call"
+        else:
+            return messages[-1]
+        return None
+
+
 def run(generator, records: Sequence[Mapping[str, Any]], toolsets: Sequence[Mapping[str, Any]], *,
         max_turns: int = 16, max_tokens: int = 8192, max_new_tokens: int = 2048, temperature: float = 1.0,
-        top_p: float = 1.0, seed: int | Sequence[int] = 0, on_token: Callable[[int, int], None] | None = None,
+        top_p: float = 1.0, seed: int | Sequence[int] = 0, slots: int | None = None,
+        on_token: Callable[[int, int], None] | None = None,
         on_step: Callable[[int, Step], None] | None = None) -> list[Conversation]:
-    """Runs each record's conversation until the assistant answers, calls a function, or a limit is reached.
+    """Runs each record's conversation until the assistant answers, calls a function, or a limit is reached, all at
+    once on one engine (`slots` conversations decoding at a time, default all; a conversation waiting for a tool
+    leaves the others decoding).
 
+    generator: a `gptoss_jax.generation.Generator` (its model, parameters and compiled steps are used).
     toolsets[i]: conversation i's built-in tools by name (a `Toolset`); the model is shown the ones its record
     lists in `builtin_tools`, and a call to one it lacks is answered with an error it can read.
     seed: one for all (each conversation then draws its own from it and its index), or one per conversation.
     on_token(i, token) sees every generated token; on_step(i, step) every generation and tool answer.
     """
+    if jax.process_count() > 1:
+        raise ValueError("the agent loop runs in a single process (the tools' answers would have to reach every "
+                         "process)")
     limit = min(max_tokens, generator.model.config.max_position_embeddings)
     seeds = [seed * 1_000_003 + 7_919 * i for i in range(len(records))] if isinstance(seed, int) else list(seed)
     if not len(toolsets) == len(seeds) == len(records):
         raise ValueError(f"{len(toolsets)} toolsets and {len(seeds)} seeds for {len(records)} conversations")
     conversations = [Conversation(record, harmony.encode_chat(record), tools)
                      for record, tools in zip(records, toolsets, strict=True)]
-    for conversation in conversations:
+    going = []
+    for i, conversation in enumerate(conversations):
         if len(conversation.tokens) >= limit:
             conversation.finish = "max_tokens"
-    kept, cached = None, []  # the kept rows and the conversation of each
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(8, len(records)))) as pool:
-        for turn in range(max_turns):
-            going = [i for i, c in enumerate(conversations) if c.finish is None]
-            if not going:
-                break
-            parsers = {i: harmony.StreamParser(role="assistant") for i in going}
+        else:
+            going.append(i)
+    if not going:
+        return conversations
+    first = max(len(conversations[i].tokens) for i in going) + max_new_tokens  # the first turn's indices, at most
+    engine = Engine(generator.model, slots=min(slots or len(going), len(going)), max_length=limit,
+                    capacity=1 << (first - 1).bit_length(), split=(generator.graphdef, generator.state),
+                    steps=generator.steps)
 
-            def stream(row: int, token: int, going=going, parsers=parsers) -> None:
-                parsers[going[row]].feed(token)
-                if on_token is not None:
-                    on_token(going[row], token)
+    def request(i):
+        return lambda tokens, turn: Request(tokens, 0, temperature, top_p, seed=(seeds[i] + turn * 104_729) % (1 << 31))
 
-            # one batch; each row as many new tokens as its own room in `limit` positions leaves
-            new = [min(max_new_tokens, limit - len(conversations[i].tokens)) for i in going]
-            settings = {"temperature": temperature, "top_p": top_p, "stream": stream,
-                        "seed": [(seeds[i] + turn * 104_729) % (1 << 31) for i in going]}
-            started = time.perf_counter()
-            if kept is None:
-                outputs, kept = generator.generate([conversations[i].tokens for i in going], new, keep_cache=True,
-                                                   **settings)
-            else:  # the conversations that go on keep their rows: only what they lack is prefilled
-                if cached != going:
-                    kept = generator.take_rows(kept, [cached.index(i) for i in going])
-                appended = [conversations[i].tokens[fed:] for i, fed in zip(going, generator.fed(kept), strict=True)]
-                outputs, kept = generator.resume(kept, appended, new, **settings)
-            cached = going
-            seconds = (time.perf_counter() - started) / len(going)
-            calls = {}
-            for i, output in zip(going, outputs, strict=True):
-                calls[i] = _take_output(conversations[i], output, parsers[i].result(), seconds, limit)
-                if on_step is not None:
-                    on_step(i, conversations[i].steps[-1])
-            if turn + 1 == max_turns:  # no generation left to read an answer: the calls stay unanswered
-                break
-            pending = {i: pool.submit(answer, conversations[i].tools, call) for i, call in calls.items() if call}
-            for i, future in pending.items():
-                conversation, step = conversations[i], future.result()
-                conversation.steps.append(step)
-                conversation.messages += step.messages
-                conversation.tokens += harmony.render_message(step.messages[0])[0] + assistant_prompt()
-                if on_step is not None:
-                    on_step(i, step)
-                if len(conversation.tokens) >= limit:
-                    conversation.finish = "max_tokens"
-    for conversation in conversations:
-        if conversation.finish is None:
-            conversation.finish = "max_turns"
+    def tokens_to(i):
+        return None if on_token is None else lambda token, logprob: on_token(i, token)
+
+    async def converse():
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(8, len(going)))) as tool_threads:
+            loops = [ToolLoop(engine, conversations[i], request(i), max_turns=max_turns, limit=limit,
+                              max_new_tokens=max_new_tokens, tool_threads=tool_threads, on_token=tokens_to(i),
+                              on_step=on_step and functools.partial(on_step, i))
+                     for i in going]
+            for loop in loops:
+                loop.start()
+            await asyncio.gather(*(loop.run() for loop in loops))
+
+    engine.start()
+    try:  # in a thread of its own: the caller may be running an event loop (a notebook)
+        with concurrent.futures.ThreadPoolExecutor(1) as thread:
+            thread.submit(asyncio.run, converse()).result()
+    finally:
+        engine.stop()
     return conversations
-
-
-def _take_output(conversation: Conversation, output: list[int], parsed: harmony.ParseResult, seconds: float,
-                 limit: int) -> harmony.Message | None:
-    """Adds one generation to the conversation; returns the built-in call to answer, if it made one."""
-    messages = parsed.messages + ([parsed.partial] if parsed.partial else [])
-    step = Step("model", messages, len(output), seconds)
-    conversation.steps.append(step)
-    conversation.messages += messages
-    conversation.tokens += output
-    last = output[-1] if output else None
-    cut = last not in (tok.RETURN, tok.CALL)  # by a token limit
-    if parsed.error and not (cut and parsed.error == harmony.HEADER_CUT):
-        conversation.finish = f"error: {parsed.error}"
-    elif last == tok.RETURN:
-        conversation.finish = "final"
-    elif cut:
-        conversation.finish = "max_tokens" if len(conversation.tokens) >= limit else "length"
-    elif (messages[-1].recipient or "").startswith("functions."):
-        conversation.finish = "function_call"
-    else:
-        return messages[-1]
-    return None
 
 
 def answer(tools: Mapping[str, Any], call: harmony.Message) -> Step:

@@ -252,6 +252,29 @@ def start(prompt: Sequence[int], final: Constraint | None, strict_tools: dict[st
     return state
 
 
+def describe(state: RowState) -> bytes:
+    """A fresh state's constraints as JSON, for `restart` on another process (a multi-process server's plan)."""
+
+    def one(constraint):
+        return None if constraint is None else [constraint.kind, constraint.spec]
+
+    return json.dumps({"final": one(state.final), "reasoning_budget": state.budget,
+                       "strict_tools": {name: one(c) for name, c in state.strict_tools.items()}}).encode()
+
+
+def restart(prompt: Sequence[int], description: bytes) -> RowState:
+    """The state `describe` described, started at the end of `prompt`. As `start` reads only what follows the
+    prompt's last `<|start|>`, a prompt that holds one (every request the server makes: a whole prompt, or a tool
+    turn's chunk ending in `<|start|>assistant`) starts where the whole sequence does."""
+    described = json.loads(description)
+
+    def one(value):
+        return None if value is None else Constraint(*value)
+
+    return start(prompt, one(described["final"]), {name: one(v) for name, v in described["strict_tools"].items()},
+                 described["reasoning_budget"])
+
+
 def allocate(rows: int, vocab: int) -> np.ndarray:
     """An all-allowed bitmask [rows, ceil(vocab / 32)] int32."""
     bitmask = llg_numpy.allocate_token_bitmask(rows, vocab)

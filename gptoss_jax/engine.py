@@ -18,7 +18,7 @@ requests, makes the same decisions everywhere without a plan.
 A request made with `keep=True` keeps its slot when it ends: its cache holds its prompt and output (its last
 token aside: sampled, never fed). A request given that `slot` then goes on from there, its prompt appended to the
 slot's sequence and only that prefilled (`model.extend`): a conversation that pauses for a tool resumes without
-prefilling itself again. `release` frees a kept slot.
+prefilling itself again. Cancelling the ended request frees the slot it kept.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Request:
     on_done: Callable[[str], None] = lambda reason: None  # "stop", "length", "cancelled" or "error: ..."
     tokens: list[int] = dataclasses.field(default_factory=list)
     cancelled: bool = False  # set by Engine.cancel: a request still queued is never admitted
-    constraint: constrain.RowState | None = None  # a structured output (single-process servers)
+    constraint: constrain.RowState | None = None  # a structured output (made afresh on the other processes)
     counts: dict[int, int] = dataclasses.field(default_factory=dict)  # generated tokens, for the penalties
     keep: bool = False  # keep the slot (and its cache) when the request ends, for a request that goes on from it
     slot: int | None = None  # set at admission; set before submitting: go on from that kept slot (prompt appended)
@@ -80,19 +80,23 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model: GptOss, *, slots: int = 16, max_length: int | None = None, prefill_rows: int = 8,
-                 split: tuple[nnx.GraphDef, nnx.State] | None = None, steps: tuple | None = None):
-        """`max_length`: each slot's cache capacity, the context a request fits in (prompt and new tokens).
-        `split`: the model's (graphdef, state) to run, when the caller holds it (parameters being trained), and
-        `steps` their `compiled_steps`, when the caller reuses them across engines (what they compiled, too)."""
+    def __init__(self, model: GptOss, *, slots: int = 16, max_length: int | None = None, capacity: int | None = None,
+                 prefill_rows: int = 8, split: tuple[nnx.GraphDef, nnx.State] | None = None,
+                 steps: tuple | None = None):
+        """`max_length`: the context a request fits in (prompt and new tokens, a kept slot's whole sequence).
+        `capacity`: each slot's cache indices to start with (default: max_length); a request that needs more grows
+        every slot (to a power of two, at most max_length) when it is admitted. `split`: the model's (graphdef,
+        state) to run, when the caller holds it (parameters being trained), and `steps` their `compiled_steps`,
+        when the caller reuses them across engines (what they compiled, too)."""
         if max_length is None:
             max_length = min(DEFAULT_CONTEXT, model.config.max_position_embeddings)
         if max_length > model.config.max_position_embeddings:
             raise ValueError(f"max_length {max_length} exceeds the model's {model.config.max_position_embeddings}")
         self.model, self.slots, self.max_length = model, slots, max_length
+        self.capacity = min(capacity or max_length, max_length)
         self.prefill_rows = prefill_rows  # prompts prefilled together at most: each needs a whole cache row too
         self.graphdef, self.state = split or nnx.split(model)
-        self.cache = self._place(model.init_cache(jnp.zeros(slots, jnp.int32), max_length))
+        self.cache = self._place(model.init_cache(jnp.zeros(slots, jnp.int32), self.capacity))
         self.active: dict[int, Request] = {}
         self.kept: dict[int, Request] = {}  # slots held by ended requests made with keep=True
         self.pending: queue.Queue[Request] = queue.Queue()
@@ -119,9 +123,6 @@ class Engine:
             raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens")
         if len(request.logit_bias) > MAX_LOGIT_BIAS:
             raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens")
-        if request.constraint is not None and jax.process_count() > 1:
-            raise ValueError("structured outputs (response_format, strict tools) are served by single-process "
-                             "servers only: the other processes would need every step's token masks")
         # The plan carries these as float32: every process must add exactly the same adjustments.
         request.presence_penalty = float(np.float32(request.presence_penalty))
         request.frequency_penalty = float(np.float32(request.frequency_penalty))
@@ -176,12 +177,7 @@ class Engine:
         never written)."""
         return int(self.max_length - self.written[slot] + 1)
 
-    def release(self, slot: int) -> None:
-        """Frees a kept slot (on the caller's thread, between `run`s; a server's requests release theirs through
-        `cancel`)."""
-        del self.kept[slot]
-
-    def grow(self, capacity: int) -> None:
+    def _grow(self, capacity: int) -> None:
         """Room for `capacity` indices in every slot (the cache padded; the next steps compile for it). A banded
         ring shorter than the window was made as long as the cache (`init_cache`), so it holds index i in slot i,
         as the longer ring will: it is padded too."""
@@ -195,9 +191,12 @@ class Engine:
                              *(padded(a, capacity) for a in (cache.full_k, cache.full_v)), cache.start, cache.length)
         if self.model.mesh is not None:
             self.cache = jax.device_put(self.cache, cache_shardings(self.cache, self.model.mesh, split_rows=False))
-        self.max_length = capacity
+        self.capacity = capacity
 
     def _check(self, request: Request) -> None:
+        vocab = self.model.config.vocab_size
+        if request.prompt and (min(request.prompt) < 0 or max(request.prompt) >= vocab):  # never clamped
+            raise ValueError(f"token ids must be in [0, {vocab}), got {min(request.prompt)}..{max(request.prompt)}")
         if request.slot is None:
             if len(request.prompt) + request.max_tokens > self.max_length:
                 raise ValueError(f"the prompt has {len(request.prompt)} tokens and asks for up to "
@@ -265,6 +264,13 @@ class Engine:
         for slot, request in admissions:
             if slot not in self.kept:
                 buckets.setdefault(self._bucket(request), []).append((slot, request))
+        # the indices each admitted request writes up to (its last new token is returned, never written)
+        needed = max([int(self.written[slot]) + len(request.prompt) + request.max_tokens - 1
+                      for slot, request in going_on]
+                     + [bucket + request.max_tokens - 1 for bucket, admitted in buckets.items()
+                        for _, request in admitted], default=0)
+        if needed > self.capacity:
+            self._grow(min(1 << (needed - 1).bit_length(), self.max_length))
         for first in range(0, len(going_on), self.prefill_rows):
             self._go_on(going_on[first:first + self.prefill_rows])
         for bucket, admitted in buckets.items():
@@ -286,18 +292,22 @@ class Engine:
     def follow(self) -> None:
         """Runs each plan process 0 broadcasts, until it stops the engine."""
         while (plan := _exchange(None, self.template)) is not None:
-            admissions = [
-                (int(slot), Request(prompt[prompt >= 0].tolist(), int(limit), float(t), float(p), int(k), int(s),
-                                    tuple(int(x) for x in stops if x >= 0), float(presence), float(frequency),
-                                    {int(x): float(v) for x, v in zip(biased, bias, strict=True) if x >= 0},
-                                    bool(logprobs), keep=bool(keep)))
-                for slot, prompt, limit, t, p, k, s, stops, presence, frequency, biased, bias, logprobs, keep in zip(
-                    plan["slot"], plan["prompt"], plan["max_tokens"], plan["temperature"], plan["top_p"],
-                    plan["top_k"], plan["seed"], plan["stop_tokens"], plan["presence_penalty"],
-                    plan["frequency_penalty"], plan["bias_tokens"], plan["bias_values"], plan["logprobs"],
-                    plan["keep"], strict=True)
-                if slot >= 0
-            ]
+            ends = np.cumsum(plan["constraint"])
+            admissions = []
+            for index in np.flatnonzero(plan["slot"] >= 0):
+                prompt = plan["prompt"][index]
+                prompt = prompt[prompt >= 0].tolist()
+                described = plan["constraints"][ends[index] - plan["constraint"][index]:ends[index]].tobytes()
+                biased = plan["bias_tokens"][index] >= 0
+                admissions.append((int(plan["slot"][index]), Request(
+                    prompt, int(plan["max_tokens"][index]), float(plan["temperature"][index]),
+                    float(plan["top_p"][index]), int(plan["top_k"][index]), int(plan["seed"][index]),
+                    tuple(int(x) for x in plan["stop_tokens"][index] if x >= 0),
+                    float(plan["presence_penalty"][index]), float(plan["frequency_penalty"][index]),
+                    dict(zip(plan["bias_tokens"][index][biased].tolist(), plan["bias_values"][index][biased].tolist(),
+                             strict=True)),
+                    bool(plan["logprobs"][index]), keep=bool(plan["keep"][index]),
+                    constraint=constrain.restart(prompt, described) if described else None)))
             self.step(admissions, [int(slot) for slot in plan["cancelled"] if slot >= 0])
 
     # ---- the steps ------------------------------------------------------------------------------------------
@@ -318,7 +328,7 @@ class Engine:
             prompt = prompts[row] if row < len(prompts) else prompts[0]
             tokens[row, bucket - len(prompt):], starts[row] = prompt, bucket - len(prompt)
         logits, batch = self._prefill(self.state, self._replicated(tokens),
-                                      self._place(self.model.init_cache(jnp.asarray(starts), self.max_length)))
+                                      self._place(self.model.init_cache(jnp.asarray(starts), self.capacity)))
         source = [prompts.index(tuple(request.prompt)) for _, request in admitted]
         slots = [slot for slot, _ in admitted]
         self.cache = _insert(self.cache, batch, self._replicated(np.asarray(_padded(source), np.int32)),
@@ -535,7 +545,10 @@ def _plan(admissions, cancelled, slots: int, max_length: int) -> dict[str, np.nd
             "presence_penalty": np.zeros(slots, np.float32), "frequency_penalty": np.zeros(slots, np.float32),
             "bias_tokens": np.full((slots, MAX_LOGIT_BIAS), -1, np.int32),
             "bias_values": np.zeros((slots, MAX_LOGIT_BIAS), np.float32), "logprobs": np.zeros(slots, np.int32),
-            "keep": np.zeros(slots, np.int32), "cancelled": np.full(slots, -1, np.int32)}
+            "keep": np.zeros(slots, np.int32), "cancelled": np.full(slots, -1, np.int32),
+            "constraint": np.zeros(slots, np.int32)}  # the bytes of each request's constraint in "constraints"
+    described = [constrain.describe(request.constraint) if request.constraint is not None else b""
+                 for _, request in admissions]
     for index, (slot, request) in enumerate(admissions):
         plan["slot"][index] = slot
         plan["prompt"][index, : len(request.prompt)] = request.prompt
@@ -545,7 +558,9 @@ def _plan(admissions, cancelled, slots: int, max_length: int) -> dict[str, np.nd
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
                      "logprobs", "keep"):
             plan[name][index] = getattr(request, name)
+        plan["constraint"][index] = len(described[index])
     plan["cancelled"][: len(cancelled)] = cancelled
+    plan["constraints"] = np.frombuffer(b"".join(described), np.uint8)  # sent apart: its size varies
     return plan
 
 
@@ -556,5 +571,9 @@ def _exchange(plan: dict | None, template: dict) -> dict | None:
 
     if not int(multihost_utils.broadcast_one_to_all(np.int32(plan is not None))):
         return None
-    received = multihost_utils.broadcast_one_to_all(plan if plan is not None else template)
-    return {name: np.asarray(value) for name, value in received.items()}
+    fixed = {name: value for name, value in (plan or template).items() if name != "constraints"}
+    received = {name: np.asarray(value) for name, value in multihost_utils.broadcast_one_to_all(fixed).items()}
+    size = int(received["constraint"].sum())  # the constraints' bytes, only in a step that admits some
+    received["constraints"] = np.asarray(multihost_utils.broadcast_one_to_all(
+        plan["constraints"] if plan is not None else np.zeros(size, np.uint8))) if size else np.zeros(0, np.uint8)
+    return received

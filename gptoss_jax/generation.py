@@ -1,11 +1,10 @@
 """`Generator`: the simple batch API over the engine (`gptoss_jax.engine`). `generate` runs a batch of prompts
 through an engine sized for it (the rows beyond its `slots`, if given, take the slots the finished rows free) and
-returns each row's tokens, optionally keeping the rows' slots to `resume` them: a conversation that goes on after a
-tool's answer prefills only what it appended."""
+returns each row's tokens. (A conversation that goes on after a tool's answer keeps its engine slot instead:
+`gptoss_jax.agent`.)"""
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -18,15 +17,6 @@ from gptoss_jax.model import GptOss
 
 # A completion ends when the assistant returns its final answer or calls a tool; `<|end|>` only ends one message.
 DEFAULT_STOP_TOKENS = (tok.RETURN, tok.CALL)
-
-
-@dataclasses.dataclass
-class KeptRows:
-    """The rows of a `generate(keep_cache=True)` or `resume`, kept in the slots of their engine: row i in
-    `slots[i]`, its cache holding its prompt and output up to its last token fed (`Generator.fed`)."""
-
-    engine: Engine
-    slots: list[int]
 
 
 class Generator:
@@ -51,9 +41,8 @@ class Generator:
         stream: Callable[[int, int], None] | None = None,
         cache_length: int | None = None,
         constraints: constrain.RowConstraints | None = None,
-        keep_cache: bool = False,
         slots: int | None = None,
-    ) -> list[list[int]] | tuple[list[list[int]], KeptRows]:
+    ) -> list[list[int]]:
         """New tokens of each prompt, up to `max_new_tokens` (one for all, or one per prompt) or through the first
         stop token (included). A row's tokens do not depend on the other rows.
 
@@ -63,7 +52,6 @@ class Generator:
         cache_length: each row's cache capacity (default: the most a row needs, prompt and new tokens).
         constraints: per row, a grammar for the final answer and strict tools' arguments, and a reasoning budget
             (`gptoss_jax.constrain`); rows without one sample exactly as they would without it.
-        keep_cache: also return the rows' kept slots, to `resume` them later.
         slots: rows decoded at once (default: all); the others wait for a finished row's slot (continuous
             batching: a long row holds up no other).
         """
@@ -78,88 +66,32 @@ class Generator:
             row = [len(p) + n for p, n in zip(prompts, new, strict=True)].index(needed)
             raise ValueError(f"prompt {row} needs {needed} positions with its new tokens ({len(prompts[row])} + "
                              f"{new[row]}); the cache holds {capacity} and the model {limit}")
-        self._check_tokens(prompts, "prompt")
-        if slots is not None and (slots < 1 or keep_cache and slots < len(prompts)):
-            raise ValueError(f"slots: at least 1, and with keep_cache (every row keeps its slot) one a row; got "
-                             f"{slots} for {len(prompts)} rows")
+        if slots is not None and slots < 1:
+            raise ValueError(f"slots: at least 1, got {slots}")
         engine = Engine(self.model, slots=min(slots or len(prompts), len(prompts)), max_length=capacity,
                         split=(self.graphdef, self.state), steps=self.steps)
         states = constraints.states(prompts) if constraints is not None else [None] * len(prompts)
-        requests = self._requests(prompts, new, seed, stop_tokens, stream, states, keep=keep_cache,
-                                  temperature=temperature, top_p=top_p, top_k=top_k)
+        requests = self._requests(prompts, new, seed, stop_tokens, stream, states, temperature=temperature,
+                                  top_p=top_p, top_k=top_k)
         engine.run(requests)
-        outputs = [request.tokens for request in requests]
-        return (outputs, KeptRows(engine, [request.slot for request in requests])) if keep_cache else outputs
+        return [request.tokens for request in requests]
 
-    def resume(self, kept: KeptRows, appended: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
-               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | Sequence[int] = 0,
-               stop_tokens: Sequence[int] | None = None,
-               stream: Callable[[int, int], None] | None = None) -> tuple[list[list[int]], KeptRows]:
-        """Goes on generating for kept rows (`generate(keep_cache=True)`, or an earlier `resume`) after appending
-        `appended[row]` to each (at least one token: what the row's cache lacks of its sequence, e.g. its last
-        output token, then a tool's answer): only the appended tokens are prefilled. Returns the new tokens of
-        each row (as `generate`) and the rows, still kept."""
-        if len(appended) != len(kept.slots) or any(len(a) == 0 for a in appended):
-            raise ValueError(f"resume needs one non-empty chunk per kept row ({len(kept.slots)}), got "
-                             f"{[len(a) for a in appended]}")
-        _check_settings(temperature, top_p, top_k)
-        self._check_tokens(appended, "appended chunk")
-        new = _per_row(max_new_tokens, len(appended))
-        fed = self.fed(kept)
-        positions = [f + len(a) + n for f, a, n in zip(fed, appended, new, strict=True)]
-        limit = self.model.config.max_position_embeddings
-        if max(positions) > limit:
-            row = positions.index(max(positions))
-            raise ValueError(f"row {row} needs {positions[row]} positions with its {fed[row]} tokens, "
-                             f"{len(appended[row])} appended and {new[row]} new ones; the model holds {limit}")
-        engine = kept.engine
-        # a row's cache indices also count its left padding; grown to a power of two (few shapes)
-        needed = max(int(engine.written[s]) + len(a) + n for s, a, n in zip(kept.slots, appended, new, strict=True))
-        if needed > engine.max_length:
-            engine.grow(1 << (needed - 1).bit_length())
-        engine.state = self.state
-        requests = self._requests(appended, new, seed, stop_tokens, stream, [None] * len(appended), keep=True,
-                                  temperature=temperature, top_p=top_p, top_k=top_k)
-        for request, slot in zip(requests, kept.slots, strict=True):
-            request.slot = slot
-        engine.run(requests)
-        return [request.tokens for request in requests], kept
-
-    @staticmethod
-    def fed(kept: KeptRows) -> list[int]:
-        """How many tokens of each row's sequence its cache holds (prompt and output, the last output token aside
-        when generation stopped there)."""
-        return [kept.engine.fed(slot) for slot in kept.slots]
-
-    @staticmethod
-    def take_rows(kept: KeptRows, rows: Sequence[int]) -> KeptRows:
-        """Some of the kept rows, in that order (the conversations that go on); the others' slots are freed."""
-        for slot in set(kept.slots) - {kept.slots[row] for row in rows}:
-            kept.engine.release(slot)
-        return KeptRows(kept.engine, [kept.slots[row] for row in rows])
-
-    def _requests(self, chunks, new, seed, stop_tokens, stream, states, *, keep, **settings) -> list[Request]:
+    def _requests(self, prompts, new, seed, stop_tokens, stream, states, **settings) -> list[Request]:
         if isinstance(seed, int):
-            seeds = [seed] if len(chunks) == 1 else [zlib.crc32(f"{seed}:{row}".encode()) & 0x7FFFFFFF
-                                                     for row in range(len(chunks))]
-        elif len(seed) == len(chunks):
+            seeds = [seed] if len(prompts) == 1 else [zlib.crc32(f"{seed}:{row}".encode()) & 0x7FFFFFFF
+                                                      for row in range(len(prompts))]
+        elif len(seed) == len(prompts):
             seeds = list(seed)
         else:
-            raise ValueError(f"{len(seed)} seeds for {len(chunks)} prompts")
+            raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
         stops = tuple(DEFAULT_STOP_TOKENS if stop_tokens is None else stop_tokens)
 
         def on_token(row):
             return (lambda token, logprob: stream(row, token)) if stream is not None else (lambda token, logprob: None)
 
-        return [Request(list(chunk), limit, seed=row_seed, stop_tokens=stops, on_token=on_token(row),
-                        constraint=state, keep=keep, **settings)
-                for row, (chunk, limit, row_seed, state) in enumerate(zip(chunks, new, seeds, states, strict=True))]
-
-    def _check_tokens(self, chunks: Sequence[Sequence[int]], what: str) -> None:
-        vocab = self.model.config.vocab_size
-        for row, chunk in enumerate(chunks):
-            if min(chunk) < 0 or max(chunk) >= vocab:
-                raise ValueError(f"{what} {row}: token ids must be in [0, {vocab}), got {min(chunk)}..{max(chunk)}")
+        return [Request(list(prompt), limit, seed=row_seed, stop_tokens=stops, on_token=on_token(row),
+                        constraint=state, **settings)
+                for row, (prompt, limit, row_seed, state) in enumerate(zip(prompts, new, seeds, states, strict=True))]
 
 
 def _check_settings(temperature: float, top_p: float, top_k: int) -> None:

@@ -145,8 +145,11 @@ def _gathered_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_
 # A decode step's few tokens of a small model (at most this many tokens, and multiply-adds: tokens x the gate-up
 # weight's size, well under a millisecond of matmul) run every dense expert on every token rather than route:
 # the grouped loop's fixed cost per expert would be most of the step (5.7 ms against 0.7 ms for 16 tokens of the
-# benchmarks' small model).
+# benchmarks' small model). Up to GATHERED_PAIRS_PER_EXPERT pairs an expert, gathering each pair's expert reads
+# less than that and wins: a decode step of the inference benchmark's model (16 experts, top 4) took 26 / 71 /
+# 133 ms gathered against 98 / 144 / 166 ms every expert at 1 / 4 / 8 rows, and 267 against 199 ms at 16.
 EVERY_EXPERT_TOKENS = 64
+GATHERED_PAIRS_PER_EXPERT = 2
 
 
 EVERY_EXPERT_WORK = 2**26
@@ -184,10 +187,14 @@ def _experts_path(kernels: str, w_gate_up, num_tokens: int, k: int, num_experts:
     each costs; the thresholds were set by measurement on a CPU (benchmarks/RESULTS.md)."""
     if is_packed(w_gate_up) and backend.use_kernels(kernels):
         return "kernel"
-    if (not is_packed(w_gate_up) and num_tokens <= EVERY_EXPERT_TOKENS
-            and num_tokens * w_gate_up.size <= EVERY_EXPERT_WORK):
+    pairs = num_tokens * k
+    if is_packed(w_gate_up):  # gathering dequantizes a pair's expert: fewer pairs than experts only
+        return "gathered" if pairs < num_experts else "grouped"
+    if pairs <= GATHERED_PAIRS_PER_EXPERT * num_experts:
+        return "gathered"
+    if num_tokens <= EVERY_EXPERT_TOKENS and num_tokens * w_gate_up.size <= EVERY_EXPERT_WORK:
         return "every"
-    return "gathered" if num_tokens * k < num_experts else "grouped"
+    return "grouped"
 
 
 def _expert_kernel():

@@ -20,7 +20,6 @@ import jsonschema
 from gptoss_jax import agent, constrain, harmony
 from gptoss_jax import tokenizer as tok
 from gptoss_jax.engine import MAX_LOGIT_BIAS, Engine, Request
-from gptoss_jax.generation import DEFAULT_STOP_TOKENS
 
 # Each field this server reads, with its JSON type in OpenAI's API reference (`top_k`: vLLM's); null is the
 # default everywhere. `check_fields` holds every request of both APIs to these types: a value of another type is
@@ -311,107 +310,53 @@ def token_logprob(token: int, logprob: float) -> dict:
 
 
 class Choice:
-    """One choice of a request, generated on the engine turn by turn. A turn is one engine request; when the model
-    calls a built-in tool the request enabled, the server answers the call (in a worker thread: python may take
-    seconds) and the next turn generates from the prompt extended by the call and its answer, within the budget
-    left. Events go to `events` as (index, "token", (token, logprob)), (index, "tool", (call, answer)) and, last,
-    (index, "done", reason): "stop", "length", "cancelled" or "error: ...".
-
-    A choice that may call a built-in tool keeps its engine slot between turns: the next turn appends what the slot
-    lacks (the call's last token, the answer, the next header) and prefills only that. Only when that slot has too
-    little room left (its first prompt's left padding counts against it) does the next turn start afresh in a new
-    slot, its whole prompt prefilled, so a conversation gets the context's whole room as it would alone."""
+    """One choice of a request: a conversation on the engine through the agent's tool loop (`agent.ToolLoop`), which
+    answers the built-in tools the request enabled and goes on in the choice's kept slot; `max_tokens` bounds the
+    tokens of all its turns together. Events go to `events` as (index, "token", (token, logprob)), (index, "tool",
+    (call, answer)) and, last, (index, "done", reason): "stop", "length", "cancelled" or "error: ..."."""
 
     def __init__(self, engine: Engine, prompt: list[int], settings: dict[str, Any], index: int,
                  events: asyncio.Queue, make_tools: Callable[[Sequence[str]], agent.Toolset] | None,
                  tool_threads: concurrent.futures.Executor | None = None):
-        self.engine, self.prompt, self.settings, self.index, self.events = engine, prompt, settings, index, events
-        self.tool_threads = tool_threads  # where tool calls run (None: the event loop's default threads)
-        self.tools = make_tools(settings["builtin_tools"]) if settings["builtin_tools"] else None
-        self.loop = asyncio.get_running_loop()
-        self.inbox: asyncio.Queue = asyncio.Queue()  # this turn's engine events
-        self.generated = 0  # tokens generated over all turns
-        self.job: Request | None = None
-        self.cancelled = False
-        self.ended = False
+        self.settings, self.index, self.events, self.tool_threads = settings, index, events, tool_threads
+        tools = make_tools(settings["builtin_tools"]) if settings["builtin_tools"] else None
+        self.conversation = agent.Conversation({}, list(prompt), tools)
+        self.turns = agent.ToolLoop(
+            engine, self.conversation, self._request, max_turns=settings["max_turns"],
+            max_new_tokens=settings["max_tokens"], budget=settings["max_tokens"], limit=engine.max_length,
+            on_token=lambda token, logprob: events.put_nowait((index, "token", (token, logprob))),
+            on_step=self._step, tool_threads=tool_threads)
 
     def start(self) -> None:
         """Submits the first turn now, so that a request the engine refuses fails before any response."""
-        self._submit(self.prompt, 0, self.settings["max_tokens"])
-        asyncio.create_task(self._turns())
+        self.turns.start()
+        asyncio.create_task(self._run())
 
     def cancel(self) -> None:
         """Ends the choice early (its client left, or a stop string was reached)."""
-        if not self.ended:
-            self.cancelled = True
-            if self.job is not None:
-                self.engine.cancel(self.job)
+        self.turns.cancel()
 
-    def _submit(self, prompt: list[int], turn: int, max_tokens: int, appended: list[int] | None = None) -> None:
-        """A turn: generating after `prompt`, the whole conversation; with `appended` (its end), in the slot the
-        last turn kept, prefilling only that."""
+    def _request(self, prompt: list[int], turn: int) -> Request:
         settings = self.settings
         final, strict = settings["final_format"], settings["strict_tools"]
+        return Request(prompt, 0, settings["temperature"], settings["top_p"], settings.get("top_k", 0),
+                       _int32(settings["seed"] + self.index + turn * 1_000_003), (),
+                       settings.get("presence_penalty", 0.0), settings.get("frequency_penalty", 0.0),
+                       settings.get("logit_bias", {}), settings.get("logprobs", False),
+                       constraint=constrain.start(prompt, final, strict) if final or strict else None)
 
-        def put(kind):
-            return lambda *value: self.loop.call_soon_threadsafe(self.inbox.put_nowait, (kind, value))
+    def _step(self, step: agent.Step) -> None:
+        if step.kind == "tool":  # the call it answers is the last one made
+            self.events.put_nowait((self.index, "tool", (self.conversation.tool_calls[-1], step.messages[0])))
 
-        going_on = appended is not None
-        self.job = Request(appended if going_on else prompt, max_tokens, settings["temperature"], settings["top_p"],
-                           settings.get("top_k", 0),
-                           _int32(settings["seed"] + self.index + turn * 1_000_003), DEFAULT_STOP_TOKENS,
-                           settings.get("presence_penalty", 0.0), settings.get("frequency_penalty", 0.0),
-                           settings.get("logit_bias", {}), settings.get("logprobs", False), on_token=put("token"),
-                           on_done=put("done"),
-                           constraint=constrain.start(prompt, final, strict) if final or strict else None,
-                           keep=self.tools is not None, slot=self.job.slot if going_on else None)
-        self.engine.submit(self.job)
-
-    async def _turns(self) -> None:
-        prompt, reason, appended = self.prompt, "length", None
-        try:
-            for turn in range(self.settings["max_turns"]):
-                if turn:
-                    left = min(self.settings["max_tokens"] - self.generated, self.engine.max_length - len(prompt))
-                    if left < 1 or self.cancelled:
-                        reason = "cancelled" if self.cancelled else "length"
-                        break
-                    if len(appended) + left > self.engine.room(self.job.slot):
-                        self.engine.cancel(self.job)  # its slot is too short now: release it, start afresh
-                        appended = None
-                    self._submit(prompt, turn, left, appended)
-                while (event := await self.inbox.get())[0] == "token":
-                    self.generated += 1
-                    self.events.put_nowait((self.index, "token", event[1]))
-                reason = event[1][0]
-                call = self._builtin_call(reason)
-                if call is None:
-                    break
-                if turn + 1 == self.settings["max_turns"]:  # no turn left to read an answer in
-                    reason = "length"
-                    break
-                step = await self.loop.run_in_executor(self.tool_threads, agent.answer, self.tools, call)
-                self.events.put_nowait((self.index, "tool", (call, step.messages[0])))
-                answer = harmony.render_message(step.messages[0])[0]
-                appended = self.job.tokens[-1:] + answer + agent.assistant_prompt()  # the call's end: sampled, not fed
-                prompt = prompt + self.job.tokens + answer + agent.assistant_prompt()
-        except Exception as error:  # a failed turn fails this choice, never the server
-            reason = f"error: {error}"
-        finally:
-            if self.job is not None and self.job.keep:  # the slot it kept for its next turn
-                self.engine.cancel(self.job)
-            self.ended = True
-            self.events.put_nowait((self.index, "done", reason))
-            if self.tools is not None:  # after the answer went out: closing a kernel takes a moment
-                await self.loop.run_in_executor(self.tool_threads, self.tools.close)
-
-    def _builtin_call(self, reason: str) -> harmony.Message | None:
-        """The built-in call the turn ended with, if it ended with one the server answers."""
-        tokens = self.job.tokens
-        if self.tools is None or reason != "stop" or not tokens or tokens[-1] != tok.CALL:
-            return None
-        messages = harmony.parse(tokens, role="assistant").messages
-        return messages[-1] if messages and agent.tool_name(messages[-1].recipient) else None
+    async def _run(self) -> None:
+        finish = (await self.turns.run()).finish
+        # out of turns, budget or context: "length"; else as its last turn ended (a text that does not parse as
+        # harmony is the reply's to report, not the choice's end)
+        reason = "length" if finish in ("max_turns", "max_tokens", "length") else self.turns.reason
+        self.events.put_nowait((self.index, "done", reason))
+        if self.conversation.tools is not None:  # after the answer went out: closing a kernel takes a moment
+            await asyncio.get_running_loop().run_in_executor(self.tool_threads, self.conversation.tools.close)
 
 
 def _int32(seed: int) -> int:

@@ -359,7 +359,7 @@ def routes(engine, model_name: str, server_tools: Sequence[str], make_tools: Cal
                     yield output.tool(*value)
                 else:
                     yield output.finish()
-                    _conclude(response, value, len(prompt), choice.generated, output.reasoning_tokens)
+                    _conclude(response, value, len(prompt), choice.turns.generated, output.reasoning_tokens)
                     if response["store"] and not value.startswith("error"):
                         store.put(response, echo["conversation"] + [agent.as_record(m) for m in output.messages],
                                   {**echo["call_names"], **output.call_names})

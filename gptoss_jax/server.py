@@ -152,7 +152,7 @@ def create_app(engine: Engine, model_name: str, server_tools: Sequence[str] = ()
                         yield index, delta, None
 
         def usage():
-            generated = sum(c.generated for c in choices)  # the prompt counts once, as OpenAI bills n choices
+            generated = sum(c.turns.generated for c in choices)  # the prompt counts once, as OpenAI bills n choices
             return {"prompt_tokens": len(prompt), "completion_tokens": generated,
                     "total_tokens": len(prompt) + generated}
 

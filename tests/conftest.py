@@ -39,8 +39,10 @@ def demo_model_dir(tmp_path_factory):
 def expert_path(request, monkeypatch):
     """Both ways a small dense model's few tokens can take: every expert on every token (decode-sized work), or
     routed to their experts (gathered or grouped), as larger work is."""
-    if request.param == "routed":
-        import gptoss_jax.moe
+    import gptoss_jax.moe
 
+    if request.param == "routed":
         monkeypatch.setattr(gptoss_jax.moe, "EVERY_EXPERT_TOKENS", 0)
+    else:  # not gathered, as a step of a few pairs an expert would be
+        monkeypatch.setattr(gptoss_jax.moe, "GATHERED_PAIRS_PER_EXPERT", 0)
     return request.param

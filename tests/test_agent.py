@@ -32,44 +32,47 @@ def browser(function, arguments):
     return said(arguments, "analysis", f"browser.{function}", "json")
 
 
-class ScriptedModel:
-    """Stands in for `Generator`: conversation i's k-th generation is script[i][k] (with the prompt it was given
-    recorded), whatever the prompt; tokens are streamed as a generator streams them."""
+class ScriptedEngine:
+    """Stands in for the engine under `agent.run`: conversation i's k-th generation is script[i][k] (with the whole
+    sequence it was asked to go on from recorded), whatever that sequence; tokens are streamed as the engine streams
+    them. A kept slot holds its sequence as a real cache would: the last token of each output sampled, not fed."""
 
-    def __init__(self, scripts, max_positions=4096):
+    def __init__(self, scripts):
         self.scripts = [list(script) for script in scripts]
         self.prompts = [[] for _ in scripts]
-        self.batches = []
-        self.model = type("M", (), {"config": type("C", (), {"max_position_embeddings": max_positions})})
+        self.kept = {}  # slot -> the sequence its cache holds
+        self.slots = 0  # slots handed out
+        self.max_length = None  # set by `run`, as it makes its engine
 
-    def resume(self, cache, appended, max_new_tokens, **settings):
-        """A cache here is each row's tokens fed so far: resuming reads them and the appended tokens."""
-        return self.generate([row + list(chunk) for row, chunk in zip(cache, appended, strict=True)],
-                             max_new_tokens, keep_cache=True, **settings)
+    def __call__(self, model, *, max_length, **_settings):
+        self.max_length = max_length
+        return self
 
-    @staticmethod
-    def take_rows(cache, rows):
-        return [cache[row] for row in rows]
+    def start(self):
+        return self
 
-    @staticmethod
-    def fed(cache):
-        return [len(row) for row in cache]
+    def stop(self):
+        pass
 
-    def generate(self, prompts, max_new_tokens, *, stream=None, seed, keep_cache=False, **_settings):
-        self.batches.append([])
-        outputs = []
-        for row, prompt in enumerate(prompts):
-            conversation = self._conversation(prompt)
-            self.batches[-1].append(conversation)
-            self.prompts[conversation].append(list(prompt))
-            room = max_new_tokens if isinstance(max_new_tokens, int) else max_new_tokens[row]
-            output = self.scripts[conversation].pop(0)[:room]
-            for token in output:
-                stream(row, token)
-            outputs.append(output)
-        if keep_cache:  # as a real cache: the last token of each output sampled but not fed
-            return outputs, [list(prompt) + output[:-1] for prompt, output in zip(prompts, outputs, strict=True)]
-        return outputs
+    def room(self, slot):
+        return self.max_length - len(self.kept[slot]) + 1
+
+    def cancel(self, request):
+        self.kept.pop(request.slot, None)
+
+    def submit(self, request):
+        sequence = (self.kept.pop(request.slot) if request.slot is not None else []) + list(request.prompt)
+        conversation = self._conversation(sequence)
+        self.prompts[conversation].append(sequence)
+        if request.slot is None:
+            request.slot, self.slots = self.slots, self.slots + 1
+        output = self.scripts[conversation].pop(0)[:request.max_tokens]
+        for token in output:
+            request.tokens.append(token)
+            request.on_token(token, float("nan"))
+        if request.keep:
+            self.kept[request.slot] = sequence + output[:-1]
+        request.on_done("stop" if output and output[-1] in request.stop_tokens else "length")
 
     def _conversation(self, prompt):
         """Which conversation a prompt belongs to: the one whose first prompt it extends, else the next new one."""
@@ -77,6 +80,20 @@ class ScriptedModel:
             if earlier and prompt[: len(earlier[0])] == earlier[0]:
                 return conversation
         return next(conversation for conversation, earlier in enumerate(self.prompts) if not earlier)
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """scripted(scripts) -> (a stand-in generator for `agent.run`, the scripted engine it runs on)."""
+
+    def make(scripts, max_positions=4096):
+        engine = ScriptedEngine(scripts)
+        monkeypatch.setattr(agent, "Engine", engine)
+        config = type("C", (), {"max_position_embeddings": max_positions})
+        return type("G", (), {"model": type("M", (), {"config": config}), "graphdef": None, "state": None,
+                              "steps": None}), engine
+
+    return make
 
 
 def record(question, builtin=("python",), **extra):
@@ -93,9 +110,9 @@ def toolset(tmp_path):
         yield tools
 
 
-def test_python_state_is_kept_across_calls_and_errors_go_back_to_the_model(toolset):
+def test_python_state_is_kept_across_calls_and_errors_go_back_to_the_model(toolset, scripted):
     script = [python("x = 21\nprint('set')"), python("x * 2"), python("1 / 0"), said("It is 42.")]
-    model = ScriptedModel([script])
+    model, engine = scripted([script])
     (done,) = agent.run(model, [record("What is 21 * 2?")], [toolset])
     assert done.finish == "final" and done.final == "It is 42."
     assert [step.kind for step in done.steps] == ["model", "tool"] * 3 + ["model"]
@@ -106,7 +123,7 @@ def test_python_state_is_kept_across_calls_and_errors_go_back_to_the_model(tools
                for a in answers)
     assert [m.text for m in done.tool_calls] == ["x = 21\nprint('set')", "x * 2", "1 / 0"]
     # each generation reads the previous context, the model's tokens as sampled, then the tool's answer
-    prompts = model.prompts[0]
+    prompts = engine.prompts[0]
     for before, output, answer, after in zip(prompts, script, answers, prompts[1:], strict=False):
         assert after == before + output + harmony.render_message(answer)[0] + agent.assistant_prompt()
     assert done.tokens == prompts[-1] + script[-1]
@@ -116,10 +133,10 @@ def test_python_state_is_kept_across_calls_and_errors_go_back_to_the_model(tools
     assert rendered == prompts[-1]
 
 
-def test_browser_search_open_find_over_a_local_folder(toolset):
+def test_browser_search_open_find_over_a_local_folder(toolset, scripted):
     script = [browser("search", '{"query": "Dune novel author"}'), browser("open", '{"id": 0, "cursor": 0}'),
               browser("find", '{"pattern": "arrakis"}'), said("Frank Herbert 【1†L2】.")]
-    (done,) = agent.run(ScriptedModel([script]), [record("Who wrote Dune?", builtin=("browser",))], [toolset])
+    (done,) = agent.run(scripted([script])[0], [record("Who wrote Dune?", builtin=("browser",))], [toolset])
     search, opened, found = (step.messages[0] for step in done.steps if step.kind == "tool")
     assert search.name == "browser.search" and search.text.startswith("[0] Dune novel author")
     assert "【0†Dune" in search.text
@@ -128,9 +145,9 @@ def test_browser_search_open_find_over_a_local_folder(toolset):
     assert done.finish == "final"
 
 
-def test_a_function_call_goes_back_to_the_caller_and_the_loop_resumes_with_the_tools_state(toolset):
+def test_a_function_call_goes_back_to_the_caller_and_the_loop_resumes_with_the_tools_state(toolset, scripted):
     weather = said('{"city": "Oslo"}', "commentary", "functions.get_weather", "<|constrain|>json")
-    model = ScriptedModel([[python("t = 16"), weather, python("t ** 0.5"), said("4.0")]])
+    model, _ = scripted([[python("t = 16"), weather, python("t ** 0.5"), said("4.0")]])
     question = record("Square root of Oslo's temperature?",
                       tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {
                           "type": "object", "properties": {"city": {"type": "string"}}}}}])
@@ -145,33 +162,35 @@ def test_a_function_call_goes_back_to_the_caller_and_the_loop_resumes_with_the_t
     assert second.steps[1].messages[0].text.strip() == "4.0"  # `t`, set before the function call, is still there
 
 
-def test_turn_and_token_budgets_end_the_loop(toolset):
+def test_turn_and_token_budgets_end_the_loop(toolset, scripted):
     forever = [python(f"print({i})") for i in range(10)]
-    (turns,) = agent.run(ScriptedModel([forever]), [record("Loop.")], [toolset], max_turns=3)
+    (turns,) = agent.run(scripted([forever])[0], [record("Loop.")], [toolset], max_turns=3)
     assert turns.finish == "max_turns" and [s.kind for s in turns.steps] == ["model", "tool"] * 2 + ["model"]
     prompt = len(harmony.encode_chat(record("Loop.")))
-    (tokens,) = agent.run(ScriptedModel([forever]), [record("Loop.")], [toolset], max_tokens=prompt + 40)
+    (tokens,) = agent.run(scripted([forever])[0], [record("Loop.")], [toolset], max_tokens=prompt + 40)
     assert tokens.finish == "max_tokens" and len(tokens.tokens) >= prompt + 40 and len(tokens.steps) < 6
     long = said("word " * 100)
-    (cut,) = agent.run(ScriptedModel([[long]]), [record("Talk.")], [toolset], max_new_tokens=30)
+    (cut,) = agent.run(scripted([[long]])[0], [record("Talk.")], [toolset], max_new_tokens=30)
     assert cut.finish == "length" and cut.steps[0].tokens == 30
 
 
-def test_a_call_to_a_tool_the_conversation_lacks_is_answered_with_an_error(toolset):
+def test_a_call_to_a_tool_the_conversation_lacks_is_answered_with_an_error(toolset, scripted):
     script = [browser("search", '{"query": "x"}'), said("Sorry.")]
-    (done,) = agent.run(ScriptedModel([script]), [record("Search.")], [agent.Toolset(python=toolset["python"])])
+    (done,) = agent.run(scripted([script])[0], [record("Search.")], [agent.Toolset(python=toolset["python"])])
     answer = done.steps[1].messages[0]
     assert answer.text.startswith("Error: there is no tool 'browser.search' in this conversation (tools: python)")
     assert done.finish == "final"
 
 
-def test_conversations_run_as_one_batch_until_each_ends(toolset, tmp_path):
+def test_conversations_run_at_once_each_in_the_slot_it_keeps_until_it_ends(toolset, scripted):
     scripts = [[python("print('a')"), said("A.")], [said("B.")], [python("print('c')"), python("1"), said("C.")]]
-    model = ScriptedModel(scripts)
+    model, engine = scripted(scripts)
     with agent.builtin_tools(["python"])() as second, agent.builtin_tools(["python"])() as third:
         done = agent.run(model, [record("a?"), record("b?"), record("c?")], [toolset, second, third])
     assert [c.final for c in done] == ["A.", "B.", "C."]
-    assert [len(batch) for batch in model.batches] == [3, 2, 1]
+    assert [len(prompts) for prompts in engine.prompts] == [2, 1, 3]
+    # one slot a conversation, its later turns appended to it; every slot released at the end
+    assert engine.slots == 3 and engine.kept == {}
 
 
 def test_bad_tool_settings_fail_before_anything_runs():

@@ -215,36 +215,41 @@ def test_extending_a_cache_equals_prefilling_the_whole_sequence(pair):
         assert relative_error(np.asarray(logits), np.asarray(expected)) < 1e-5
 
 
-def test_resuming_a_kept_cache_generates_what_a_fresh_prefill_does(pair):
-    """Rows that stopped at different steps (a stop token that ends one early) keep their caches untouched while
-    the others decode; resumed with appended chunks of different lengths, each row generates what `generate` on
-    its whole sequence generates, and `fed` counts what each cache holds."""
+def test_a_kept_slot_goes_on_as_a_prefill_of_its_whole_sequence_does(pair):
+    """Requests that stopped at different steps (a stop token that ends one early) keep their slots untouched
+    while the others decode; going on with appended chunks of different lengths (every slot grown to hold them,
+    a ring shorter than the window of 5 with them), each generates what `generate` on its whole sequence
+    generates, and `fed` counts what each slot holds."""
     _, model = pair
     generator = Generator(model)
+    engine = Engine(model, slots=2, max_length=64, capacity=3, split=(generator.graphdef, generator.state),
+                    steps=generator.steps)
+    assert engine.cache.window == 3
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, 300, n).tolist() for n in (8, 4)]
     first = generator.generate(prompts, 6, stop_tokens=[])[0]
-    outputs, cache = generator.generate(prompts, 6, stop_tokens=[first[2]], keep_cache=True)  # 14 positions
-    assert len(outputs[0]) == 3 and generator.fed(cache) == [8 + 2, 4 + len(outputs[1]) - 1]
+    kept = [Request(prompt, 6, stop_tokens=(first[2],), keep=True) for prompt in prompts]
+    engine.run(kept)
+    outputs = [request.tokens for request in kept]
+    assert len(outputs[0]) == 3 and [engine.fed(r.slot) for r in kept] == [8 + 2, 4 + len(outputs[1]) - 1]
+    assert engine.capacity == 32 and engine.cache.window == 5  # a bucket of 16 and 6 new tokens
     appended = [[outputs[0][-1], *rng.integers(0, 300, 7).tolist()], [outputs[1][-1], 5]]
-    resumed, cache = generator.resume(cache, appended, 5, stop_tokens=[])
-    for prompt, output, chunk, tokens in zip(prompts, outputs, appended, resumed, strict=True):
+    going = [Request(chunk, 5, slot=request.slot, keep=True) for request, chunk in zip(kept, appended, strict=True)]
+    engine.run(going)
+    for prompt, output, chunk, request in zip(prompts, outputs, appended, going, strict=True):
         whole = prompt + output[:-1] + chunk
-        assert tokens == generator.generate([whole], 5, stop_tokens=[])[0]
-    assert cache.engine.cache.capacity == 32  # grown to hold the appended and new tokens
-    with pytest.raises(ValueError, match="one non-empty chunk per kept row"):
-        generator.resume(cache, [[1]], 2)
-    # a cache shorter than the window of 5 (a ring of 3 slots) grows its ring with it
-    outputs, cache = generator.generate([[1, 2]], 1, stop_tokens=[], keep_cache=True)
-    assert cache.engine.cache.window == 3
-    resumed, cache = generator.resume(cache, [[outputs[0][0], 7, 8, 9]], 4, stop_tokens=[])
-    assert cache.engine.cache.window == 5
-    assert resumed[0] == generator.generate([[1, 2, outputs[0][0], 7, 8, 9]], 4, stop_tokens=[])[0]
+        assert request.tokens == generator.generate([whole], 5, stop_tokens=[])[0]
     # one new token: the chunk is prefilled once and that token is the whole output
-    _, cache = generator.generate([[1, 2]], 1, stop_tokens=[], keep_cache=True)
-    once, _ = generator.resume(cache, [[outputs[0][0], 7]], 1, stop_tokens=[])
-    assert once == [generator.generate([[1, 2, outputs[0][0], 7]], 1, stop_tokens=[])[0]] and len(once[0]) == 1
-    assert cache.engine.fed(cache.slots[0]) == 4
+    once = Request([going[1].tokens[-1], 7], 1, slot=going[1].slot)
+    engine.run([once])
+    whole = prompts[1] + outputs[1][:-1] + appended[1] + going[1].tokens[:-1] + [going[1].tokens[-1], 7]
+    assert once.tokens == generator.generate([whole], 1, stop_tokens=[])[0] and len(once.tokens) == 1
+    assert engine.fed(once.slot) == len(whole)
+    with pytest.raises(ValueError, match="slot 1 holds no kept request to go on from"):
+        engine.run([Request([1], 2, slot=1)])  # ended without keep: freed
+    for bad in (300, 100000, -1):  # appended ids are checked as a prompt's are, never clamped
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 300\)"):
+            engine.run([Request([going[0].tokens[-1], bad], 2, slot=going[0].slot)])
 
 
 def test_bad_requests(pair):
@@ -255,19 +260,14 @@ def test_bad_requests(pair):
         generator.generate([list(range(12))], 8, cache_length=16)
     with pytest.raises(ValueError, match="no empty prompt"):
         generator.generate([[1], []], 4)
-    with pytest.raises(ValueError, match=r"prompt 0: token ids must be in \[0, 300\)"):
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 300\), got 1..300"):
         generator.generate([[1, 300]], 4)
     with pytest.raises(ValueError, match=r"one count >= 0, or one per row \(2\)"):
         generator.generate([[1], [2]], [4])
-    for slots, keep in ((0, False), (1, True)):
-        with pytest.raises(ValueError, match=f"slots: at least 1, .*got {slots} for 2 rows"):
-            generator.generate([[1], [2]], 4, slots=slots, keep_cache=keep)
-    outputs, cache = generator.generate([[1, 2], [3]], 2, keep_cache=True)
-    for bad in (300, 100000, -1):  # appended ids are checked as a prompt's are, never clamped
-        with pytest.raises(ValueError, match=r"appended chunk 1: token ids must be in \[0, 300\)"):
-            generator.resume(cache, [[outputs[0][-1]], [outputs[1][-1], bad]], 2)
+    with pytest.raises(ValueError, match="slots: at least 1, got 0"):
+        generator.generate([[1], [2]], 4, slots=0)
     with pytest.raises(ValueError, match="bad sampling settings"):
-        generator.resume(cache, [[1], [2]], 2, temperature=-1)
+        generator.generate([[1], [2]], 2, temperature=-1)
 
 
 # (prompt tokens, new tokens) for a 64-position server cache: each side of the prefill buckets' edges (16, 32, 64),
@@ -481,8 +481,7 @@ def real_vocab(tmp_path_factory):
 def test_a_row_generates_alone_what_it_generates_beside_rows_of_any_length(real_vocab):
     """Rows of 3, 60, 17 and 420 tokens (longer than the window; the last near the 512-position limit), each
     with its own new-token limit: greedy and sampled (a seed per row), every row's tokens are those it generates
-    alone. Kept and resumed, the short row's left padding (417 indices) does not count against the model's
-    positions: it resumes 200 tokens as it does alone."""
+    alone. Kept in its slot, the short row goes on as it does alone."""
     rng = np.random.default_rng(8)
     prompts = [rng.integers(0, 200_000, n).tolist() for n in (3, 60, 17, 420)]
     new = [40, 12, 30, 90]  # the last row ends at 510 positions
@@ -492,16 +491,18 @@ def test_a_row_generates_alone_what_it_generates_beside_rows_of_any_length(real_
             alone = {**settings, "seed": [settings["seed"][row]]} if "seed" in settings else settings
             assert batched[row] == real_vocab.generate([prompt], new[row], stop_tokens=[], **alone)[0], row
         assert [len(o) for o in batched] == new
-    outputs, cache = real_vocab.generate(prompts, new, stop_tokens=[], keep_cache=True)
-    kept = real_vocab.take_rows(cache, [0])
-    appended = [[outputs[0][-1], *rng.integers(0, 200_000, 5).tolist()]]
-    with pytest.raises(ValueError, match=r"row 0 needs 513 positions with its 42 tokens, 6 appended and 465 new"):
-        real_vocab.resume(kept, appended, 465)
-    resumed, _ = real_vocab.resume(kept, appended, 200, stop_tokens=[])
-    alone_output, alone_cache = real_vocab.generate([prompts[0]], new[0], stop_tokens=[], keep_cache=True)
-    assert alone_output[0] == outputs[0]
-    assert resumed == real_vocab.resume(alone_cache, appended, 200, stop_tokens=[])[0]
-    assert len(resumed[0]) == 200
+    # kept beside the others, the short row goes on with 200 new tokens as it does kept alone
+    ended = []
+    for rows in (prompts, prompts[:1]):
+        engine = Engine(real_vocab.model, slots=len(rows), max_length=512, split=(real_vocab.graphdef,
+                        real_vocab.state), steps=real_vocab.steps)
+        kept = [Request(prompt, limit, keep=True) for prompt, limit in zip(rows, new, strict=False)]
+        engine.run(kept)
+        appended = [kept[0].tokens[-1], *np.random.default_rng(9).integers(0, 200_000, 5).tolist()]
+        going = Request(appended, 200, slot=kept[0].slot)
+        engine.run([going])
+        ended.append(kept[0].tokens + going.tokens)
+    assert ended[0] == ended[1] and len(ended[0]) == 40 + 200
 
 
 def test_an_agent_conversation_ends_alone_as_it_ends_beside_one_near_the_context_limit(real_vocab):

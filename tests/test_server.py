@@ -25,7 +25,7 @@ from gptoss_jax import tokenizer as tok
 from gptoss_jax.generation import Generator
 from gptoss_jax.lora import LoraConfig, add_lora, save_peft_adapter
 from gptoss_jax.model import LoRAParam
-from gptoss_jax.protocol import Completion
+from gptoss_jax.protocol import Completion, parse_request
 
 from helpers import free_ports, serving, wait_until_healthy
 from hf_models import bigram_hf_model, random_hf_model
@@ -395,7 +395,7 @@ def test_streamed_content_never_runs_past_a_stop_string(stops, content):
 def test_spec_fields_at_their_defaults_are_accepted_and_other_values_named():
     """What the openai client and other libraries send by default (penalties at 0, metadata, store, user, service
     tier) is accepted; a spec field at a value the server cannot honour, and a name outside the spec, is a 400."""
-    from gptoss_jax.protocol import BadRequest, parse_request
+    from gptoss_jax.protocol import BadRequest
 
     messages = [{"role": "user", "content": "hi"}]
     plain = parse_request({"messages": messages}, 512)
@@ -516,8 +516,14 @@ def test_the_api_key_body_limit_and_unknown_paths_answer_in_the_apis_error_forma
 
 
 def test_two_process_server_answers_like_one_process(tmp_path):
-    """Process 0 serves HTTP and broadcasts each step; process 1 follows (127.0.0.1, gloo, one 4-device mesh)."""
-    random_hf_model(seed=2, num_hidden_layers=2, vocab_size=201088).save_pretrained(tmp_path / "ckpt")
+    """Process 0 serves HTTP and broadcasts each step; process 1 follows (127.0.0.1, gloo, one 4-device mesh). On
+    the model that calls functions.add with `CALL`: a plain request, and one whose strict tool asks for other
+    arguments (its constraint goes to process 1 in the plan, which masks the same tokens), each token for token
+    what one process generates."""
+    assistant = harmony.encode_chat({"messages": [{"role": "user", "content": "x"}]})[-1]
+    call = harmony.render_message(harmony.Message("assistant", CALL, "commentary", "functions.add",
+                                                  "<|constrain|>json"))[0][2:]
+    bigram_hf_model([assistant, *call], num_hidden_layers=2).save_pretrained(tmp_path / "ckpt")
     ports = free_ports(2)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
@@ -526,21 +532,38 @@ def test_two_process_server_answers_like_one_process(tmp_path):
          "--port", str(ports[0]), "--slots", "2", "--max-context", "256", "--mesh", "fsdp=4",
          "--coordinator", f"127.0.0.1:{ports[1]}", "--num-processes", "2", "--process-id", str(i)],
         env=env, stdout=open(tmp_path / f"out{i}.log", "w"), stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    strict = [{"type": "function", "function": {"name": "add", "strict": True, "parameters": {
+        "type": "object", "properties": {"m": {"type": "string", "maxLength": 3}}, "required": ["m"],
+        "additionalProperties": False}}}]
+    bodies = [{"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 30, "logprobs": True},
+              {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 30, "tools": strict}]
     try:
         url = f"http://127.0.0.1:{ports[0]}"
         wait_until_healthy(url, processes)
-        body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 12, "logprobs": True}
-        status, reply = _post(url, json.dumps(body).encode())
-        assert status == 200, reply
-        tokens = [bytes(item["bytes"]) for item in reply["choices"][0]["logprobs"]["content"]]
+        replies = []
+        for body in bodies:
+            status, reply = _post(url, json.dumps(body).encode())
+            assert status == 200, reply
+            replies.append(reply["choices"][0])
     finally:
         processes[0].terminate()
         for process in processes:
             process.wait(timeout=120)
     assert [p.returncode for p in processes] == [0, 0], (tmp_path / "out1.log").read_text()[-3000:]
     generator = Generator(gptoss_jax.load_model(tmp_path / "ckpt", dtype="float32"))
-    expected = generator.generate([harmony.encode_chat({"messages": body["messages"]})], 12)[0]
-    assert tokens == [tok.get_encoding().decode_single_token_bytes(t) for t in expected]
+    expected = []
+    for body in bodies:
+        prompt, settings = parse_request(body, 256)
+        expected.append(generator.generate([prompt], 30, constraints=constrain.RowConstraints(
+            [settings["final_format"]], [settings["strict_tools"]]))[0])
+    tokens = [bytes(item["bytes"]) for item in replies[0]["logprobs"]["content"]]
+    assert tokens == [tok.get_encoding().decode_single_token_bytes(t) for t in expected[0]]
+    (plain,), (held,) = (reply["message"]["tool_calls"] for reply in replies)
+    assert plain["function"]["arguments"] == CALL
+    arguments = held["function"]["arguments"]
+    assert arguments in tok.get_encoding().decode(expected[1]) and "<|call|>" in tok.get_encoding().decode(
+        expected[1])
+    jsonschema.validate(json.loads(arguments), strict[0]["function"]["parameters"])
 
 
 # ---- hostile requests: a property over both APIs ----------------------------------------------------------------
