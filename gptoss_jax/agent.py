@@ -32,6 +32,7 @@ import jax
 from gptoss_jax import harmony
 from gptoss_jax import tokenizer as tok
 from gptoss_jax.engine import Engine, Request
+from gptoss_jax.generation import DEFAULT_STOP_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ class ToolLoop:
 
         tokens = list(self.conversation.tokens)
         self.job = dataclasses.replace(
-            self.request(tokens, turn), prompt=appended or tokens, max_tokens=left, stop_tokens=(tok.RETURN, tok.CALL),
+            self.request(tokens, turn), prompt=appended or tokens, max_tokens=left, stop_tokens=DEFAULT_STOP_TOKENS,
             on_token=put("token"), on_done=put("done"), keep=self.conversation.tools is not None,
             slot=self.job.slot if appended else None)
         self.engine.submit(self.job)
@@ -236,7 +237,7 @@ class ToolLoop:
         conversation.tokens += output
         self.on_step(step)
         last = output[-1] if output else None
-        cut = last not in (tok.RETURN, tok.CALL)  # by a token limit
+        cut = last not in DEFAULT_STOP_TOKENS  # by a token limit
         if self.reason not in ("stop", "length"):  # "cancelled", or "error: ..." (the engine's)
             conversation.finish = self.reason
         elif parsed.error and not (cut and parsed.error == harmony.HEADER_CUT):
