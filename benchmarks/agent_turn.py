@@ -103,7 +103,7 @@ def main(*lengths: int):
                 words = " ".join(["word"] * (length - 8))
 
                 def calls(count, words=words):
-                    client.responses.create(model="m", input=words, tools=[{"type": "code_interpreter"}],
+                    client.responses.create(model="demo", input=words, tools=[{"type": "code_interpreter"}],
                                             temperature=0, max_tool_calls=count)
 
                 server_turns[length] = (seconds(lambda: calls(3), 2) - seconds(lambda: calls(1), 2)) / 2

@@ -47,7 +47,8 @@ def main(concurrency: int = 16):
             port = probe.getsockname()[1]
         server = subprocess.Popen([sys.executable, "-m", "gptoss_jax.cli", "serve", "--checkpoint", directory,
                                    "--dtype", "float32", "--port", str(port), "--slots", str(concurrency),
-                                   "--max-context", "256"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   "--max-context", "256", "--served-model-name", "demo"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             url = f"http://127.0.0.1:{port}"
             while True:
@@ -61,7 +62,7 @@ def main(concurrency: int = 16):
             def ask(question, max_tokens=NEW_TOKENS):
                 started = time.perf_counter()
                 response = client.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": question}], temperature=0,
+                    model="demo", messages=[{"role": "user", "content": question}], temperature=0,
                     max_tokens=max_tokens, stop=None)
                 return time.perf_counter() - started, response.usage.completion_tokens
 

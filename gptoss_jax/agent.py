@@ -132,18 +132,19 @@ class ToolLoop:
     `request(tokens, turn)`: the turn's sampling settings (and constraint) as an engine `Request`, given everything
     the model reads; the loop sets what it generates from, how many tokens, the stop tokens and the slot. A turn
     generates at most `max_new_tokens`, all turns together at most `budget` (None: no such bound), and a
-    conversation holds at most `limit` tokens. `on_token(token, logprob)` sees every generated token, `on_step(step)`
-    every generation and tool answer (both on the event loop). Without tools (`conversation.tools` None), a
-    built-in call ends the conversation as a function call does: the caller answers it."""
+    conversation holds at most `limit` tokens. `on_token(token, logprob, top)` sees every generated token as the
+    engine reports it, `on_step(step)` every generation and tool answer (both on the event loop). Without tools
+    (`conversation.tools` None), a built-in call ends the conversation as a function call does: the caller answers
+    it."""
 
     def __init__(self, engine: Engine, conversation: Conversation, request: Callable[[list[int], int], Request], *,
                  max_turns: int, max_new_tokens: int, limit: int, budget: int | None = None,
-                 on_token: Callable[[int, float], None] | None = None,
+                 on_token: Callable[[int, float, tuple], None] | None = None,
                  on_step: Callable[[Step], None] | None = None,
                  tool_threads: concurrent.futures.Executor | None = None):
         self.engine, self.conversation, self.request = engine, conversation, request
         self.max_turns, self.max_new_tokens, self.limit, self.budget = max_turns, max_new_tokens, limit, budget
-        self.on_token, self.on_step = on_token or (lambda token, logprob: None), on_step or (lambda step: None)
+        self.on_token, self.on_step = on_token or (lambda token, *_: None), on_step or (lambda step: None)
         self.tool_threads = tool_threads  # where tool calls run (None: the event loop's default threads)
         self.loop = asyncio.get_running_loop()
         self.inbox: asyncio.Queue = asyncio.Queue()  # this turn's engine events
@@ -294,7 +295,7 @@ def run(generator, records: Sequence[Mapping[str, Any]], toolsets: Sequence[Mapp
         return lambda tokens, turn: Request(tokens, 0, temperature, top_p, seed=(seeds[i] + turn * 104_729) % (1 << 31))
 
     def tokens_to(i):
-        return None if on_token is None else lambda token, logprob: on_token(i, token)
+        return None if on_token is None else lambda token, *_: on_token(i, token)
 
     async def converse():
         with concurrent.futures.ThreadPoolExecutor(max(1, min(8, len(going)))) as tool_threads:

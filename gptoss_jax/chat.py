@@ -38,6 +38,7 @@ class Turn:
     tokens: int
     seconds: float
     error: str | None  # what did not parse in the model's output, if anything
+    first_token: float | None = None  # seconds to the first token (prefill, and any compile)
 
 
 def respond(generator: Generator, record: dict, args: argparse.Namespace,
@@ -46,7 +47,10 @@ def respond(generator: Generator, record: dict, args: argparse.Namespace,
     prompt = harmony.encode_chat(record)
     parser = harmony.StreamParser(role="assistant")
 
+    first = []
+
     def stream(_row: int, token: int) -> None:
+        first or first.append(time.perf_counter() - started)
         parser.feed(token)
         if parser.delta:
             on_text(parser.current.channel if parser.current else None, parser.delta)
@@ -58,7 +62,7 @@ def respond(generator: Generator, record: dict, args: argparse.Namespace,
     result = parser.result()
     messages = result.messages + ([result.partial] if result.partial else [])
     text = {channel: "".join(m.text for m in messages if m.channel == channel) for channel in ("analysis", "final")}
-    return Turn(text["analysis"], text["final"], len(tokens), seconds, result.error)
+    return Turn(text["analysis"], text["final"], len(tokens), seconds, result.error, first[0] if first else None)
 
 
 def _printer(show_analysis: bool) -> Callable[[str | None, str], None]:
@@ -86,9 +90,14 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = {"/help": "this list", "/reset": "forget the conversation, start a new one",
+            "/effort low|medium|high": "the reasoning effort of the next turns", "/exit": "leave (or Ctrl-D)"}
+
+
 def run_chat(args: argparse.Namespace) -> int:
     """Reads user turns until EOF or /exit; earlier turns' analysis is dropped as harmony requires. With --tools,
-    each turn runs the agent loop, which prints the model's calls and the tools' answers as they happen."""
+    each turn runs the agent loop, which prints the model's calls and the tools' answers as they happen. A line
+    starting with / is a command for the CLI (`COMMANDS`), never sent to the model."""
     names = tool_names(args)
     if names and (args.coordinator or args.distributed):
         raise ValueError("--tools: chat runs built-in tools in a single process (the tools' answers would have to "
@@ -96,7 +105,10 @@ def run_chat(args: argparse.Namespace) -> int:
     tools = agent.builtin_tools(names, browser_docs=args.browser_docs, unsafe_python=args.unsafe_python_tool)(
         ) if names else agent.Toolset()  # a missing sandbox fails here, before the model loads
     generator = Generator(start(args))
-    messages = []
+    messages, effort = [], args.reasoning_effort
+    say = print if jax.process_index() == 0 else (lambda *_, **__: None)
+    say(f"gptoss-jax chat: {args.checkpoint}, reasoning effort {effort}"
+        f"{', tools: ' + ', '.join(names) if names else ''}. /help for commands, /exit or Ctrl-D to leave.")
     with tools:
         while True:
             line = _read_line("you> ")
@@ -104,8 +116,21 @@ def run_chat(args: argparse.Namespace) -> int:
                 return 0
             if not line.strip():
                 continue
+            if line.startswith("/"):
+                command, _, value = line.strip().partition(" ")
+                if command == "/reset":
+                    messages = []
+                    say("[a new conversation]")
+                elif command == "/effort" and value.strip() in harmony.EFFORTS:
+                    effort = value.strip()
+                    say(f"[reasoning effort {effort}]")
+                elif command == "/help":
+                    say("\n".join(f"  {name:<26}{what}" for name, what in COMMANDS.items()))
+                else:
+                    say(f"[not a command: {line.strip()!r}; /help lists them]")
+                continue
             messages.append({"role": "user", "content": line})
-            record = {"messages": messages, "reasoning_effort": args.reasoning_effort, "builtin_tools": names}
+            record = {"messages": messages, "reasoning_effort": effort, "builtin_tools": names}
             if jax.process_index() == 0:
                 print("assistant> ", end="", flush=True)
             if tools:
@@ -138,7 +163,8 @@ def _agent_turn(generator: Generator, record: dict, tools: agent.Toolset,
             elif message.recipient is not None:
                 print(f"\n[call {message.recipient}]\n{message.text}", flush=True)
 
-    started = time.perf_counter()
+    started, first = time.perf_counter(), []
+    on_token = _timed(on_token, started, first)
     (done,) = agent.run(generator, [record], [tools], max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                         max_tokens=generator.model.config.max_position_embeddings, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed + len(record["messages"]), on_token=on_token,
@@ -147,7 +173,16 @@ def _agent_turn(generator: Generator, record: dict, tools: agent.Toolset,
         print(f"\n[the turn ended without an answer: {done.finish}]", file=sys.stderr)
     generated = sum(step.tokens for step in done.steps if step.kind == "model")
     error = done.finish.removeprefix("error: ") if done.finish.startswith("error") else None
-    return Turn(done.analysis, done.final, generated, time.perf_counter() - started, error), done.as_records()
+    seconds = time.perf_counter() - started
+    return Turn(done.analysis, done.final, generated, seconds, error, first[0] if first else None), done.as_records()
+
+
+def _timed(on_token: Callable, started: float, first: list) -> Callable:
+    """`on_token`, noting in `first` the seconds from `started` to the first token."""
+    def timed(*args) -> None:
+        first or first.append(time.perf_counter() - started)
+        on_token(*args)
+    return timed
 
 
 def _read_line(prompt: str) -> str | None:
@@ -171,6 +206,10 @@ def _read_line(prompt: str) -> str | None:
 
 
 def _report(turn: Turn) -> None:
-    rate = turn.tokens / turn.seconds if turn.seconds else 0.0
+    """Tokens and time; the rate counts the tokens after the first, over the time after it: the first waits for
+    the prefill and, in a fresh process, for the compiles, which are not the decoding speed."""
     problem = f"; output did not parse: {turn.error}" if turn.error else ""
-    print(f"[{turn.tokens} tokens in {turn.seconds:.1f}s, {rate:.1f} tokens/s{problem}]", file=sys.stderr)
+    decoding = turn.seconds - (turn.first_token or 0.0)
+    rate = f", {(turn.tokens - 1) / decoding:.1f} tokens/s after it" if turn.tokens > 1 and decoding > 0 else ""
+    first = f" (first after {turn.first_token:.1f}s{rate})" if turn.first_token is not None else ""
+    print(f"[{turn.tokens} tokens in {turn.seconds:.1f}s{first}{problem}]", file=sys.stderr)

@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--slots", type=int, default=16, help="requests decoded together")
     serve.add_argument("--max-context", type=int, help="tokens per request, prompt included (default: 8192, or the "
                        "model's max_position_embeddings if smaller)")
-    serve.add_argument("--served-model-name", help="the model id clients use (default: the checkpoint's name)")
+    serve.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                       help="the model ids clients may ask for, the first reported in responses (default: the "
+                       "checkpoint's name); a request naming another model is a 404")
     serve.add_argument("--api-key", default=os.environ.get("GPTOSS_API_KEY"),
                        help="require `Authorization: Bearer KEY` on /v1/ (default: $GPTOSS_API_KEY; none: open)")
     serve.add_argument("--max-request-bytes", type=int, default=16 * 2**20,

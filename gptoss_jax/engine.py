@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MAX_STOP_TOKENS = 8
 MAX_LOGIT_BIAS = 300  # tokens per request, as OpenAI allows
+MAX_TOP_LOGPROBS = 20  # most likely tokens reported per position, as OpenAI allows
 DEFAULT_CONTEXT = 8192  # tokens per request, prompt included, unless the model holds fewer
 
 
@@ -59,7 +60,9 @@ class Request:
     frequency_penalty: float = 0.0  # subtracted once per time the token has been generated
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)  # token -> added to its logit
     logprobs: bool = False  # report each token's log probability (else on_token gets NaN: one less vocabulary pass)
-    on_token: Callable[[int, float], None] = lambda token, logprob: None  # called on the engine thread
+    top_logprobs: int = 0  # also report the k most likely tokens at each step, as (token, logprob) pairs
+    # (token, its logprob, the top_logprobs most likely), called on the engine thread
+    on_token: Callable[[int, float, tuple[tuple[int, float], ...]], None] = lambda token, logprob, top: None
     on_done: Callable[[str], None] = lambda reason: None  # "stop", "length", "cancelled" or "error: ..."
     tokens: list[int] = dataclasses.field(default_factory=list)
     cancelled: bool = False  # set by Engine.cancel: a request still queued is never admitted
@@ -113,6 +116,7 @@ class Engine:
         self._stop, self._wake = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self._prefill, self._decode, self._extend = steps or compiled_steps(self.graphdef)
+        self._score = None  # compiled on first use
 
     # ---- what the HTTP side calls ----------------------------------------------------------------------------
 
@@ -177,6 +181,30 @@ class Engine:
         never written)."""
         return int(self.max_length - self.written[slot] + 1)
 
+    def score(self, tokens: list[int], top: int) -> tuple[list[float], list[tuple[tuple[int, float], ...]]]:
+        """The log probability of each token after the ones before it (from the second on: the first has nothing
+        before it), and the `top` most likely tokens at each of those positions, as (token, logprob) pairs: one
+        forward over the whole sequence, beside the slots (`echo` with `logprobs` asks this of a prompt). One
+        process only: the others would have to run the forward too, and they only follow steps."""
+        if jax.process_count() > 1:
+            raise ValueError("scoring a prompt (echo with logprobs) needs a single process")
+        self._check(Request(tokens, 0))
+        if self._score is None:
+            graphdef = self.graphdef
+
+            @functools.partial(jax.jit, static_argnames="top")
+            def score(state, tokens, top):
+                logits = nnx.merge(graphdef, state)(tokens[None])[0, :-1]
+                return token_logprobs(logits, tokens[1:], top)
+
+            self._score = score
+        padded = np.zeros(max(16, 1 << (len(tokens) - 1).bit_length()), np.int32)  # few shapes to compile;
+        padded[: len(tokens)] = tokens  # the padding after the tokens cannot change them (causal attention)
+        chosen, top_tokens, top_logprobs = (np.asarray(a)[: len(tokens) - 1] for a in self._score(
+            self.state, padded, top=MAX_TOP_LOGPROBS if top else 0))
+        return chosen.tolist(), [tuple(zip(ids[:top].tolist(), values[:top].tolist(), strict=True))
+                                 for ids, values in zip(top_tokens, top_logprobs, strict=True)]
+
     def _grow(self, capacity: int) -> None:
         """Room for `capacity` indices in every slot (the cache padded; the next steps compile for it). A banded
         ring shorter than the window was made as long as the cache (`init_cache`), so it holds index i in slot i,
@@ -197,6 +225,9 @@ class Engine:
         vocab = self.model.config.vocab_size
         if request.prompt and (min(request.prompt) < 0 or max(request.prompt) >= vocab):  # never clamped
             raise ValueError(f"token ids must be in [0, {vocab}), got {min(request.prompt)}..{max(request.prompt)}")
+        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs: expected an integer in [0, {MAX_TOP_LOGPROBS}], got "
+                             f"{request.top_logprobs}")
         if request.slot is None:
             if len(request.prompt) + request.max_tokens > self.max_length:
                 raise ValueError(f"the prompt has {len(request.prompt)} tokens and asks for up to "
@@ -306,7 +337,7 @@ class Engine:
                     float(plan["presence_penalty"][index]), float(plan["frequency_penalty"][index]),
                     dict(zip(plan["bias_tokens"][index][biased].tolist(), plan["bias_values"][index][biased].tolist(),
                              strict=True)),
-                    bool(plan["logprobs"][index]), keep=bool(plan["keep"][index]),
+                    bool(plan["logprobs"][index]), int(plan["top_logprobs"][index]), keep=bool(plan["keep"][index]),
                     constraint=constrain.restart(prompt, described) if described else None)))
             self.step(admissions, [int(slot) for slot in plan["cancelled"] if slot >= 0])
 
@@ -392,11 +423,15 @@ class Engine:
             tokens = _sample(logits, steps=self._replicated(self.steps[rows]), truncated=truncated, **settings)
         else:  # all greedy: no sorting of the vocabulary
             tokens = _argmax(logits)
-        if any(request.logprobs for request in requests):
-            logprobs = _on_host(_logprob(model_logits, tokens)).tolist()
-        else:
-            logprobs = [float("nan")] * len(rows)
-        for request, token, logprob in zip(requests, _on_host(tokens).tolist(), logprobs, strict=False):
+        logprobs, tops = [float("nan")] * len(rows), [()] * len(rows)
+        if any(request.logprobs or request.top_logprobs for request in requests):
+            top = MAX_TOP_LOGPROBS if any(request.top_logprobs for request in requests) else 0  # one shape
+            chosen, top_tokens, top_logprobs = (_on_host(a) for a in _logprobs(model_logits, tokens, top=top))
+            logprobs = chosen.tolist()
+            tops = [tuple(zip(top_tokens[row, :request.top_logprobs].tolist(),
+                              top_logprobs[row, :request.top_logprobs].tolist(), strict=True))
+                    for row, request in enumerate(requests)]
+        for request, token, logprob, top in zip(requests, _on_host(tokens).tolist(), logprobs, tops, strict=False):
             slot = request.slot
             if request.max_tokens == 0:  # nothing asked: the prompt (or chunk) only goes into the cache
                 self._end(slot, "length")
@@ -404,7 +439,7 @@ class Engine:
             self.last_tokens[slot] = token
             request.tokens.append(token)
             request.counts[token] = request.counts.get(token, 0) + 1
-            request.on_token(token, logprob)
+            request.on_token(token, logprob, top)
             if token in request.stop_tokens or len(request.tokens) >= request.max_tokens:
                 self._end(slot, "stop" if token in request.stop_tokens else "length")
             elif request.constraint is not None:
@@ -527,8 +562,18 @@ _argmax = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 # in float32: in bfloat16 a small penalty would vanish on exactly the large logits it is meant to lower
 _adjust = jax.jit(lambda logits, tokens, added: logits.astype(jnp.float32).at[
     jnp.arange(logits.shape[0])[:, None], tokens].add(added))
-_logprob = jax.jit(lambda logits, tokens: jnp.take_along_axis(
-    jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), tokens[:, None], axis=-1)[:, 0])
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, top: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The log probabilities of `tokens` [N] under `logits` [N, V], and the ids and log probabilities of the `top`
+    most likely tokens of each row [N, top], the likeliest first."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_logprobs, top_tokens = jax.lax.top_k(logprobs, top)
+    return chosen, top_tokens.astype(jnp.int32), top_logprobs
+
+
+_logprobs = jax.jit(token_logprobs, static_argnames="top")
 
 
 def _on_host(array: jax.Array) -> np.ndarray:
@@ -545,7 +590,8 @@ def _plan(admissions, cancelled, slots: int, max_length: int) -> dict[str, np.nd
             "presence_penalty": np.zeros(slots, np.float32), "frequency_penalty": np.zeros(slots, np.float32),
             "bias_tokens": np.full((slots, MAX_LOGIT_BIAS), -1, np.int32),
             "bias_values": np.zeros((slots, MAX_LOGIT_BIAS), np.float32), "logprobs": np.zeros(slots, np.int32),
-            "keep": np.zeros(slots, np.int32), "cancelled": np.full(slots, -1, np.int32),
+            "top_logprobs": np.zeros(slots, np.int32), "keep": np.zeros(slots, np.int32),
+            "cancelled": np.full(slots, -1, np.int32),
             "constraint": np.zeros(slots, np.int32)}  # the bytes of each request's constraint in "constraints"
     described = [constrain.describe(request.constraint) if request.constraint is not None else b""
                  for _, request in admissions]
@@ -556,7 +602,7 @@ def _plan(admissions, cancelled, slots: int, max_length: int) -> dict[str, np.nd
         plan["bias_tokens"][index, : len(request.logit_bias)] = list(request.logit_bias)
         plan["bias_values"][index, : len(request.logit_bias)] = list(request.logit_bias.values())
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
-                     "logprobs", "keep"):
+                     "logprobs", "top_logprobs", "keep"):
             plan[name][index] = getattr(request, name)
         plan["constraint"][index] = len(described[index])
     plan["cancelled"][: len(cancelled)] = cancelled

@@ -87,7 +87,7 @@ class Generator:
         stops = tuple(DEFAULT_STOP_TOKENS if stop_tokens is None else stop_tokens)
 
         def on_token(row):
-            return (lambda token, logprob: stream(row, token)) if stream is not None else (lambda token, logprob: None)
+            return (lambda token, *_: stream(row, token)) if stream is not None else (lambda token, *_: None)
 
         return [Request(list(prompt), limit, seed=row_seed, stop_tokens=stops, on_token=on_token(row),
                         constraint=state, **settings)

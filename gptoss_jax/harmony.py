@@ -545,6 +545,7 @@ class StreamParser:
         self.error: str | None = None
         self.stop_token: int | None = None
         self.delta = ""  # the text the last token added to the current message's content
+        self.in_content = False  # the last token was part of a message's content (its text may still be partial)
         self._role = role
         self._state = "header" if role else "start"
         self._header: list[int] = []
@@ -554,7 +555,7 @@ class StreamParser:
         self._position = 0
 
     def feed(self, token: int) -> StreamParser:
-        self.delta = ""
+        self.delta, self.in_content = "", False
         position, self._position = self._position, self._position + 1
         if self._state == "start" or self._state == "skip":
             if token == tok.START:
@@ -580,7 +581,7 @@ class StreamParser:
                 self.messages.append(self._close())
                 self.stop_token, self._state = token, "start"
             else:
-                self.delta = self._decoder.decode(_token_bytes(token))
+                self.delta, self.in_content = self._decoder.decode(_token_bytes(token)), True
                 self._content.append(self.delta)
         return self
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -24,6 +25,8 @@ from flax import nnx
 from gptoss_jax.model import GptOss, LoRA, LoRAParam
 from gptoss_jax.mxfp4 import Mxfp4Weight
 from gptoss_jax.tensor_files import CheckpointError, TensorFiles
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +209,7 @@ def load_peft_adapter(model: GptOss, directory: str | os.PathLike) -> GptOss:
     if unread:
         raise CheckpointError(f"{files.file_of(unread[0])}: tensor '{unread[0]}' (and {len(unread) - 1} more) is not "
                               f"a LoRA factor of the targets {names}; refusing to drop it")
+    log.info("loaded LoRA adapter %s: rank %d, alpha %g, on %s", directory, lora.rank, lora.alpha, ", ".join(names))
     return model
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import re
 import secrets
 import uuid
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ import jsonschema
 
 from gptoss_jax import agent, constrain, harmony
 from gptoss_jax import tokenizer as tok
-from gptoss_jax.engine import MAX_LOGIT_BIAS, Engine, Request
+from gptoss_jax.engine import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, Engine, Request
 
 # Each field this server reads, with its JSON type in OpenAI's API reference (`top_k`: vLLM's); null is the
 # default everywhere. `check_fields` holds every request of both APIs to these types: a value of another type is
@@ -40,11 +41,21 @@ _JSON_TYPES = {"string": str, "array": list, "object": dict, "boolean": bool, "i
 _NEUTRAL = {"audio": (None,), "modalities": (["text"], None), "prediction": (None,), "functions": (None, []),
             "function_call": (None, "none", "auto"), "web_search_options": (None,), "verbosity": (None,)}
 DEFAULT_MAX_TOKENS = 2048
+MAX_TOKENS = (1 << 31) - 1  # the most a request's budget may say (int32), whatever this server's context
 MAX_CHOICES = 64
 
 
 class BadRequest(ValueError):
-    """A request the API refuses (HTTP 400); the message says what to change."""
+    """A request the API refuses (HTTP 400); the message says what to change. Its `param` (the error body's) is the
+    field it names: given, or the path every message about one field starts with ("tools[0].type: expected ...")."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        field = _FIELD_PATH.match(message)
+        self.param = param or (field.group(1) if field else None)
+
+
+_FIELD_PATH = re.compile(r"([A-Za-z_][\w.]*(?:\[[^\]]*\][\w.]*)*): ")
 
 
 # ---- requests -------------------------------------------------------------------------------------------------
@@ -54,8 +65,8 @@ def parse_request(body: Any, max_length: int, server_tools: Sequence[str] = ()) 
     """(prompt tokens, generation settings) of a chat completion request. `server_tools`: the built-in tools this
     server runs (`serve --tools`), which a request may enable."""
     check_fields(body, _FIELDS, _LABELS, _NEUTRAL)
-    if body.get("top_logprobs"):
-        raise BadRequest("top_logprobs: only the chosen token's logprob is returned (logprobs=true)")
+    if body.get("top_logprobs") is not None and not body.get("logprobs"):
+        raise BadRequest("top_logprobs: needs logprobs: true")
     if not body.get("messages"):  # its type is checked with the others'
         raise BadRequest("messages: a non-empty list is required")
     calls_allowed = _tool_choice(body.get("tool_choice")) != "none"
@@ -67,6 +78,17 @@ def parse_request(body: Any, max_length: int, server_tools: Sequence[str] = ()) 
               "response_format": body.get("response_format")}
     prompt, settings = prepare(record, max_length, body.get("max_completion_tokens", body.get("max_tokens")),
                                "max_tokens")
+    settings.update(sampling(body))
+    settings.update({
+        "logprobs": bool(body.get("logprobs", False)),
+        "top_logprobs": int(number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)),
+        "tool_calls": calls_allowed,
+    })
+    return prompt, settings
+
+
+def sampling(body: dict) -> dict[str, Any]:
+    """The sampling settings, choices, stop strings and streaming options of a request (both completion APIs)."""
     for option, value in (body.get("stream_options") or {}).items():
         if option != "include_usage":
             raise BadRequest(f"stream_options.{option}: not an option (include_usage)")
@@ -74,7 +96,7 @@ def parse_request(body: Any, max_length: int, server_tools: Sequence[str] = ()) 
     choices = 1 if body.get("n") is None else body["n"]
     if not 1 <= choices <= MAX_CHOICES:
         raise BadRequest(f"n: expected an integer in [1, {MAX_CHOICES}], got {choices!r}")
-    settings.update({
+    return {
         "temperature": number(body, "temperature", 1.0, 0.0, 2.0),
         "top_p": number(body, "top_p", 1.0, 1e-9, 1.0),
         "top_k": int(number(body, "top_k", 0, 0, 1 << 20)),
@@ -86,10 +108,7 @@ def parse_request(body: Any, max_length: int, server_tools: Sequence[str] = ()) 
         "logit_bias": _logit_bias(body.get("logit_bias")),
         "stream": bool(body.get("stream", False)),
         "stop": _stop_strings(body.get("stop")),
-        "logprobs": bool(body.get("logprobs", False)),
-        "tool_calls": calls_allowed,
-    })
-    return prompt, settings
+    }
 
 
 def check_fields(body: Any, honoured: dict[str, str], labels: dict[str, str], neutral: dict[str, tuple]) -> None:
@@ -100,7 +119,7 @@ def check_fields(body: Any, honoured: dict[str, str], labels: dict[str, str], ne
         raise BadRequest("the request body must be a JSON object")
     unknown = sorted(set(body) - set(honoured) - set(labels) - set(neutral))
     if unknown:
-        raise BadRequest(f"unknown field {unknown[0]!r}; supported: {sorted(honoured | labels)}")
+        raise BadRequest(f"unknown field {unknown[0]!r}; supported: {sorted(honoured | labels)}", unknown[0])
     for name, kind in (honoured | labels).items():
         if body.get(name) is not None:
             check_type(body[name], kind, name)
@@ -178,12 +197,17 @@ def prepare(record: dict, max_length: int, limit: Any, limit_name: str) -> tuple
     room = max_length - len(prompt)
     if room < 1:
         raise BadRequest(f"the prompt is {len(prompt)} tokens; this server's context holds {max_length}")
-    max_tokens = min(DEFAULT_MAX_TOKENS, room) if limit is None else int(number(
-        {limit_name: limit}, limit_name, 0, 1, room,
-        f"the prompt is {len(prompt)} tokens, so at most {room} more fit in this server's {max_length}-token "
-        "context"))
-    return prompt, {"max_tokens": max_tokens, "final_format": final, "strict_tools": strict,
+    return prompt, {"max_tokens": budget(limit, limit_name, room, DEFAULT_MAX_TOKENS), "final_format": final,
+                    "strict_tools": strict,
                     "formatted": final is not None, "builtin_tools": record["builtin_tools"]}
+
+
+def budget(limit: Any, limit_name: str, room: int, default: int, least: int = 1) -> int:
+    """The tokens a request may generate: its `limit` (None: `default`), capped at the `room` its prompt leaves.
+    Capped, not refused, and a reply that fills it ends "length": clients send budgets without knowing this
+    server's context (OpenAI's gpt-oss eval client asks 131,072 of every request)."""
+    asked = default if limit is None else number({limit_name: limit}, limit_name, 0, least, MAX_TOKENS)
+    return min(int(asked), room)
 
 
 def _tool_choice(choice: Any) -> str:
@@ -258,12 +282,15 @@ class Completion:
         self.reasoning, self.content = "", ""
         self.sent = 0  # how much of the content has been handed out
         self.stopped = False  # a stop string was reached
+        self.in_content = False  # the last token fed is part of the content (its logprob is reported)
 
     def feed(self, token: int) -> dict[str, str]:
         """The new text of this token by field (reasoning_content, content), up to any stop string. Content that
         may be the start of a stop string is held back until the next tokens tell (then, or at `rest`)."""
         self.parser.feed(token)
         current, delta = self.parser.current, self.parser.delta
+        self.in_content = (self.parser.in_content and not self.stopped and current.recipient is None
+                           and current.channel != "analysis" and (current.channel == "final" or not self.final_only))
         if not delta or current is None or self.stopped:
             return {}
         if current.recipient is not None:  # a call's arguments or code: reported whole at the end (or run here)
@@ -273,12 +300,7 @@ class Completion:
             return {"reasoning_content": delta, "reasoning": delta}
         if self.final_only and current.channel != "final":  # a preamble would break the formatted answer
             return {}
-        self.content += delta
-        found = [self.content.find(stop) for stop in self.stops if stop in self.content]
-        if found:  # the earliest match, whichever string it is (stops may overlap)
-            self.content, self.stopped = self.content[: min(found)], True
-        held = 0 if self.stopped else max((k for stop in self.stops for k in range(1, len(stop))
-                                          if self.content.endswith(stop[:k])), default=0)
+        self.content, self.stopped, held = cut_at_stop(self.content + delta, self.stops)
         return self._hand_out(len(self.content) - held)
 
     def new_turn(self) -> None:
@@ -302,17 +324,27 @@ class Completion:
                  "function": {"name": m.recipient.removeprefix("functions."), "arguments": m.text}} for m in calls]
 
 
-def token_logprob(token: int, logprob: float) -> dict:
-    """One generated token as OpenAI reports it (its text, UTF-8 bytes and log probability)."""
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool, int]:
+    """(the text up to the earliest stop string — whichever string it is, stops may overlap —, whether one was
+    found, how many of its last characters may be the start of one: held back until the next tokens tell)."""
+    found = [text.find(stop) for stop in stops if stop in text]
+    if found:
+        return text[: min(found)], True, 0
+    return text, False, max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+
+
+def token_logprob(token: int, logprob: float, top: Sequence[tuple[int, float]] = ()) -> dict:
+    """One generated token as OpenAI reports it: its text, UTF-8 bytes and log probability, and the same of the
+    most likely tokens at its position (`top`: (token, logprob) pairs)."""
     raw = tok.get_encoding().decode_single_token_bytes(token)
     return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw), "logprob": logprob,
-            "top_logprobs": []}
+            "top_logprobs": [token_logprob(other, value) for other, value in top]}
 
 
 class Choice:
     """One choice of a request: a conversation on the engine through the agent's tool loop (`agent.ToolLoop`), which
     answers the built-in tools the request enabled and goes on in the choice's kept slot; `max_tokens` bounds the
-    tokens of all its turns together. Events go to `events` as (index, "token", (token, logprob)), (index, "tool",
+    tokens of all its turns together. Events go to `events` as (index, "token", (token, logprob, top)), (index, "tool",
     (call, answer)) and, last, (index, "done", reason): "stop", "length", "cancelled" or "error: ..."."""
 
     def __init__(self, engine: Engine, prompt: list[int], settings: dict[str, Any], index: int,
@@ -324,7 +356,7 @@ class Choice:
         self.turns = agent.ToolLoop(
             engine, self.conversation, self._request, max_turns=settings["max_turns"],
             max_new_tokens=settings["max_tokens"], budget=settings["max_tokens"], limit=engine.max_length,
-            on_token=lambda token, logprob: events.put_nowait((index, "token", (token, logprob))),
+            on_token=lambda token, logprob, top: events.put_nowait((index, "token", (token, logprob, top))),
             on_step=self._step, tool_threads=tool_threads)
 
     def start(self) -> None:
@@ -340,9 +372,10 @@ class Choice:
         settings = self.settings
         final, strict = settings["final_format"], settings["strict_tools"]
         return Request(prompt, 0, settings["temperature"], settings["top_p"], settings.get("top_k", 0),
-                       _int32(settings["seed"] + self.index + turn * 1_000_003), (),
+                       as_int32(settings["seed"] + self.index + turn * 1_000_003), (),
                        settings.get("presence_penalty", 0.0), settings.get("frequency_penalty", 0.0),
                        settings.get("logit_bias", {}), settings.get("logprobs", False),
+                       settings.get("top_logprobs", 0),
                        constraint=constrain.start(prompt, final, strict) if final or strict else None)
 
     def _step(self, step: agent.Step) -> None:
@@ -359,7 +392,7 @@ class Choice:
             await asyncio.get_running_loop().run_in_executor(self.tool_threads, self.conversation.tools.close)
 
 
-def _int32(seed: int) -> int:
+def as_int32(seed: int) -> int:
     return (seed + (1 << 31)) % (1 << 32) - (1 << 31)
 
 

@@ -325,7 +325,7 @@ def _id(prefix: str) -> str:
 
 
 def routes(engine, model_name: str, server_tools: Sequence[str], make_tools: Callable | None, max_turns: int,
-           error: Callable, tool_threads, parsed: Callable) -> list:
+           error: Callable, tool_threads, parsed: Callable, watched: Callable) -> list:
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
@@ -366,18 +366,9 @@ def routes(engine, model_name: str, server_tools: Sequence[str], make_tools: Cal
                     return
 
         if not body.get("stream"):
-            async def leaving():  # a client that leaves frees its slot (and stops its tool turns)
-                while not await request.is_disconnected():
-                    await asyncio.sleep(0.1)
-                choice.cancel()
-
-            watcher = asyncio.create_task(leaving())
-            try:
+            async with watched(request, choice.cancel):  # a client that leaves stops its tool turns too
                 async for _ in steps():
                     pass
-            finally:
-                watcher.cancel()
-                choice.cancel()
             if response["status"] == "failed":
                 return error(500, f"generation failed: {response['error']['message']}", "server_error")
             return JSONResponse(response)

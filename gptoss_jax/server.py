@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import secrets
@@ -24,11 +25,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gptoss_jax import agent, inference, responses
+from gptoss_jax import agent, completions, inference, responses
 from gptoss_jax.engine import Engine
 from gptoss_jax.protocol import BadRequest, Choice, Completion, finish_reason, parse_request, token_logprob
 
 log = logging.getLogger(__name__)
+# Each slot's cache indices at start: the cache grows (in powers of two, up to --max-context) only when a request
+# needs more, so a long --max-context costs nothing until it is used.
+STARTING_CAPACITY = 1024
 
 class _Refused(Exception):
     """A request turned away before it is parsed: its HTTP status and message."""
@@ -61,11 +65,13 @@ async def read_json(request, max_bytes: int) -> Any:
         raise _Refused(400, f"the request body is not valid JSON: {exc}") from None
 
 
-def create_app(engine: Engine, model_name: str, server_tools: Sequence[str] = (),
+def create_app(engine: Engine, model_names: Sequence[str], server_tools: Sequence[str] = (),
                make_tools: Callable[[Sequence[str]], agent.Toolset] | None = None, max_turns: int = 16, *,
                api_key: str | None = None, max_request_bytes: int = 16 * 2**20):
-    """The ASGI app. `server_tools`: the built-in tools this server runs when a request enables them, each
-    conversation's made by `make_tools(names)` (`agent.builtin_tools`), up to `max_turns` generations each.
+    """The ASGI app. `model_names`: the ids a request's `model` may name (none named: the first, which responses
+    report; another: 404, as vLLM answers). `server_tools`: the built-in tools this server runs when a request
+    enables them, each conversation's made by `make_tools(names)` (`agent.builtin_tools`), up to `max_turns`
+    generations each.
     `api_key`: every /v1/ request must carry `Authorization: Bearer <api_key>` (401 otherwise), as OpenAI's and
     vLLM's servers ask. Request bodies past `max_request_bytes` are refused (413); a request is parsed and
     tokenized on a worker thread, so a large one does not hold up the others (or /health)."""
@@ -74,8 +80,13 @@ def create_app(engine: Engine, model_name: str, server_tools: Sequence[str] = ()
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+    model_name = model_names[0]
+
+    def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+              code: str | None = None) -> JSONResponse:
+        """OpenAI's error body: `param` the request field at fault, `code` a short string (or null)."""
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                            status_code=status)
 
     class Authorized:
         """ASGI middleware: the API key on every /v1/ path."""
@@ -88,7 +99,7 @@ def create_app(engine: Engine, model_name: str, server_tools: Sequence[str] = ()
                 given = dict(scope["headers"]).get(b"authorization", b"")
                 if not secrets.compare_digest(given, f"Bearer {api_key}".encode()):
                     response = error(401, "a valid API key is required (Authorization: Bearer KEY)",
-                                     "authentication_error")
+                                     "authentication_error", code="invalid_api_key")
                     return await response(scope, receive, send)
             await self.app(scope, receive, send)
 
@@ -101,15 +112,43 @@ def create_app(engine: Engine, model_name: str, server_tools: Sequence[str] = ()
             return None, None, error(refused.status, str(refused))
         if body is None:  # the client left
             return None, None, error(400, "the client closed the connection before its request was read")
+        asked = body.get("model") if isinstance(body, dict) else None
+        if isinstance(asked, str) and asked not in model_names:  # another type: the parser's 400
+            return None, None, error(404, f"The model `{asked}` does not exist; this server serves "
+                                     f"{', '.join(model_names)}", param="model", code="model_not_found")
         try:
             return body, await asyncio.get_running_loop().run_in_executor(None, parse, body, *args), None
         except BadRequest as exc:
-            return None, None, error(400, str(exc))
+            return None, None, error(400, str(exc), param=exc.param)
+
+    @contextlib.asynccontextmanager
+    async def watched(request, release: Callable[[], None]):
+        """While a whole (not streamed) answer is made: a client that leaves calls `release`, which frees its slots
+        (the engine would decode on for nobody); so does the end, however it comes."""
+        async def leaving():
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.1)
+            release()
+
+        watcher = asyncio.create_task(leaving())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            release()
+
+    async def ended(request, outcome: Callable, release: Callable[[], None]) -> tuple[dict, JSONResponse | None]:
+        """Each choice's end reason once `outcome()` has yielded them all (index, delta, reason; a client that
+        leaves releases its choices first), and the 500 of a failed one, if any."""
+        async with watched(request, release):
+            reasons = {index: reason async for index, delta, reason in outcome() if delta is None}
+        failed = [reason for reason in reasons.values() if reason.startswith("error")]
+        return reasons, error(500, f"generation failed: {failed[0]}", "server_error") if failed else None
 
     # A python call may take its whole wall-time limit: tool calls get threads of their own, one per slot.
     tool_threads = concurrent.futures.ThreadPoolExecutor(engine.slots, thread_name_prefix="tool-call")
 
-    async def completions(request):
+    async def chat_completions(request):
         body, result, refused = await parsed(request, parse_request, engine.max_length, server_tools)
         if refused is not None:
             return refused
@@ -141,11 +180,11 @@ def create_app(engine: Engine, model_name: str, server_tools: Sequence[str] = ()
                 elif kind == "tool":
                     completion.new_turn()
                 else:
-                    token, logprob = value
-                    if settings["logprobs"]:
-                        logprobs[index].append(token_logprob(token, logprob))
+                    token, logprob, top = value
                     stopped = completion.stopped
                     delta = completion.feed(token)
+                    if settings["logprobs"] and completion.in_content:  # the tokens of `content`, as OpenAI's
+                        logprobs[index].append(token_logprob(token, logprob, top))
                     if completion.stopped and not stopped:
                         choices[index].cancel()
                     if delta:
@@ -162,20 +201,9 @@ def create_app(engine: Engine, model_name: str, server_tools: Sequence[str] = ()
                 choice.cancel()
 
         if not settings["stream"]:
-            async def leaving():
-                while not await request.is_disconnected():
-                    await asyncio.sleep(0.1)
-                release()
-
-            watcher = asyncio.create_task(leaving())
-            try:
-                reasons = {index: reason async for index, delta, reason in outcome() if delta is None}
-            finally:
-                watcher.cancel()
-                release()
-            failed = [reason for reason in reasons.values() if reason.startswith("error")]
+            reasons, failed = await ended(request, outcome, release)
             if failed:
-                return error(500, f"generation failed: {failed[0]}", "server_error")
+                return failed
             answers = []
             for index, completion in enumerate(completions):
                 calls = completion.tool_calls()
@@ -190,9 +218,14 @@ def create_app(engine: Engine, model_name: str, server_tools: Sequence[str] = ()
             return JSONResponse({**identity, "object": "chat.completion", "usage": usage(), "choices": answers})
 
         async def events_stream():
-            def chunk(index, delta, finish=None, **extra):
-                payload = {**identity, "object": "chat.completion.chunk", **extra,
-                           "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+            reported = [0] * len(choices)  # logprobs each choice's chunks have carried
+
+            def chunk(index, delta, finish=None):
+                choice = {"index": index, "delta": delta, "finish_reason": finish}
+                if settings["logprobs"]:  # those of the content's tokens since the last chunk
+                    choice["logprobs"] = {"content": logprobs[index][reported[index]:]}
+                    reported[index] = len(logprobs[index])
+                payload = {**identity, "object": "chat.completion.chunk", "choices": [choice]}
                 return f"data: {json.dumps(payload)}\n\n"
 
             try:
@@ -219,18 +252,21 @@ def create_app(engine: Engine, model_name: str, server_tools: Sequence[str] = ()
         return StreamingResponse(events_stream(), media_type="text/event-stream")
 
     async def models(_request):
-        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                                          "owned_by": "gptoss-jax"}]})
+        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
+                                                          "owned_by": "gptoss-jax", "max_model_len": engine.max_length}
+                                                         for name in model_names]})
 
     async def health(_request):
         return JSONResponse({"status": "ok", "busy_slots": len(engine.active), "slots": engine.slots})
 
     async def not_found(request, exc):  # unknown paths and methods answer in the API's error format too
-        return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+        return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                     code="unknown_url" if exc.status_code == 404 else "method_not_allowed")
 
-    return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"]),
+    return Starlette(routes=[Route("/v1/chat/completions", chat_completions, methods=["POST"]),
                              *responses.routes(engine, model_name, server_tools, make_tools, max_turns, error,
-                                               tool_threads, parsed),
+                                               tool_threads, parsed, watched),
+                             *completions.routes(engine, model_name, error, parsed, ended),
                              Route("/v1/models", models, methods=["GET"]),
                              Route("/health", health, methods=["GET"])],
                      middleware=[Middleware(Authorized)], exception_handlers={404: not_found, 405: not_found})
@@ -241,17 +277,18 @@ def run(args) -> int:
     import jax
 
 
-    names = inference.tool_names(args)
-    make_tools = agent.builtin_tools(names, browser_docs=args.browser_docs,
-                                     unsafe_python=args.unsafe_python_tool) if names else None
+    tool_names = inference.tool_names(args)
+    make_tools = agent.builtin_tools(tool_names, browser_docs=args.browser_docs,
+                                     unsafe_python=args.unsafe_python_tool) if tool_names else None
     model = inference.start(args)
-    engine = Engine(model, slots=args.slots, max_length=args.max_context)
+    engine = Engine(model, slots=args.slots, max_length=args.max_context,
+                    capacity=min(STARTING_CAPACITY, args.max_context or STARTING_CAPACITY))
     if jax.process_index() != 0:
         engine.follow()
         return 0
     import uvicorn
 
-    name = args.served_model_name or Path(args.checkpoint).name
+    names = args.served_model_name or [Path(args.checkpoint).name]
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal: make SIGTERM, like SIGINT, an
     # exception here, so the engine stops (and releases the other processes) before the interpreter exits.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -259,11 +296,14 @@ def run(args) -> int:
     if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("SERVING ON %s WITHOUT AN API KEY: anyone who can reach this port can use the model%s. Pass "
                     "--api-key (or set GPTOSS_API_KEY), or serve on 127.0.0.1.", args.host,
-                    " and run code in its python tool" if "python" in names else "")
-    try:
-        uvicorn.run(create_app(engine, name, names, make_tools, args.max_turns, api_key=args.api_key,
+                    " and run code in its python tool" if "python" in tool_names else "")
+    log.info("serving %s as %s on http://%s:%d/v1: %d slots, %d tokens of context each%s", args.checkpoint,
+             ", ".join(names), args.host, args.port, engine.slots, engine.max_length,
+             f", built-in tools: {', '.join(tool_names)}" if tool_names else "")
+    try:  # uvicorn logs each request (its access log) and, when it is listening, where
+        uvicorn.run(create_app(engine, names, tool_names, make_tools, args.max_turns, api_key=args.api_key,
                                max_request_bytes=args.max_request_bytes), host=args.host, port=args.port,
-                    log_level="warning")
+                    log_level="info")
     except KeyboardInterrupt:
         pass
     finally:

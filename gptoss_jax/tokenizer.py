@@ -7,6 +7,7 @@ where it looks.
 from __future__ import annotations
 
 import functools
+import os
 
 import tiktoken
 
@@ -36,4 +37,15 @@ SPECIAL_TOKENS = {
 @functools.cache
 def get_encoding() -> tiktoken.Encoding:
     """The o200k_harmony encoding (vocabulary of 201088 ids, special tokens included)."""
-    return tiktoken.get_encoding(ENCODING_NAME)
+    try:
+        return tiktoken.get_encoding(ENCODING_NAME)
+    except OSError as error:  # requests' errors are OSErrors: offline, with nothing in the cache
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or "its default cache"
+        raise TokenizerUnavailable(
+            f"the {ENCODING_NAME} vocabulary (tiktoken's o200k_base.tiktoken) is not in {cache} and could not be "
+            f"downloaded ({type(error).__name__}); offline, set TIKTOKEN_CACHE_DIR to a folder that holds tiktoken's "
+            "cache of it (this repository's offline machines: ../shared/tiktoken_cache)") from None
+
+
+class TokenizerUnavailable(OSError):
+    """The vocabulary is neither cached nor downloadable."""

@@ -3,6 +3,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -36,8 +37,9 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def wait_until_healthy(url: str, processes, timeout: float = 300) -> None:
-    """Polls the server's /health until it answers; fails with the log if a process dies or time runs out."""
+def wait_until_healthy(url: str, processes, log=None, timeout: float = 300) -> None:
+    """Polls the server's /health until it answers; fails with the server's output (`log`, an open file it writes
+    to, or its stdout pipe) if a process dies or time runs out."""
     deadline = time.time() + timeout
     while True:
         try:
@@ -45,25 +47,33 @@ def wait_until_healthy(url: str, processes, timeout: float = 300) -> None:
             return
         except OSError:
             if any(p.poll() is not None for p in processes) or time.time() > deadline:
-                output = processes[0].communicate(timeout=5)[0] if processes[0].stdout else ""
+                if log is not None:
+                    log.seek(0)
+                    output = log.read()
+                else:
+                    output = processes[0].communicate(timeout=5)[0] if processes[0].stdout else ""
                 raise AssertionError(f"the server did not start:\n{(output or '')[-3000:]}") from None
             time.sleep(0.5)
 
 
 @contextlib.contextmanager
-def serving(checkpoint, *arguments: str):
-    """`gptoss-jax serve` on the checkpoint, in its own process on 127.0.0.1; yields its base URL."""
+def serving(checkpoint, *arguments: str, name: str = "demo", log: Path | None = None):
+    """`gptoss-jax serve` on the checkpoint, in its own process on 127.0.0.1, serving it as `name`; yields its
+    base URL. Its output (startup lines, access log) goes to `log`, else a temporary file (a pipe nobody reads
+    would fill and stall the server)."""
     port, = free_ports(1)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gptoss_jax.cli", "serve", "--checkpoint", str(checkpoint), "--dtype", "float32",
-         "--port", str(port), *arguments], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, [process])
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    with open(log, "w+") if log else tempfile.TemporaryFile("w+") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gptoss_jax.cli", "serve", "--checkpoint", str(checkpoint), "--dtype", "float32",
+             "--port", str(port), "--served-model-name", name, *arguments], stdout=output, stderr=subprocess.STDOUT,
+            text=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_healthy(url, [process], output)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
 
 
 def wait_for_checkpoint(process, output: Path, timeout=300):

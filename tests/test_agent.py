@@ -69,7 +69,7 @@ class ScriptedEngine:
         output = self.scripts[conversation].pop(0)[:request.max_tokens]
         for token in output:
             request.tokens.append(token)
-            request.on_token(token, float("nan"))
+            request.on_token(token, float("nan"), ())
         if request.keep:
             self.kept[request.slot] = sequence + output[:-1]
         request.on_done("stop" if output and output[-1] in request.stop_tokens else "length")

@@ -164,3 +164,24 @@ def test_missing_and_unreadable_config_files(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="config.json: not valid JSON"):
         GptOssConfig.from_pretrained(tmp_path)
+
+
+def test_plan_offline_takes_a_released_checkpoint_from_its_preset_and_says_so(tmp_path):
+    """`gptoss-jax plan` on a config naming openai/gpt-oss-20b, offline with nothing cached (the README's line on a
+    fresh machine): the built-in preset, which is the released configuration, with a warning saying so; an
+    unknown hub id still fails, naming it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
+            "from gptoss_jax.train import plan\nfrom gptoss_jax import GptOssConfig\n"
+            "print(plan._architecture('openai/gpt-oss-20b') == (GptOssConfig.gpt_oss_20b(), True))\n"
+            "try:\n    plan._architecture('someone/not-released')\nexcept OSError as error:\n    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0] == "True"
+    assert result.stdout.splitlines()[1].startswith("someone/not-released: cannot get the model")
+    assert ("openai/gpt-oss-20b: its config.json is not reachable" in result.stderr
+            and "planning with the built-in gpt_oss_20b preset" in result.stderr)

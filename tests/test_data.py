@@ -122,6 +122,49 @@ def _write_parquet_dataset(root: Path) -> Path:
     return root
 
 
+def test_trl_dataset_formats_map_to_harmony_and_records_load_from_memory(tmp_path):
+    """TRL's SFTTrainer formats: prompt-completion (texts: a user message and the assistant's final answer; message
+    lists: the conversation, only the completion trained, TRL's completion-only loss) renders exactly as the
+    equivalent messages record; a text record is its raw tokens plus <|return|>, all trained. A list of records and
+    a datasets.Dataset load as the same records written to JSONL do; a record of no known form is one message."""
+    datasets = pytest.importorskip("datasets")
+    answer = {"role": "assistant", "thinking": "Two and two.", "content": "4"}
+    earlier = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    cases = [
+        ({"prompt": "What is 2+2?", "completion": "4", "reasoning_effort": "low"},
+         {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+          "reasoning_effort": "low"}),
+        ({"prompt": [*earlier, {"role": "user", "content": "2+2?"}], "completion": [answer]},
+         {"messages": [*earlier, {"role": "user", "content": "2+2?"}, answer]}),
+    ]
+    for trl, ours in cases:
+        (mine,), (expected,) = data.encode_examples([("a", trl)]), data.encode_examples([("b", ours)])
+        np.testing.assert_array_equal(mine.tokens, expected.tokens)
+        np.testing.assert_array_equal(mine.mask, expected.mask)
+    trained = tokenizer.get_encoding().decode(mine.tokens[mine.mask].tolist())
+    assert "Hello!" not in trained and "Two and two." in trained  # the earlier turn is prompt, not trained
+    text = "Once upon a time<|endoftext|> there"
+    (raw,) = data.encode_examples([("c", {"text": text})])
+    assert raw.tokens.tolist() == tokenizer.get_encoding().encode(text, allowed_special="all") + [tokenizer.RETURN]
+    assert raw.mask.all()
+    records = [trl for trl, _ in cases] + [{"text": text}] + RECORDS[:3]
+    from_file, _ = data.load_rows(_write_jsonl(tmp_path / "mixed.jsonl", records), 512, seed=1)
+    rows, stats = data.load_rows(records, 512, seed=1)
+    assert stats.examples == len(records)
+    np.testing.assert_array_equal(rows.inputs, from_file.inputs)
+    np.testing.assert_array_equal(rows.weights, from_file.weights)
+    pairs = [{"prompt": f"What is {n}+{n}?", "completion": str(2 * n)} for n in range(5)]
+    from_list, _ = data.load_rows(pairs, 256, seed=1)
+    from_dataset, _ = data.load_rows(datasets.Dataset.from_list(pairs), 256, seed=1)
+    np.testing.assert_array_equal(from_dataset.inputs, from_list.inputs)
+    np.testing.assert_array_equal(from_dataset.weights, from_list.weights)
+    with pytest.raises(data.DataError, match=r"record 2: a record has 'messages' \(a conversation\), 'prompt' and "
+                                             r"'completion', or 'text'; this one has \['question'\]"):
+        data.load_rows([records[0], {"question": "q"}], 512)
+    with pytest.raises(data.DataError, match=r"record 1: completion: expected a text or a non-empty list"):
+        data.load_rows([{"prompt": "q", "completion": 5}], 512)
+
+
 def test_parquet_dataset_directory(tmp_path):
     root = _write_parquet_dataset(tmp_path / "dataset")
     rows, stats = data.load_rows(root, 256, seed=0)
@@ -160,6 +203,16 @@ def test_gsm8k_records(tmp_path):
     source.write_text('{"question": "q", "answer": "no marker"}\n')
     with pytest.raises(ValueError, match=rf"{source}:1: not a GSM8K row"):
         gsm8k.convert(source, tmp_path / "bad.jsonl")
+
+
+def test_the_gsm8k_converter_names_a_missing_file_or_a_bad_row_in_one_line(tmp_path, capsys):
+    missing = tmp_path / "missing.jsonl"
+    assert gsm8k.main([str(missing), str(tmp_path / "out.jsonl")]) == 2
+    assert capsys.readouterr().err == f"error: {missing}: No such file or directory\n"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n{"question": "q"}\n'.replace('"a"', '"#### 4"'))
+    assert gsm8k.main([str(bad), str(tmp_path / "out.jsonl")]) == 2
+    assert capsys.readouterr().err == f"error: {bad}:2: not a GSM8K row ('answer')\n"
 
 
 def test_synthetic_counts_restart_at_every_x_and_each_letter_is_copied_from_the_same_distance():

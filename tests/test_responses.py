@@ -137,12 +137,12 @@ def function_caller(tmp_path_factory):
 def test_a_function_call_round_trip(function_caller):
     """The call comes back as a function_call item (whole and streamed); its output, sent with the call's id and
     previous_response_id, is rendered into the next prompt as the function's result."""
-    first = function_caller.responses.create(model="m", input="Add seven.", tools=[ADD], temperature=0,
+    first = function_caller.responses.create(model="demo", input="Add seven.", tools=[ADD], temperature=0,
                                              max_output_tokens=40)
     (call,) = first.output
     assert (call.type, call.name, call.arguments, call.status) == ("function_call", "add", CALL, "completed")
     second = function_caller.responses.create(
-        model="m", previous_response_id=first.id, tools=[ADD], temperature=0, max_output_tokens=40,
+        model="demo", previous_response_id=first.id, tools=[ADD], temperature=0, max_output_tokens=40,
         input=[{"type": "function_call_output", "call_id": call.call_id, "output": "9"}])
     record = {"tools": [{"type": "function", "function": {k: v for k, v in ADD.items() if k != "type"}}],
               "messages": [{"role": "user", "content": "Add seven."},
@@ -150,7 +150,7 @@ def test_a_function_call_round_trip(function_caller):
                             "content_type": "<|constrain|>json", "content": CALL},
                            {"role": "tool", "name": "add", "content": "9"}]}
     assert second.usage.input_tokens == len(harmony.encode_chat(record))
-    events = list(function_caller.responses.create(model="m", input="Add seven.", tools=[ADD], temperature=0,
+    events = list(function_caller.responses.create(model="demo", input="Add seven.", tools=[ADD], temperature=0,
                                                    max_output_tokens=40, stream=True))
     assert "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == CALL
     assert [e.item.name for e in events if e.type == "response.output_item.done"] == ["add"]
@@ -172,20 +172,20 @@ def test_the_server_runs_python_calls_when_the_request_enables_the_tool(python_c
     """Responses: each answered call is a code_interpreter_call item with the sandbox's output; the model calls
     again every turn, so max_tool_calls (or the server's --max-turns) ends the response, incomplete. Chat
     completions: the same calls run, their tokens counted; function tools alone run nothing."""
-    response = python_caller.responses.create(model="m", input="Compute.", tools=[{"type": "code_interpreter"}],
+    response = python_caller.responses.create(model="demo", input="Compute.", tools=[{"type": "code_interpreter"}],
                                               temperature=0, max_tool_calls=1)
     (item,) = response.output
     assert (item.type, item.code, item.outputs[0].logs) == ("code_interpreter_call", "print(6*7)", "42")
     assert response.status == "incomplete"
-    streamed = list(python_caller.responses.create(model="m", input="Compute.", tools=[{"type": "python"}],
+    streamed = list(python_caller.responses.create(model="demo", input="Compute.", tools=[{"type": "python"}],
                                                    temperature=0, stream=True))
     assert [e.item.outputs[0].logs for e in streamed if e.type == "response.output_item.done"] == ["42"] * 2
     assert streamed[-1].type == "response.incomplete"
     call_tokens = len(harmony.render_message(harmony.Message("assistant", "print(6*7)", "analysis", "python",
                                                              "code"))[0]) - 2
-    chat = python_caller.chat.completions.create(model="m", messages=[{"role": "user", "content": "Compute."}],
+    chat = python_caller.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Compute."}],
                                                  tools=[{"type": "code_interpreter"}], temperature=0)
     assert chat.usage.completion_tokens == 3 * call_tokens and chat.choices[0].finish_reason == "length"
-    plain = python_caller.chat.completions.create(model="m", messages=[{"role": "user", "content": "Compute."}],
+    plain = python_caller.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Compute."}],
                                                   temperature=0, max_tokens=40)
     assert plain.usage.completion_tokens == call_tokens and plain.choices[0].finish_reason == "stop"

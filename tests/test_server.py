@@ -3,6 +3,7 @@
 import concurrent.futures
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 import gptoss_jax
 from gptoss_jax import constrain, harmony, synthetic
 from gptoss_jax import tokenizer as tok
-from gptoss_jax.generation import Generator
+from gptoss_jax.generation import DEFAULT_STOP_TOKENS, Generator
 from gptoss_jax.lora import LoraConfig, add_lora, save_peft_adapter
 from gptoss_jax.model import LoRAParam
 from gptoss_jax.protocol import Completion, parse_request
@@ -37,9 +38,14 @@ AUTHORIZED = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application
 
 
 @pytest.fixture(scope="module")
-def server(demo_model_dir):
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("server") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def server(demo_model_dir, server_log):
     with serving(demo_model_dir, "--slots", "4", "--max-context", "512", "--api-key", API_KEY,
-                 "--max-request-bytes", str(MAX_REQUEST_BYTES)) as url:
+                 "--max-request-bytes", str(MAX_REQUEST_BYTES), log=server_log) as url:
         yield url
 
 
@@ -104,19 +110,32 @@ def test_streamed_deltas_add_up_to_the_whole_answer(client):
 
 
 def test_each_reasoning_effort_reaches_the_prompt(client, generator):
-    """Each effort's tokens and log probabilities are the model's for the prompt rendered with that effort."""
-    model, seen = generator.model, {}
+    """Each effort's content tokens, their log probabilities and the 3 most likely tokens at each are the model's
+    for the prompt rendered with that effort. Only the tokens of `content` are reported, as OpenAI's: not the
+    analysis, nor the harmony tokens around the answer."""
+    model, seen, encoding = generator.model, {}, tok.get_encoding()
     for effort in harmony.EFFORTS:
-        response = _ask(client, QUESTION, effort, logprobs=True)
-        generated = [item for item in response.choices[0].logprobs.content]
+        response = _ask(client, QUESTION, effort, logprobs=True, top_logprobs=3)
+        reported = response.choices[0].logprobs.content
         prompt = harmony.encode_chat({"messages": [{"role": "user", "content": QUESTION}], "reasoning_effort": effort})
         tokens = generator.generate([prompt], 80)[0]
-        assert [bytes(item.bytes) for item in generated] == [
-            tok.get_encoding().decode_single_token_bytes(t) for t in tokens]
+        completion = Completion([])
+        content = [i for i, token in enumerate(tokens) if (completion.feed(token), completion.in_content)[1]]
+        assert 0 < len(content) < len(tokens) - 5  # the analysis and the headers are most of it
+        assert "".join(item.token for item in reported) == response.choices[0].message.content
+        assert [bytes(item.bytes) for item in reported] == [encoding.decode_single_token_bytes(tokens[i])
+                                                            for i in content]
         logits = np.asarray(model(np.asarray([prompt + tokens[:-1]], np.int32)))[0, len(prompt) - 1:]
-        expected = jax.nn.log_softmax(logits, axis=-1)[np.arange(len(tokens)), tokens]
-        np.testing.assert_allclose([item.logprob for item in generated], expected, atol=1e-4)
-        seen[effort] = tuple(round(item.logprob, 4) for item in generated)
+        logprobs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+        np.testing.assert_allclose([item.logprob for item in reported], logprobs[content, np.asarray(tokens)[content]],
+                                   atol=1e-4)
+        for item, position in zip(reported, content, strict=True):
+            likeliest = np.argsort(-logprobs[position])[:3]
+            assert [bytes(other.bytes) for other in item.top_logprobs] == [
+                encoding.decode_single_token_bytes(int(t)) for t in likeliest]
+            np.testing.assert_allclose([other.logprob for other in item.top_logprobs], logprobs[position, likeliest],
+                                       atol=1e-4)
+        seen[effort] = tuple(round(item.logprob, 4) for item in reported)
     assert len(set(seen.values())) == 3  # the effort changes the prompt, and so the probabilities
 
 
@@ -196,12 +215,12 @@ def tool_caller(tmp_path_factory):
 def test_a_generated_call_comes_back_as_tool_calls(tool_caller):
     messages = [{"role": "user", "content": "Add seven."}]
     for parallel in (True, False):  # one call per turn either way: gpt-oss ends its turn at a call
-        choice = tool_caller.chat.completions.create(model="m", messages=messages, tools=TOOLS, temperature=0,
+        choice = tool_caller.chat.completions.create(model="demo", messages=messages, tools=TOOLS, temperature=0,
                                                      max_tokens=40, parallel_tool_calls=parallel).choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
         (call,) = choice.message.tool_calls
         assert (call.type, call.function.name, call.function.arguments) == ("function", "add", CALL)
-    chunks = list(tool_caller.chat.completions.create(model="m", messages=messages, tools=TOOLS, temperature=0,
+    chunks = list(tool_caller.chat.completions.create(model="demo", messages=messages, tools=TOOLS, temperature=0,
                                                       max_tokens=40, stream=True))
     streamed = [c for chunk in chunks for c in (chunk.choices[0].delta.tool_calls or [])]
     assert [(c.function.name, c.function.arguments) for c in streamed] == [("add", CALL)]
@@ -216,7 +235,7 @@ def test_strict_tool_arguments_are_held_to_the_parameters(tool_caller):
     for strict in (True, False):
         tools = [{"type": "function", "function": {"name": "add", "description": "Adds.", "parameters": parameters,
                                                    "strict": strict}}]
-        choice = tool_caller.chat.completions.create(model="m", messages=messages, tools=tools, temperature=0,
+        choice = tool_caller.chat.completions.create(model="demo", messages=messages, tools=tools, temperature=0,
                                                      max_tokens=40).choices[0]
         (call,) = choice.message.tool_calls
         if strict:
@@ -228,15 +247,15 @@ def test_strict_tool_arguments_are_held_to_the_parameters(tool_caller):
 
 def test_tool_choice_none_is_honoured_and_forced_calls_are_refused(tool_caller):
     messages = [{"role": "user", "content": "Add seven."}]
-    response = tool_caller.chat.completions.create(model="m", messages=messages, tools=TOOLS, temperature=0,
+    response = tool_caller.chat.completions.create(model="demo", messages=messages, tools=TOOLS, temperature=0,
                                                    max_tokens=40, tool_choice="none")
     assert response.usage.prompt_tokens == len(harmony.encode_chat({"messages": messages}))  # no tools rendered
     assert not response.choices[0].message.tool_calls and response.choices[0].finish_reason == "stop"
     for choice in ("required", {"type": "function", "function": {"name": "add"}}):
         with pytest.raises(openai.BadRequestError, match="tool_choice: .* is not supported"):
-            tool_caller.chat.completions.create(model="m", messages=messages, tools=TOOLS, tool_choice=choice)
+            tool_caller.chat.completions.create(model="demo", messages=messages, tools=TOOLS, tool_choice=choice)
     with pytest.raises(openai.BadRequestError, match='parallel_tool_calls: expected a boolean, got "yes"'):
-        tool_caller.chat.completions.create(model="m", messages=messages, tools=TOOLS,
+        tool_caller.chat.completions.create(model="demo", messages=messages, tools=TOOLS,
                                             extra_body={"parallel_tool_calls": "yes"})
 
 
@@ -308,10 +327,19 @@ def adapted(tmp_path_factory):
         yield url, Generator(model), Generator(gptoss_jax.load_model(root / "base", dtype="float32"))
 
 
+def _token_text(token: int) -> str:
+    """A token as the legacy completions API names it in its logprobs."""
+    return tok.get_encoding().decode_single_token_bytes(token).decode("utf-8", errors="replace")
+
+
 def _tokens(url, messages, **settings):
-    status, reply = _post(url, json.dumps({"messages": messages, "logprobs": True, **settings}).encode())
+    """Every token generated after the conversation's harmony prompt (/v1/completions on its token ids: the chat
+    API reports only the content's tokens, and this random model writes no well-formed harmony)."""
+    prompt = harmony.encode_chat({"messages": messages})
+    status, reply = _post(url, json.dumps({"prompt": prompt, "logprobs": 0, **settings}).encode(),
+                          path="/v1/completions")
     assert status == 200, reply
-    return [bytes(item["bytes"]) for item in reply["choices"][0]["logprobs"]["content"]]
+    return reply["choices"][0]["logprobs"]["tokens"]
 
 
 def test_served_adapter_and_sampling_equal_generate(adapted):
@@ -322,8 +350,7 @@ def test_served_adapter_and_sampling_equal_generate(adapted):
     prompt = harmony.encode_chat({"messages": messages})
 
     def expected(generator, **settings):
-        tokens = generator.generate([prompt], 12, **settings)[0]
-        return [tok.get_encoding().decode_single_token_bytes(t) for t in tokens]
+        return [_token_text(t) for t in generator.generate([prompt], 12, **settings)[0]]
 
     assert _tokens(url, messages, temperature=0, max_tokens=12) == expected(generator)
     assert expected(generator) != expected(base)  # the adapter changes the answer
@@ -340,18 +367,18 @@ def test_n_choices_draw_with_seeds_seed_plus_i_and_stream_by_index(adapted):
     messages = [{"role": "user", "content": "Tell me a story."}]
     prompt = harmony.encode_chat({"messages": messages})
     settings = {"temperature": 1.0, "max_tokens": 10, "seed": 5, "n": 3}
-    response = client.chat.completions.create(model="m", messages=messages, logprobs=True, **settings)
+    response = client.chat.completions.create(model="demo", messages=messages, **settings)
     assert [choice.index for choice in response.choices] == [0, 1, 2]
     expected = [generator.generate([prompt], 10, temperature=1.0, seed=5 + i)[0] for i in range(3)]
-    enc = tok.get_encoding()
-    for choice, tokens in zip(response.choices, expected, strict=True):
-        assert [bytes(item.bytes) for item in choice.logprobs.content] == [enc.decode_single_token_bytes(t)
-                                                                            for t in tokens]
     assert len({tuple(tokens) for tokens in expected}) == 3
     assert response.usage.prompt_tokens == len(prompt)
     assert response.usage.completion_tokens == sum(map(len, expected))
+    # the same draws through the text completions API (every token reported), choice i with seed + i
+    raw = client.completions.create(model="demo", prompt=prompt, logprobs=0, **settings)
+    assert [choice.logprobs.tokens for choice in raw.choices] == [[_token_text(t) for t in tokens]
+                                                                  for tokens in expected]
     streamed = {(i, field): "" for i in range(3) for field in ("content", "reasoning")}
-    for chunk in client.chat.completions.create(model="m", messages=messages, stream=True, **settings):
+    for chunk in client.chat.completions.create(model="demo", messages=messages, stream=True, **settings):
         for choice in chunk.choices:
             for field in ("content", "reasoning"):
                 streamed[choice.index, field] += getattr(choice.delta, field, None) or ""
@@ -364,7 +391,7 @@ def test_a_client_that_leaves_frees_its_slot(adapted):
     cancelled: its slot frees within seconds."""
     url, _, _ = adapted
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-    stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Go on."}],
+    stream = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Go on."}],
                                             temperature=1.0, max_tokens=1900, stream=True)
     next(iter(stream))  # the first chunk: the request is in
     time.sleep(2)
@@ -472,10 +499,22 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     status, body = _post(server, json.dumps({"messages": [{"role": "user", "content": "hi"}], "colour": 1}).encode())
     assert status == 400 and "unknown field 'colour'" in body["error"]["message"]
+    assert (body["error"]["type"], body["error"]["param"], body["error"]["code"]) == (
+        "invalid_request_error", "colour", None)  # OpenAI's error shape: the field at fault, a string code or null
     status, body = _post(server, json.dumps({"messages": [{"role": "robot", "content": "hi"}]}).encode())
     assert status == 400 and "messages[0].role" in body["error"]["message"]
-    with pytest.raises(openai.BadRequestError, match="at most .* more fit in this server's 512-token context"):
-        _ask(client, "word " * 300, max_tokens=400)
+    assert body["error"]["param"] == "messages[0].role"
+    status, body = _post(server, json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                             "max_tokens": "9"}).encode())
+    assert (status, body["error"]["param"]) == (400, "max_tokens")
+    with pytest.raises(openai.NotFoundError, match="The model `gpt-4o` does not exist") as raised:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    assert raised.value.body == {"message": raised.value.body["message"], "type": "invalid_request_error",
+                                 "param": "model", "code": "model_not_found"}
+    with pytest.raises(openai.NotFoundError, match="The model `gpt-4o` does not exist"):
+        client.responses.create(model="gpt-4o", input="hi", max_output_tokens=1)
+    status, body = _post(server, json.dumps({"model": 5, "messages": [{"role": "user", "content": "hi"}]}).encode())
+    assert (status, body["error"]["param"]) == (400, "model")  # the wrong type is the parser's 400
     with pytest.raises(openai.BadRequestError, match="this server's context holds 512"):
         _ask(client, "word " * 600)
     with pytest.raises(openai.BadRequestError, match=r"response_format.json_schema.schema: .*strng"):
@@ -488,7 +527,153 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
             "type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}}}])
     assert _ask(client, QUESTION).choices[0].message.content  # still serving
     with urllib.request.urlopen(urllib.request.Request(server + "/v1/models", headers=AUTHORIZED)) as response:
-        assert json.loads(response.read())["data"][0]["object"] == "model"
+        assert [(m["id"], m["object"], m["max_model_len"]) for m in json.loads(response.read())["data"]] == [
+            ("demo", "model", 512)]
+
+
+def test_the_samplers_of_openai_gpt_oss_evals_run_unmodified(client):
+    """What OpenAI's gpt-oss eval client (`python -m gpt_oss.evals --sampler chat_completions|responses`, gpt-oss
+    0.0.9's gpt_oss/evals/*_sampler.py; the package needs Python >= 3.12) sends: `max_tokens` 131,072 at every
+    effort (its --max-tokens default is 32,768), or a Responses request with only `reasoning`. A budget past the room
+    the prompt leaves is capped at that room (it was a 400): the sampler gets an answer, with content (an empty one
+    it retries for ever) and `reasoning`, and a reply that fills the room ends "length"."""
+    messages = [{"role": "user", "content": QUESTION}]
+    for effort in ("low", "high"):
+        reply = client.chat.completions.create(model="demo", messages=messages, reasoning_effort=effort,
+                                               temperature=1.0, max_tokens=131_072)
+        assert reply.choices[0].message.content and reply.choices[0].message.reasoning
+        answer = client.responses.create(model="demo", input=list(messages), reasoning={"effort": effort})
+        assert answer.output_text and answer.status == "completed"
+    unsure = client.responses.create(model="demo", input=list(messages), temperature=1.0, max_output_tokens=131_072)
+    assert unsure.output_text
+    # no way to stop (<|return|>, <|call|> and <|end|> banned): the reply fills the room and ends "length"
+    endless = {str(t): -100 for t in (200002, 200012, 200007)}
+    long_prompt = [{"role": "user", "content": "word " * 300}]
+    reply = client.chat.completions.create(model="demo", messages=long_prompt, temperature=0, max_tokens=131_072,
+                                           logit_bias=endless)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens == 512
+
+
+def test_text_completions_continue_raw_tokens_and_score_echoed_prompts(client, generator):
+    """/v1/completions, no harmony rendering: a prompt given as text (special tokens included) is continued as
+    `generate` continues its tokens; with echo and logprobs every prompt token after the first is scored with the
+    model's log-softmax, each position's top-k dict holds the chosen token too, offsets index the text. Several
+    prompts (text and ids) with n choices each come back in order; max_tokens 0 with echo only scores; a stop
+    string cuts the text; streamed chunks add up to the whole, logprobs included."""
+    encoding, model = tok.get_encoding(), generator.model
+    prompt = harmony.encode_chat({"messages": [{"role": "user", "content": QUESTION}], "reasoning_effort": "low"})
+    text = encoding.decode(prompt)
+    reply = client.completions.create(model="demo", prompt=text, max_tokens=24, temperature=0, logprobs=2, echo=True)
+    expected = generator.generate([prompt], 24)[0]
+    choice, sequence = reply.choices[0], prompt + expected
+    assert choice.text == text + encoding.decode([t for t in expected if t not in DEFAULT_STOP_TOKENS])
+    assert choice.finish_reason == ("stop" if expected[-1] in DEFAULT_STOP_TOKENS else "length")
+    scores = choice.logprobs
+    assert scores.tokens == [_token_text(t) for t in sequence]
+    assert scores.token_logprobs[0] is None and scores.top_logprobs[0] is None
+    logits = np.asarray(model(np.asarray([sequence[:-1]], np.int32)))[0]
+    logprobs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    np.testing.assert_allclose(scores.token_logprobs[1:], logprobs[np.arange(len(sequence) - 1), sequence[1:]],
+                               atol=1e-4)
+    for position, top in enumerate(scores.top_logprobs[1:]):
+        likeliest = np.argsort(-logprobs[position])[:2]
+        assert set(top) == {_token_text(int(t)) for t in likeliest} | {scores.tokens[position + 1]}
+        assert max(top.values()) == pytest.approx(logprobs[position, likeliest[0]], abs=1e-4)
+    assert scores.text_offset == [len(encoding.decode(sequence[:i])) for i in range(len(sequence))]
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(prompt), len(expected))
+
+    other = encoding.encode("Count the rs: r, r, x.")
+    several = client.completions.create(model="demo", prompt=[prompt, encoding.decode(other)], n=2, max_tokens=6,
+                                        temperature=0)
+    assert [c.index for c in several.choices] == [0, 1, 2, 3]
+    assert [c.text for c in several.choices] == [encoding.decode([t for t in g if t not in DEFAULT_STOP_TOKENS])
+                                                 for g in generator.generate([prompt, other], 6) for _ in range(2)]
+    scored = client.completions.create(model="demo", prompt=other, max_tokens=0, echo=True, logprobs=0)
+    assert scored.choices[0].text == encoding.decode(other) and scored.usage.completion_tokens == 0
+    assert len(scored.choices[0].logprobs.token_logprobs) == len(other)
+    words = encoding.decode(expected[:12])
+    stop = words[len(words) // 2:][:3]
+    cut = client.completions.create(model="demo", prompt=prompt, max_tokens=24, temperature=0, stop=[stop])
+    assert cut.choices[0].text == words[: words.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = list(client.completions.create(model="demo", prompt=text, max_tokens=24, temperature=0, logprobs=2,
+                                              echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == choice.text
+    assert sum((c.choices[0].logprobs.tokens for c in streamed), []) == scores.tokens
+    assert streamed[-1].choices[0].finish_reason == choice.finish_reason
+
+
+def test_the_tokenizer_endpoints_tokenize_as_prompts_are(server):
+    """vLLM's /tokenize, /detokenize and /tokenizer_info, which lm-eval finds and counts its tokens with."""
+    text = "<|start|>user<|message|>Hello, world: 12345"
+    status, reply = _post(server, json.dumps({"prompt": text, "add_special_tokens": False}).encode(),
+                          path="/tokenize")
+    tokens = tok.get_encoding().encode(text, allowed_special="all")
+    assert (status, reply) == (200, {"count": len(tokens), "max_model_len": 512, "tokens": tokens})
+    assert _post(server, json.dumps({"tokens": tokens}).encode(), path="/detokenize") == (200, {"prompt": text})
+    status, reply = _post(server, json.dumps({"tokens": [-1]}).encode(), path="/detokenize")
+    assert (status, reply["error"]["param"]) == (400, "tokens")
+    with urllib.request.urlopen(server + "/tokenizer_info") as response:
+        assert json.loads(response.read())["eos_token"] == "<|return|>"
+
+
+def test_lm_eval_local_completions_loglikelihood_equals_the_models(server, generator, tmp_path, monkeypatch):
+    """lm-eval's `local-completions` on a tiny multiple-choice task, unmodified (its tokenizer: this server's, found
+    through /tokenizer_info and /tokenize; batches of 4 prompts a request): each choice's loglikelihood is the sum
+    of the model's log-softmax over the choice's tokens after the question, and acc follows from them."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    docs = [{"question": f"How many rs in {word}?", "choices": ["one", "two", "three"], "label": label}
+            for word, label in (("car", 0), ("error", 2), ("mirror", 2), ("carry", 1))]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    (tmp_path / "tiny_mc.yaml").write_text(f"""task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / "docs.jsonl"}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - {{metric: acc, aggregation: mean, higher_is_better: true}}
+metadata: {{version: 1.0}}
+""")
+    results = lm_eval.simple_evaluate(
+        model="local-completions", model_args=f"base_url={server}/v1/completions,model=demo,batch_size=4",
+        tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
+    encoding, model = tok.get_encoding(), generator.model
+    correct = []
+    for sample in sorted(results["samples"]["tiny_mc"], key=lambda s: s["doc_id"]):
+        doc = docs[sample["doc_id"]]
+        context = f"Q: {doc['question']}\nA:"
+        expected = []
+        for choice in doc["choices"]:
+            whole = encoding.encode(context + " " + choice)
+            start = len(encoding.encode(context))
+            logprobs = np.asarray(jax.nn.log_softmax(model(np.asarray([whole[:-1]], np.int32))[0], axis=-1))
+            expected.append(float(sum(logprobs[i - 1, whole[i]] for i in range(start, len(whole)))))
+        got = [response[0][0] if isinstance(response[0], list | tuple) else response[0]
+               for response in sample["filtered_resps"]]
+        np.testing.assert_allclose(got, expected, atol=1e-3)
+        correct.append(int(np.argmax(expected)) == doc["label"])
+    assert results["results"]["tiny_mc"]["acc,none"] == pytest.approx(np.mean(correct))
+
+
+def test_the_log_says_where_it_listens_and_each_request(server, client, server_log):
+    """The startup lines (what is served, as which name, where) and uvicorn's access log, one line a request."""
+    _ask(client, "hi", max_tokens=1)
+    log = server_log.read_text()
+    port = server.rsplit(":", 1)[1]
+    assert f"as demo on http://127.0.0.1:{port}/v1: 4 slots, 512 tokens of context each" in log
+    assert f"Uvicorn running on http://127.0.0.1:{port}" in log
+    assert re.search(r'"POST /v1/chat/completions HTTP/1.1" 200', log), log[-2000:]
 
 
 def test_the_api_key_body_limit_and_unknown_paths_answer_in_the_apis_error_format(server):
@@ -535,7 +720,7 @@ def test_two_process_server_answers_like_one_process(tmp_path):
     strict = [{"type": "function", "function": {"name": "add", "strict": True, "parameters": {
         "type": "object", "properties": {"m": {"type": "string", "maxLength": 3}}, "required": ["m"],
         "additionalProperties": False}}}]
-    bodies = [{"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 30, "logprobs": True},
+    bodies = [{"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 30},
               {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 30, "tools": strict}]
     try:
         url = f"http://127.0.0.1:{ports[0]}"
@@ -545,6 +730,10 @@ def test_two_process_server_answers_like_one_process(tmp_path):
             status, reply = _post(url, json.dumps(body).encode())
             assert status == 200, reply
             replies.append(reply["choices"][0])
+        raw_prompt = parse_request(bodies[0], 256)[0]  # every token of the plain request, through /v1/completions
+        status, raw = _post(url, json.dumps({"prompt": raw_prompt, "max_tokens": 30, "temperature": 0,
+                                             "logprobs": 0}).encode(), path="/v1/completions")
+        assert status == 200, raw
     finally:
         processes[0].terminate()
         for process in processes:
@@ -556,8 +745,7 @@ def test_two_process_server_answers_like_one_process(tmp_path):
         prompt, settings = parse_request(body, 256)
         expected.append(generator.generate([prompt], 30, constraints=constrain.RowConstraints(
             [settings["final_format"]], [settings["strict_tools"]]))[0])
-    tokens = [bytes(item["bytes"]) for item in replies[0]["logprobs"]["content"]]
-    assert tokens == [tok.get_encoding().decode_single_token_bytes(t) for t in expected[0]]
+    assert raw["choices"][0]["logprobs"]["tokens"] == [_token_text(t) for t in expected[0]]
     (plain,), (held,) = (reply["message"]["tool_calls"] for reply in replies)
     assert plain["function"]["arguments"] == CALL
     arguments = held["function"]["arguments"]

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 from gptoss_jax import tokenizer
 
 
@@ -8,6 +12,19 @@ def test_o200k_harmony_vocabulary_and_special_ids():
     for text, token in tokenizer.SPECIAL_TOKENS.items():
         assert encoding.encode_single_token(text) == token
         assert encoding.decode([token]) == text
+
+
+def test_offline_with_no_cached_vocabulary_one_message_says_what_to_set(tmp_path):
+    """No vocabulary in TIKTOKEN_CACHE_DIR and no way out (a proxy that refuses): not requests' traceback, one
+    message naming the cache folder and the variable to set."""
+    environment = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9",
+                   "https_proxy": "http://127.0.0.1:9"}
+    result = subprocess.run([sys.executable, "-c", "from gptoss_jax import tokenizer\ntry:\n"
+                             "    tokenizer.get_encoding()\nexcept OSError as error:\n    print(error)"],
+                            env=environment, capture_output=True, text=True, timeout=300)
+    assert result.stdout.startswith(f"the o200k_harmony vocabulary (tiktoken's o200k_base.tiktoken) is not in "
+                                    f"{tmp_path} and could not be downloaded ("), result.stdout + result.stderr[-2000:]
+    assert "set TIKTOKEN_CACHE_DIR" in result.stdout
 
 
 def test_round_trip_of_a_harmony_message():

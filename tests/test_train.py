@@ -209,7 +209,8 @@ def test_non_finite_weights_stop_the_run_before_anything_is_exported(mxfp4_base,
 def test_an_export_is_written_whole_or_not_at_all_and_a_rerun_writes_what_is_missing(mxfp4_base, tmp_path,
                                                                                       monkeypatch):
     """The merged export fails half-way (as a run killed while writing it would): no merged/ appears, the
-    adapter stays, and the rerun of the completed run writes merged/ instead of saying there is nothing to do."""
+    adapter stays, and the rerun of the completed run writes merged/ instead of saying there is nothing to do. The
+    run continued to more steps (train.steps raised) replaces its exports with the longer run's."""
     import gptoss_jax.train.run as run_module
 
     config = _config(tmp_path / "export", mxfp4_base / "mxfp4", **{**LORA, "train.steps": 2, "data.eval": ""})
@@ -230,6 +231,14 @@ def test_an_export_is_written_whole_or_not_at_all_and_a_rerun_writes_what_is_mis
     assert list(rerun.exports) == ["merged"] and (tmp_path / "export" / "merged" / "config.json").is_file()
     assert not list((tmp_path / "export").glob(".*partial"))
     assert train(config, progress=False).summary() == "nothing to do: the run had already completed its 2 steps"
+    adapter = tmp_path / "export" / "adapter" / "adapter_model.safetensors"
+    before = adapter.read_bytes()
+    longer = train(_config(tmp_path / "export", mxfp4_base / "mxfp4", **{**LORA, "train.steps": 3, "data.eval": ""}),
+                   progress=False)
+    assert sorted(longer.exports) == ["adapter", "merged"] and adapter.read_bytes() != before
+    steps = [json.loads(line)["step"] for line in (tmp_path / "export" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 3
+    assert not list((tmp_path / "export").glob(".*partial")) + list((tmp_path / "export").glob(".*replaced"))
 
 
 def test_a_resume_replays_steps_once_in_the_metrics_and_names_a_changed_setting(mxfp4_base, tmp_path):

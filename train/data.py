@@ -1,8 +1,10 @@
 """Training data: conversation records -> harmony tokens + loss masks -> fixed-length packed rows.
 
-Records come through `gptoss_jax.records` (JSONL files, dataset directories, HF dataset ids). Columns other than
-the record's are ignored, so HF datasets with extra columns (e.g. HuggingFaceH4/Multilingual-Thinking) load as
-they are.
+Records come through `gptoss_jax.records` (JSONL files, dataset directories, HF dataset ids), or from memory (a
+list of records, a `datasets.Dataset`). Columns other than the record's are ignored, so HF datasets with extra
+columns (e.g. HuggingFaceH4/Multilingual-Thinking) load as they are. A record has one of the forms TRL's
+SFTTrainer takes (`as_conversation`): conversational `{"messages": [...]}`, prompt-completion `{"prompt": ...,
+"completion": ...}`, or language modeling `{"text": ...}`.
 
 A row packs several examples back to back: `inputs` predict `targets` (the next token), `weights` mark the
 targets that count in the loss, `segment_ids` number the examples in the row (0 = padding) so attention stays
@@ -14,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from gptoss_jax import harmony
+from gptoss_jax import tokenizer as tok
 from gptoss_jax.records import DataError, read_records
 
 log = logging.getLogger(__name__)
@@ -80,7 +83,13 @@ def encode_examples(rows, *, train_on: str = "assistant", skip_invalid: bool = F
         try:
             if isinstance(record, DataError):
                 raise record
-            tokens, mask = harmony.encode_for_training(_plain(record), train_on=train_on)
+            record = as_conversation(record)
+            if isinstance(record, str):  # raw text: every token trained
+                tokens = tok.get_encoding().encode(record, allowed_special="all")
+                tokens += [] if tokens[-1:] == [tok.RETURN] else [tok.RETURN]
+                mask = [True] * len(tokens)
+            else:
+                tokens, mask = harmony.encode_for_training(_plain(record), train_on=train_on)
         except (harmony.RecordError, DataError) as error:
             if not skip_invalid:
                 message = str(error) if str(error).startswith(where) else f"{where}: {error}"
@@ -91,6 +100,41 @@ def encode_examples(rows, *, train_on: str = "assistant", skip_invalid: bool = F
     if stats.invalid:
         log.warning("skipped %d invalid records of %d", stats.invalid, stats.records)
     return examples
+
+
+def as_conversation(record: Any) -> Any:
+    """A record in any of the forms TRL's SFTTrainer takes, as a harmony record (or, for raw text, the text):
+      - `{"messages": [...]}`: as it is;
+      - `{"prompt": ..., "completion": ...}`, each a text or a list of messages: a text prompt is the user's
+        message, a text completion the assistant's final answer; the completion is the last turn, the one trained
+        (TRL's completion-only loss); other fields (reasoning_effort, tools, ...) stay;
+      - `{"text": "..."}`: raw text, tokenized as it is (special tokens written in it are those tokens), every
+        token trained, `<|return|>` appended unless it ends with it (TRL appends the EOS token).
+    Anything else is a RecordError naming the forms."""
+    if not isinstance(record, Mapping):
+        raise harmony.RecordError(f"expected a record object, got {type(record).__name__}")
+    if "messages" in record:
+        return record
+    if "prompt" in record or "completion" in record:
+        prompt = _messages(record.get("prompt"), "prompt", "user")
+        completion = _messages(record.get("completion"), "completion", "assistant")
+        rest = {k: v for k, v in record.items() if k not in ("prompt", "completion")}
+        return {**rest, "messages": prompt + completion}
+    if "text" in record:
+        if not isinstance(record["text"], str) or not record["text"]:
+            raise harmony.RecordError(f"text: expected a non-empty string, got {record['text']!r:.60}")
+        return record["text"]
+    raise harmony.RecordError(f"a record has 'messages' (a conversation), 'prompt' and 'completion', or 'text'; "
+                              f"this one has {sorted(record)}")
+
+
+def _messages(value: Any, field: str, role: str) -> list:
+    """A prompt's or completion's messages: a text is one message of `role` (the assistant's as its final answer)."""
+    if isinstance(value, str) and value:
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value:
+        return value
+    raise harmony.RecordError(f"{field}: expected a text or a non-empty list of messages, got {value!r:.60}")
 
 
 def _plain(record: Any) -> Any:
@@ -166,13 +210,18 @@ def _to_arrays(rows, seq_len: int) -> PackedRows:
     return PackedRows(inputs, targets, weights, segment_ids, positions)
 
 
-def load_rows(source: str | os.PathLike, seq_len: int, *, train_on: str = "assistant", overlong: str = "truncate",
-              skip_invalid: bool = False, seed: int = 0, process_index: int = 0, process_count: int = 1,
-              split: str = "train") -> tuple[PackedRows, DataStats]:
-    """read_records -> encode_examples -> pack, with the statistics of all three (logged)."""
+def load_rows(source: str | os.PathLike | Iterable[Mapping], seq_len: int, *, train_on: str = "assistant",
+              overlong: str = "truncate", skip_invalid: bool = False, seed: int = 0, process_index: int = 0,
+              process_count: int = 1, split: str = "train") -> tuple[PackedRows, DataStats]:
+    """read_records -> encode_examples -> pack, with the statistics of all three (logged). `source`: a file,
+    dataset directory or HF dataset id, or the records themselves (a list, a `datasets.Dataset`: "record N")."""
     stats = DataStats()
-    examples = encode_examples(read_records(source, split=split), train_on=train_on, skip_invalid=skip_invalid,
-                               stats=stats)
+    if isinstance(source, str | os.PathLike):
+        rows = read_records(source, split=split)
+    else:
+        rows = ((f"record {number}", record) for number, record in enumerate(source, start=1))
+        source = f"{type(source).__name__} of records"
+    examples = encode_examples(rows, train_on=train_on, skip_invalid=skip_invalid, stats=stats)
     rows = pack(examples, seq_len, overlong=overlong, seed=seed, process_index=process_index,
                 process_count=process_count, stats=stats)
     log.info("%s: %s", source, stats.report())

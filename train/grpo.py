@@ -328,7 +328,9 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
                 break
 
         trained = scaffold.merge_trained(graphdef, master, dtypes, frozen)
-        exports = scaffold.export(trained, config, missing_only=start == step) if step == config.train.steps else {}
+        # a run continued from its checkpoints to more steps replaces the exports of fewer
+        exports = (scaffold.export(trained, config, missing_only=start == step, replace=start > 0)
+                   if step == config.train.steps else {})
         exported = scaffold.reload_mxfp4_export(config, exports, mesh) if g.eval_tasks else None
         lost = []
         if exported is not None:

@@ -60,7 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("destination")
     parser.add_argument("--reasoning-effort", default="medium", choices=["low", "medium", "high"])
     args = parser.parse_args(argv)
-    count = convert(args.source, args.destination, reasoning_effort=args.reasoning_effort)
+    try:
+        count = convert(args.source, args.destination, reasoning_effort=args.reasoning_effort)
+    except OSError as error:  # a missing or unreadable file, named
+        print(f"error: {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # a bad row, as file:line: reason
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {count} records to {args.destination}")
     return 0
 

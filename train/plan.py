@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import re
 from pathlib import Path
@@ -36,6 +37,10 @@ from gptoss_jax.model import LoRAParam
 from gptoss_jax.sharding import MESH_AXES, param_shardings
 from gptoss_jax.train import grpo, trainer
 from gptoss_jax.train.run import lora_config, make_mesh, make_optimizer, run_time_choices
+
+log = logging.getLogger(__name__)
+# The released checkpoints, by hub id, and the built-in presets that are their configuration (MXFP4 experts).
+RELEASED = {"openai/gpt-oss-20b": "gpt_oss_20b", "openai/gpt-oss-120b": "gpt_oss_120b"}
 
 
 @dataclasses.dataclass
@@ -135,8 +140,8 @@ def plan(config: ml_collections.ConfigDict, *, device_memory: int | None = None,
 def _plan(config: ml_collections.ConfigDict, mesh, device_memory: int, platform: str, compiled_for: str,
           options: dict) -> Plan:
     if config.model.checkpoint:
-        checkpoint = open_checkpoint(_config_only(config.model.checkpoint))
-        architecture, packed = checkpoint.config, checkpoint.experts_quantized and config.model.mxfp4 == "packed"
+        architecture, quantized = _architecture(config.model.checkpoint)
+        packed = quantized and config.model.mxfp4 == "packed"
     else:
         architecture = getattr(GptOssConfig, config.model.preset)()
         packed = config.lora.enabled and config.model.mxfp4 == "packed"
@@ -264,11 +269,22 @@ def cpu_float32_copies(hlo: str) -> int:
     return sum(size for name, size in copies.items() if name in taken)
 
 
-def _config_only(checkpoint: str) -> str | Path:
-    """A hub checkpoint's config files alone (a plan needs no weights)."""
+def _architecture(checkpoint: str) -> tuple[GptOssConfig, bool]:
+    """(the checkpoint's architecture, whether its experts are MXFP4) from its config files alone (a plan needs no
+    weights). A released checkpoint the hub cannot give (offline, not cached) is its built-in preset, said so."""
     if Path(checkpoint).exists() or not hub.is_repo_id(checkpoint):
-        return checkpoint
-    return hub.snapshot(checkpoint, allow_patterns=["config.json", "original/config.json"])
+        opened = open_checkpoint(checkpoint)
+        return opened.config, opened.experts_quantized
+    try:
+        opened = open_checkpoint(hub.snapshot(checkpoint, allow_patterns=["config.json", "original/config.json"]))
+    except OSError as error:
+        if checkpoint not in RELEASED:
+            raise
+        log.warning("%s: its config.json is not reachable (%s); planning with the built-in %s preset, which is "
+                    "the released configuration (MXFP4 experts)", checkpoint, str(error).rsplit(": ", 1)[-1],
+                    RELEASED[checkpoint])
+        return getattr(GptOssConfig, RELEASED[checkpoint])(), True
+    return opened.config, opened.experts_quantized
 
 
 def _split_like(shardings: nnx.State, *parts: nnx.State) -> list[nnx.State]:

@@ -223,12 +223,15 @@ class Run:
         return bool(self.stop_signal)
 
 
-def export(model: GptOss, config: ml_collections.ConfigDict, *, missing_only: bool = False) -> dict:
+def export(model: GptOss, config: ml_collections.ConfigDict, *, missing_only: bool = False,
+           replace: bool = False) -> dict:
     """The adapter (PEFT format) and/or the merged HF checkpoint, as the config asks, each written to a hidden
     folder beside its place and renamed into it when complete (a run killed while exporting leaves no half
     export). `missing_only`: only those not written yet (the rerun of a run that completed its steps but not its
-    exports); otherwise an export already there is an error. Under jax.distributed every process gathers what is
-    exported (a collective) and the first one writes it."""
+    exports). `replace`: an export already there is this run's, from fewer steps (a run continued to more
+    `train.steps`): the new one takes its place once written. Otherwise an export already there is an error (another
+    run's). Under jax.distributed every process gathers what is exported (a collective) and the first one writes
+    it."""
     output, written = Path(config.train.output_dir), {}
     writers = {}
     if config.lora.enabled and config.export.adapter:
@@ -246,15 +249,20 @@ def export(model: GptOss, config: ml_collections.ConfigDict, *, missing_only: bo
     if jax.process_index() != 0:
         return written
     for kind in writers:
-        if (output / kind).exists():
+        if (output / kind).exists() and not replace:
             raise FileExistsError(f"{output / kind}: already exists; remove it or choose another train.output_dir")
     for kind, write in writers.items():
-        partial = output / f".{kind}.partial"
-        shutil.rmtree(partial, ignore_errors=True)  # a killed run's
+        partial, replaced = output / f".{kind}.partial", output / f".{kind}.replaced"
+        for stale in (partial, replaced):  # a killed run's
+            shutil.rmtree(stale, ignore_errors=True)
         write(partial)
+        old = (output / kind).exists()
+        if old:  # moved aside, then dropped (killed in between: the rerun writes the missing export again)
+            (output / kind).rename(replaced)
         partial.rename(output / kind)
+        shutil.rmtree(replaced, ignore_errors=True)
         written[kind] = output / kind
-        log.info("exported %s to %s", kind, output / kind)
+        log.info("exported %s to %s%s", kind, output / kind, " (replacing the export of fewer steps)" if old else "")
     return written
 
 

@@ -249,7 +249,9 @@ def train(config: ml_collections.ConfigDict, *, progress: bool = True) -> Result
                 break
 
         trained = merge_trained(graphdef, master, dtypes, frozen)
-        exports = export(trained, config, missing_only=start == step) if step == config.train.steps else {}
+        # a run continued from its checkpoints to more steps replaces the exports of fewer
+        exports = (export(trained, config, missing_only=start == step, replace=start > 0)
+                   if step == config.train.steps else {})
         exported = reload_mxfp4_export(config, exports, mesh) if eval_rows is not None else None
         lost = ""
         if exported is not None:
