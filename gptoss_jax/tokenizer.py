@@ -49,3 +49,77 @@ def get_encoding() -> tiktoken.Encoding:
 
 class TokenizerUnavailable(OSError):
     """The vocabulary is neither cached nor downloadable."""
+
+
+# ---- the released repositories' tokenizer files ----------------------------------------------------------------
+
+BOS, PAD = "<|startoftext|>", "<|endoftext|>"
+# What generation stops at in the released generation_config.json: <|return|>, <|endoftext|>, <|call|>.
+GENERATION_STOPS = (RETURN, ENDOFTEXT, CALL)
+
+
+def save_hf_tokenizer(directory: str | os.PathLike, max_length: int) -> None:
+    """Writes the tokenizer files the released gpt-oss repositories hold beside the weights, so that tools which
+    load a model folder (transformers' AutoTokenizer, vLLM, SGLang, TGI) find them: `tokenizer.json` (this
+    encoding as a Hugging Face `tokenizers` byte-level BPE: the same ids as tiktoken, tested on text of every
+    script), `tokenizer_config.json`, `special_tokens_map.json` and `generation_config.json` (the stop tokens)."""
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    (directory / "tokenizer.json").write_text(_tokenizer_json(), encoding="utf-8")
+    special = {"bos_token": BOS, "eos_token": "<|return|>", "pad_token": PAD}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": max_length,
+        "model_input_names": ["input_ids", "attention_mask"], "clean_up_tokenization_spaces": False},
+        indent=2) + "\n")
+    (directory / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": get_encoding().encode_single_token(BOS), "eos_token_id": list(GENERATION_STOPS),
+        "pad_token_id": ENDOFTEXT, "do_sample": True}, indent=2) + "\n")
+
+
+@functools.cache
+def _tokenizer_json() -> str:
+    """tokenizer.json of the encoding: tiktoken's regex split, then byte-level BPE over its ranks. A token's merges
+    are its splits into two tokens, ranked by the token (then by the halves' ranks), as tiktoken merges the pair
+    that makes the lowest-ranked token; `ignore_merges` takes a whole piece that is a token at once, as tiktoken
+    does."""
+    import json
+
+    encoding = get_encoding()
+    ranks = encoding._mergeable_ranks  # bytes -> id: tiktoken's BPE ranks, the ids of the ordinary tokens
+    as_text = _byte_level_alphabet()
+
+    def text(piece: bytes) -> str:
+        return "".join(as_text[byte] for byte in piece)
+
+    merges = []
+    for token, rank in ranks.items():
+        splits = [(ranks[token[:i]], ranks[token[i:]], i) for i in range(1, len(token))
+                  if token[:i] in ranks and token[i:] in ranks]
+        merges += [(rank, left, right, token[:i], token[i:]) for left, right, i in sorted(splits)]
+    merges.sort(key=lambda merge: merge[:3])
+    added = [{"id": id_, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for content, id_ in sorted(encoding._special_tokens.items(),
+                                                                                  key=lambda item: item[1])]
+    return json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": encoding._pat_str}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": {text(token): rank for token, rank in ranks.items()},
+                  "merges": [[text(left), text(right)] for *_, left, right in merges]},
+    }, ensure_ascii=False)
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """Byte -> the printable character byte-level BPE stands it for (GPT-2's mapping: printable Latin-1 bytes are
+    themselves, the others the characters from U+0100 on, in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    return {**{byte: chr(byte) for byte in printable}, **{byte: chr(256 + n) for n, byte in enumerate(others)}}

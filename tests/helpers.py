@@ -132,3 +132,99 @@ def whole_cache_copies(hlo: str, cache) -> list[str]:
         if not in_place and opcode not in ("parameter", "get-tuple-element", "bitcast", "tuple", "while"):
             found.append(line.strip()[:160])
     return found
+
+
+@contextlib.contextmanager
+def hub_stand_in():
+    """A local stand-in for the Hugging Face hub's upload API (create a repo, preupload, commit: what
+    huggingface_hub's `create_repo` and `upload_folder` call), for tests on machines without network. Every file
+    is taken inline ("regular" upload mode). Yields (its URL, what it received: {"repos": [create request
+    bodies], "files": {repo/path: bytes}, "commits": [(repo, summary)], "tokens": {Authorization headers}})."""
+    import base64
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received = {"repos": [], "files": {}, "commits": [], "tokens": set()}
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            received["tokens"].add(self.headers.get("authorization"))
+            url = f"http://127.0.0.1:{self.server.server_port}"
+            if self.path == "/api/repos/create":
+                request = json.loads(body)
+                received["repos"].append(request)
+                return self._reply({"url": f"{url}/{request['organization']}/{request['name']}"})
+            repo = "/".join(self.path.split("/")[3:5])  # /api/models/<owner>/<name>/...
+            if "/preupload/" in self.path:
+                return self._reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                              for f in json.loads(body)["files"]]})
+            if "/commit/" in self.path:
+                for line in body.decode().splitlines():
+                    entry = json.loads(line)
+                    if entry["key"] == "header":
+                        received["commits"].append((repo, entry["value"]["summary"]))
+                    elif entry["key"] == "file":
+                        received["files"][f"{repo}/{entry['value']['path']}"] = base64.b64decode(
+                            entry["value"]["content"])
+                return self._reply({"commitUrl": f"{url}/{repo}/commit/{'1' * 40}", "commitOid": "1" * 40})
+            self._reply({"error": f"not served by the stand-in: {self.path}"}, 404)
+
+        def do_GET(self):  # noqa: N802
+            self._reply({"error": f"not served by the stand-in: {self.path}"}, 404)
+
+        def _reply(self, payload, status=200):
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", received
+    finally:
+        server.shutdown()
+
+
+def wandb_offline_history(folder: Path) -> tuple[dict, list[dict]]:
+    """(the run's config, its logged rows) of the offline W&B run under `folder` (WANDB_MODE=offline), read from
+    its run-<id>.wandb file: W&B's record log (LevelDB's log format: 32 KiB blocks of checksum, length, type
+    chunks, after a 7-byte W&B header) of its protobuf records."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = folder.glob("wandb/offline-run-*/run-*.wandb")
+    data, position, pending, records = path.read_bytes(), 7, b"", []
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        chunk, position = data[position + 7:position + 7 + length], position + 7 + length
+        if kind in (1, 2):  # a whole record, or its first chunk
+            pending = chunk
+        elif kind in (3, 4):
+            pending += chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    config, rows = {}, []
+    for record in records:
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            config.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                           for item in record.run.config.update})
+        elif kind == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+    return config, rows

@@ -27,6 +27,34 @@ def test_offline_with_no_cached_vocabulary_one_message_says_what_to_set(tmp_path
     assert "set TIKTOKEN_CACHE_DIR" in result.stdout
 
 
+def test_the_exported_hf_tokenizer_gives_tiktokens_ids_on_text_of_every_kind(tmp_path):
+    """tokenizer.json (written beside merged exports) loaded by transformers' AutoTokenizer: the same ids as
+    tiktoken's o200k_harmony, token for token, and the same text back, on harmony conversations, the demo's task,
+    code, numbers, contractions, whitespace runs and many scripts and emoji."""
+    import json
+
+    import transformers
+
+    from gptoss_jax import harmony, synthetic
+
+    from harmony_cases import RECORDS
+
+    tokenizer.save_hf_tokenizer(tmp_path, 131072)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    encoding = tokenizer.get_encoding()
+    texts = [encoding.decode(harmony.encode_chat(record)) for record in RECORDS]
+    texts += [json.dumps(record) for record in synthetic.counting_records(50, seed=4)]
+    texts += ["Ünïcödé façade — naïve café 😀🚀 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 👩‍👩‍👧", "日本語のテキスト、中文文本，한국어 텍스트",
+              "عربي  עברית ελληνικά русский हिन्दी ไทย", "def f(x):\n\treturn x**2  # c\r\n\r\n   sp   \n\n\n",
+              "  leading", "trailing  ", "1234567890 3.14159 1e-10 ½", "I'll you've we're THEY'LL don't",
+              "\u00a0nbsp\u2009thin", "a" * 500, "<|reserved_200013|> <|endoftext|>x"]
+    for text in texts:
+        ids = hf.encode(text, add_special_tokens=False)
+        assert ids == encoding.encode(text, allowed_special="all"), text[:80]
+        assert hf.decode(ids) == text
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == [200002, 199999, 200012]
+
+
 def test_round_trip_of_a_harmony_message():
     encoding = tokenizer.get_encoding()
     text = "<|start|>user<|message|>What is 2 + 2?<|end|><|start|>assistant"

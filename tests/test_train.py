@@ -28,7 +28,7 @@ from gptoss_jax.train.data import DataStats
 from gptoss_jax.train.run import TrainingStopped
 from gptoss_jax.train.trainer import Batches, load_examples, train
 
-from helpers import free_ports, killed_run_resumes_bit_identically, relative_error
+from helpers import free_ports, hub_stand_in, killed_run_resumes_bit_identically, relative_error, wandb_offline_history
 from layouts import model_with_mxfp4_experts, write_hf_mxfp4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,11 +113,18 @@ def test_peft_adapter_on_transformers_gives_our_logits(lora_run, mxfp4_base):
 
 
 def test_merged_mxfp4_export_loads_in_transformers(lora_run):
+    """The merged export is a folder other tools load on their own: the model in transformers, and its tokenizer
+    (tokenizer.json and its configs) in AutoTokenizer, with the released generation_config's stop tokens."""
     _, output = lora_run
     merged = output / "merged"
     assert json.loads((merged / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         merged, dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(merged)
+    question = "Count the rs: r, x, r."
+    assert tokenizer.encode(question) == gptoss_jax.tokenizer.get_encoding().encode(question)
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|return|>", "<|endoftext|>")
+    assert transformers.GenerationConfig.from_pretrained(merged).eos_token_id == [200002, 199999, 200012]
     tokens = np.random.default_rng(1).integers(0, 201088, (1, 7))
     with torch.no_grad():
         expected = hf(torch.tensor(tokens)).logits.numpy()
@@ -239,6 +246,45 @@ def test_an_export_is_written_whole_or_not_at_all_and_a_rerun_writes_what_is_mis
     steps = [json.loads(line)["step"] for line in (tmp_path / "export" / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 3
     assert not list((tmp_path / "export").glob(".*partial")) + list((tmp_path / "export").glob(".*replaced"))
+
+
+def test_exports_are_pushed_to_the_hub_and_metrics_reported_to_weights_and_biases(mxfp4_base, tmp_path,
+                                                                                     monkeypatch):
+    """export.push_to_hub uploads what the run exported (huggingface_hub's create_repo + upload_folder, the token
+    from HF_TOKEN) to a stand-in for the hub (no network here): the merged checkpoint at the repo's root, the
+    adapter under adapter/, every file byte for byte; a hub that refuses names the repo and where the exports
+    are. train.report_to = "tensorboard,wandb" logs each step's metrics to a W&B run (offline here, read back
+    from its file) as metrics.jsonl has them, with the config."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_TOKEN", "hf_stand_in")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    output = tmp_path / "pushed"
+    config = _config(output, mxfp4_base / "mxfp4", **{**LORA, "train.steps": 2, "data.eval": "",
+                                                      "export.push_to_hub": "someone/tiny-lora",
+                                                      "train.report_to": "tensorboard,wandb"})
+    with hub_stand_in() as (url, hub):
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)  # what HF_ENDPOINT sets at import
+        train(config, progress=False)
+    assert hub["repos"] == [{"name": "tiny-lora", "organization": "someone", "visibility": "private"}]
+    assert hub["tokens"] == {"Bearer hf_stand_in"}
+    expected = {f"someone/tiny-lora/{'adapter/' if kind == 'adapter' else ''}{file.relative_to(output / kind)}":
+                file.read_bytes() for kind in ("merged", "adapter") for file in (output / kind).rglob("*")
+                if file.is_file()}
+    assert hub["files"] == expected and any(name.endswith("/config.json") for name in expected)
+    assert [summary for _, summary in hub["commits"]] == ["gptoss-jax sft export at step 2: merged",
+                                                         "gptoss-jax sft export at step 2: adapter"]
+    logged = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    wandb_config, rows = wandb_offline_history(output)
+    assert [{key: row.get(key) for key in ("_step", "loss", "learning_rate")} for row in rows] == [
+        {"_step": line["step"], "loss": line["loss"], "learning_rate": line["learning_rate"]} for line in logged]
+    assert wandb_config["train"]["steps"] == 2 and (output / "tensorboard").is_dir()
+    from gptoss_jax.train.run import push_to_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nobody there
+    with pytest.raises(OSError, match=r"export.push_to_hub: pushing to someone/tiny-lora failed .*the exports are "
+                                      rf"written in {output / 'merged'}: push them with `hf upload"):
+        push_to_hub({"merged": output / "merged"}, "someone/tiny-lora", private=True, message="m")
 
 
 def test_a_resume_replays_steps_once_in_the_metrics_and_names_a_changed_setting(mxfp4_base, tmp_path):

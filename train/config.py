@@ -26,6 +26,7 @@ _CHOICES = {
     "grpo.overlong": ("keep", "penalty", "mask"),
     "grpo.reward_errors": ("zero", "raise"),
 }
+REPORT_TO = ("tensorboard", "wandb")
 _POSITIVE = ("data.seq_len", "data.batch_size", "optimizer.grad_accum", "train.steps", "train.log_every",
              "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "optimizer.learning_rate",
              "grpo.prompts_per_step", "grpo.group_size", "grpo.max_prompt_tokens", "grpo.max_completion_tokens",
@@ -99,6 +100,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2  # checkpoints kept
     c.train.async_checkpoints = True  # write checkpoints in the background
     c.train.output_dir = "runs/tiny_demo"  # checkpoints, metrics, TensorBoard events, exports
+    # where metrics go besides metrics.jsonl: "tensorboard", "wandb" (Weights & Biases: pip install wandb; its
+    # project, entity and mode from WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE), both comma-separated, or "none"
+    c.train.report_to = "tensorboard"
     c.train.qat = False  # quantization-aware training: the experts' forward sees them as the MXFP4 export will hold
     # them (adapter updates merged, then quantized and dequantized), gradients pass straight through to the float
     # weights or adapters; needs export.mxfp4 = true. Without it an MXFP4 export rounds what was learned afterwards.
@@ -145,6 +149,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.export.adapter = True  # LoRA only: write a PEFT adapter directory (output_dir/adapter)
     c.export.merged = True  # write an HF checkpoint with adapters merged (output_dir/merged)
     c.export.mxfp4 = False  # store the merged experts in MXFP4
+    # a hub repo ("user/name") to upload the exports to once written (token: HF_TOKEN or `hf auth login`); "": none
+    c.export.push_to_hub = ""
+    c.export.hub_private = True  # a repo the push creates is private
     return c
 
 
@@ -163,6 +170,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in _POSITIVE:
         if not setting(config, key) > 0:
             raise ConfigError(f"config.{key}: must be positive, got {setting(config, key)!r}")
+    reports = set(config.train.report_to.split(","))
+    if not reports <= set(REPORT_TO) and reports != {"none"}:
+        raise ConfigError(f"config.train.report_to: comma-separated {' and '.join(REPORT_TO)}, or none; got "
+                          f"{config.train.report_to!r}")
     if not 0 <= config.optimizer.min_lr_ratio <= 1:
         raise ConfigError(f"config.optimizer.min_lr_ratio: must be in [0, 1], got {config.optimizer.min_lr_ratio}")
     if config.optimizer.warmup_steps < 0 or config.optimizer.warmup_steps > config.train.steps:

@@ -10,6 +10,8 @@ import functools
 import json
 import logging
 import math
+import os
+import secrets
 import shutil
 import signal
 from pathlib import Path
@@ -23,7 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gptoss_jax import GptOss, GptOssConfig, load_model, lora, save_pretrained, sharding
+from gptoss_jax import GptOss, GptOssConfig, load_model, lora, save_pretrained, sharding, tokenizer
 from gptoss_jax.model import LoRAParam
 from gptoss_jax.settings import ConfigError
 from gptoss_jax.train.tensorboard import SummaryWriter
@@ -145,7 +147,9 @@ class Run:
         self.manager = ocp.CheckpointManager(self.checkpoints, options=ocp.CheckpointManagerOptions(
             max_to_keep=config.train.keep_checkpoints, enable_async_checkpointing=config.train.async_checkpoints))
         self.metrics_file = open(self.output / "metrics.jsonl", "a") if self.leader else None
-        self.writer = SummaryWriter(self.output / "tensorboard") if self.leader else None
+        reports = config.train.report_to.split(",") if self.leader else []
+        self.writer = SummaryWriter(self.output / "tensorboard") if "tensorboard" in reports else None
+        self.wandb = _wandb_run(config, self.output) if "wandb" in reports else None
         self.bar = None
         self.stop_signal = None
         self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -162,8 +166,11 @@ class Run:
         if self.bar is not None:
             self.bar.close()
         if self.leader:
-            self.writer.close()
             self.metrics_file.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         signal.signal(signal.SIGTERM, self._previous_handler)
 
     def resume(self, state):
@@ -210,7 +217,10 @@ class Run:
             return
         self.metrics_file.write(json.dumps({"step": step, **values}) + "\n")
         self.metrics_file.flush()
-        self.writer.scalars(step, values)
+        if self.writer is not None:
+            self.writer.scalars(step, values)
+        if self.wandb is not None:  # a resumed run's replayed steps W&B has already: it keeps its first values
+            self.wandb.log(values, step=step)
 
     def end_of_step(self, step: int, state) -> bool:
         """After step `step` (counted from 1): checkpoints when it is due, or at the end, or on SIGTERM; whether
@@ -221,6 +231,21 @@ class Run:
         if self.stop_signal:
             log.warning("SIGTERM: saved step %d to %s; exiting", step, self.checkpoints)
         return bool(self.stop_signal)
+
+
+def _wandb_run(config: ml_collections.ConfigDict, output: Path):
+    """A Weights & Biases run for the output folder, as TRL's report_to="wandb" makes one: named after the folder,
+    the config as its config, the same W&B run again when the run resumes (its id kept in output/wandb_run_id);
+    project, entity and mode from W&B's environment (WANDB_PROJECT, default gptoss-jax; WANDB_MODE=offline)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("config.train.report_to: wandb needs the wandb package (pip install wandb)") from None
+    id_file = output / "wandb_run_id"
+    if not id_file.exists():
+        id_file.write_text(secrets.token_hex(8) + "\n")
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "gptoss-jax"), name=output.absolute().name,
+                      id=id_file.read_text().strip(), resume="allow", dir=str(output), config=config.to_dict())
 
 
 def export(model: GptOss, config: ml_collections.ConfigDict, *, missing_only: bool = False,
@@ -238,8 +263,11 @@ def export(model: GptOss, config: ml_collections.ConfigDict, *, missing_only: bo
         writers["adapter"] = functools.partial(lora.save_peft_adapter, model,
                                                base_model_name_or_path=config.model.checkpoint or None)
     if config.export.merged:
-        writers["merged"] = lambda target: save_pretrained(lora.merge_lora(model) if config.lora.enabled else model,
-                                                           target, mxfp4=config.export.mxfp4)
+        def write_merged(target: Path) -> None:  # weights and config, and the tokenizer files tools load beside them
+            save_pretrained(lora.merge_lora(model) if config.lora.enabled else model, target, mxfp4=config.export.mxfp4)
+            tokenizer.save_hf_tokenizer(target, model.config.max_position_embeddings)
+
+        writers["merged"] = write_merged
     if missing_only:  # as the first process, which writes them, sees them
         writers = {kind: write for kind, write in writers.items()
                    if not multihost_utils.broadcast_one_to_all(np.bool_((output / kind).exists()))}
@@ -263,7 +291,32 @@ def export(model: GptOss, config: ml_collections.ConfigDict, *, missing_only: bo
         shutil.rmtree(replaced, ignore_errors=True)
         written[kind] = output / kind
         log.info("exported %s to %s%s", kind, output / kind, " (replacing the export of fewer steps)" if old else "")
+    if written and config.export.push_to_hub:
+        push_to_hub(written, config.export.push_to_hub, private=config.export.hub_private,
+                    message=f"gptoss-jax {config.method} export at step {config.train.steps}")
     return written
+
+
+def push_to_hub(written: dict[str, Path], repo_id: str, *, private: bool, message: str) -> None:
+    """Uploads the exports to the hub repo `repo_id` (created if missing; `private` then), as transformers' and
+    PEFT's `push_to_hub` lay them out: the merged checkpoint at the root (`from_pretrained(repo_id)`), the adapter
+    at the root when it is the only export, else under adapter/ (`PeftModel.from_pretrained(model, repo_id,
+    subfolder="adapter")`). The token is huggingface_hub's own (HF_TOKEN, or `hf auth login`). A failed push
+    leaves the exports where they are written, and says how to push them."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        for kind, folder in sorted(written.items(), key=lambda item: item[0] != "merged"):  # the root first
+            below = kind if "merged" in written and kind != "merged" else ""
+            api.upload_folder(repo_id=repo_id, folder_path=folder, path_in_repo=below,
+                              commit_message=f"{message}: {kind}")
+            log.info("pushed %s to %s/%s", kind, repo_id, below)
+    except Exception as error:  # the hub's HTTP errors, and its HTTP client's connection errors (not OSErrors)
+        raise OSError(f"export.push_to_hub: pushing to {repo_id} failed ({type(error).__name__}: {error}); the "
+                      f"exports are written in {', '.join(map(str, written.values()))}: push them with `hf upload "
+                      f"{repo_id} FOLDER`") from error
 
 
 # What an MXFP4 export may lose against the model as trained before a run without QAT says so: 1% of the held-out
