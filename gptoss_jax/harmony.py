@@ -473,6 +473,21 @@ def _visible(messages: Sequence[Message], keep_turn: int | None) -> list[bool]:
     ]
 
 
+@functools.cache
+def chat_template() -> str:
+    """This module's rendering as a Jinja chat template (harmony.jinja, with the model identity and the built-in
+    tools' sections set in it), for exports: transformers' `apply_chat_template(messages, tools=...,
+    reasoning_effort=..., current_date=..., builtin_tools=..., response_format=...)` gives `encode_chat` of the
+    record those make."""
+    from pathlib import Path
+
+    constants = {"model_identity": MODEL_IDENTITY, "knowledge_cutoff": KNOWLEDGE_CUTOFF,
+                 "browser_section": _browser_section(), "python_section": _python_section()}
+    # JSON strings are Jinja string literals (ASCII, escapes included)
+    sets = "".join(f"{{%- set {name} = {json.dumps(value)} -%}}\n" for name, value in constants.items())
+    return sets + Path(__file__).with_name("harmony.jinja").read_text(encoding="utf-8")
+
+
 def encode_chat(record: Mapping[str, Any], *, add_generation_prompt: bool = True) -> list[int]:
     """The record rendered as a prompt: `<|start|>assistant` appended (when asked) for the model to continue."""
     messages = to_messages(record)

@@ -58,16 +58,19 @@ BOS, PAD = "<|startoftext|>", "<|endoftext|>"
 GENERATION_STOPS = (RETURN, ENDOFTEXT, CALL)
 
 
-def save_hf_tokenizer(directory: str | os.PathLike, max_length: int) -> None:
+def save_hf_tokenizer(directory: str | os.PathLike, max_length: int, chat_template: str | None = None) -> None:
     """Writes the tokenizer files the released gpt-oss repositories hold beside the weights, so that tools which
     load a model folder (transformers' AutoTokenizer, vLLM, SGLang, TGI) find them: `tokenizer.json` (this
     encoding as a Hugging Face `tokenizers` byte-level BPE: the same ids as tiktoken, tested on text of every
-    script), `tokenizer_config.json`, `special_tokens_map.json` and `generation_config.json` (the stop tokens)."""
+    script), `tokenizer_config.json`, `special_tokens_map.json`, `generation_config.json` (the stop tokens) and,
+    given one, `chat_template.jinja` (`harmony.chat_template()`)."""
     import json
     from pathlib import Path
 
     directory = Path(directory)
     (directory / "tokenizer.json").write_text(_tokenizer_json(), encoding="utf-8")
+    if chat_template is not None:
+        (directory / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
     special = {"bos_token": BOS, "eos_token": "<|return|>", "pad_token": PAD}
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     (directory / "tokenizer_config.json").write_text(json.dumps({

@@ -27,19 +27,22 @@ def test_offline_with_no_cached_vocabulary_one_message_says_what_to_set(tmp_path
     assert "set TIKTOKEN_CACHE_DIR" in result.stdout
 
 
-def test_the_exported_hf_tokenizer_gives_tiktokens_ids_on_text_of_every_kind(tmp_path):
+def test_the_exported_hf_tokenizer_gives_tiktokens_ids_and_its_chat_template_our_prompts(tmp_path):
     """tokenizer.json (written beside merged exports) loaded by transformers' AutoTokenizer: the same ids as
     tiktoken's o200k_harmony, token for token, and the same text back, on harmony conversations, the demo's task,
-    code, numbers, contractions, whitespace runs and many scripts and emoji."""
+    code, numbers, contractions, whitespace runs and many scripts and emoji. Its chat template, through
+    apply_chat_template (the record's fields as keyword arguments), renders every harmony parity record as
+    `harmony.encode_chat` does: the same text, and the same ids except where a message's text spells a special
+    token (a text template cannot tell `<|end|>` written by a user from the token; encode_chat can)."""
     import json
 
     import transformers
 
     from gptoss_jax import harmony, synthetic
 
-    from harmony_cases import RECORDS
+    from harmony_cases import RECORDS, UNION
 
-    tokenizer.save_hf_tokenizer(tmp_path, 131072)
+    tokenizer.save_hf_tokenizer(tmp_path, 131072, harmony.chat_template())
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     encoding = tokenizer.get_encoding()
     texts = [encoding.decode(harmony.encode_chat(record)) for record in RECORDS]
@@ -53,6 +56,24 @@ def test_the_exported_hf_tokenizer_gives_tiktokens_ids_on_text_of_every_kind(tmp
         assert ids == encoding.encode(text, allowed_special="all"), text[:80]
         assert hf.decode(ids) == text
     assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == [200002, 199999, 200012]
+    spelled = 0
+    formatted = {"messages": [{"role": "user", "content": "Who won?"}], "tools": [UNION], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "result", "description": "The winner.\nAnd by how much.",
+                                               "schema": {"type": "object", "properties": {"w": {"type": "string"}}}}}}
+    for record in [*RECORDS, formatted]:
+        options = {key: record[key] for key in ("reasoning_effort", "current_date", "builtin_tools", "response_format")
+                   if key in record}
+        expected = harmony.encode_chat(record)
+        assert hf.apply_chat_template(record["messages"], tools=record.get("tools"), add_generation_prompt=True,
+                                      tokenize=False, **options) == encoding.decode(expected)
+        ids = hf.apply_chat_template(record["messages"], tools=record.get("tools"), add_generation_prompt=True,
+                                     **options)
+        ids = list(ids if isinstance(ids, list) else ids["input_ids"])
+        if any(special in json.dumps(record["messages"]) for special in tokenizer.SPECIAL_TOKENS):
+            spelled += 1
+        else:
+            assert ids == expected
+    assert spelled <= 2 and sum(bool(r.get("tools")) for r in RECORDS) >= 10  # functions of every schema shape
 
 
 def test_round_trip_of_a_harmony_message():

@@ -114,7 +114,8 @@ def test_peft_adapter_on_transformers_gives_our_logits(lora_run, mxfp4_base):
 
 def test_merged_mxfp4_export_loads_in_transformers(lora_run):
     """The merged export is a folder other tools load on their own: the model in transformers, and its tokenizer
-    (tokenizer.json and its configs) in AutoTokenizer, with the released generation_config's stop tokens."""
+    (tokenizer.json and its configs) in AutoTokenizer, whose chat template renders a conversation as
+    harmony.encode_chat does, with the released generation_config's stop tokens."""
     _, output = lora_run
     merged = output / "merged"
     assert json.loads((merged / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
@@ -124,6 +125,10 @@ def test_merged_mxfp4_export_loads_in_transformers(lora_run):
     question = "Count the rs: r, x, r."
     assert tokenizer.encode(question) == gptoss_jax.tokenizer.get_encoding().encode(question)
     assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|return|>", "<|endoftext|>")
+    chat = [{"role": "user", "content": question}]
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, reasoning_effort="low")
+    assert list(prompt if isinstance(prompt, list) else prompt["input_ids"]) == gptoss_jax.harmony.encode_chat(
+        {"messages": chat, "reasoning_effort": "low"})
     assert transformers.GenerationConfig.from_pretrained(merged).eos_token_id == [200002, 199999, 200012]
     tokens = np.random.default_rng(1).integers(0, 201088, (1, 7))
     with torch.no_grad():

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gptoss_jax import GptOss, GptOssConfig, load_model, lora, save_pretrained, sharding, tokenizer
+from gptoss_jax import GptOss, GptOssConfig, harmony, load_model, lora, save_pretrained, sharding, tokenizer
 from gptoss_jax.model import LoRAParam
 from gptoss_jax.settings import ConfigError
 from gptoss_jax.train.tensorboard import SummaryWriter
@@ -265,7 +265,7 @@ def export(model: GptOss, config: ml_collections.ConfigDict, *, missing_only: bo
     if config.export.merged:
         def write_merged(target: Path) -> None:  # weights and config, and the tokenizer files tools load beside them
             save_pretrained(lora.merge_lora(model) if config.lora.enabled else model, target, mxfp4=config.export.mxfp4)
-            tokenizer.save_hf_tokenizer(target, model.config.max_position_embeddings)
+            tokenizer.save_hf_tokenizer(target, model.config.max_position_embeddings, harmony.chat_template())
 
         writers["merged"] = write_merged
     if missing_only:  # as the first process, which writes them, sees them
