@@ -18,17 +18,21 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gptoss_jax import harmony
 from gptoss_jax import tokenizer as tok
 from gptoss_jax.engine import MAX_TOP_LOGPROBS, Request
 from gptoss_jax.generation import DEFAULT_STOP_TOKENS
 from gptoss_jax.protocol import BadRequest, as_int32, budget, check_fields, cut_at_stop, number, sampling
 
+log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's, for this API
+MAX_STOPS = 32  # stop strings a request may give (harnesses send a task's own plus the end of text)
 MAX_PROMPTS = 64
 # Each field read, with its JSON type in OpenAI's API reference (`top_k`: vLLM's); see protocol.check_fields.
 _FIELDS = {"model": "string", "prompt": "string|array", "max_tokens": "integer", "temperature": "number",
@@ -48,7 +52,7 @@ def parse(body: Any, max_length: int) -> tuple[list[list[int]], dict[str, Any]]:
     """(the prompts' tokens, generation settings) of a text completion request."""
     check_fields(body, _FIELDS, _LABELS, _NEUTRAL)
     prompts = _prompts(body.get("prompt"))
-    settings = sampling(body)
+    settings = sampling(body, max_stops=MAX_STOPS)
     echo = bool(body.get("echo", False))
     logprobs = body.get("logprobs")
     settings.update({"echo": echo, "logprobs": None if logprobs is None else int(number(
@@ -102,11 +106,12 @@ def _detokenize(body: Any) -> str:
 
 
 class Text:
-    """One choice's text as its tokens come: decoded incrementally, cut at the earliest stop string (held back
-    while it may be the start of one), with each token's offset and log probabilities for `logprobs`."""
+    """One choice's text as its tokens come: the echoed prompt (`prefix`), then the generated text, decoded
+    incrementally and cut at the earliest stop string in it (held back while it may be the start of one; the
+    prompt is never searched), with each token's offset and log probabilities for `logprobs`."""
 
     def __init__(self, stops: Sequence[str], prefix: str = ""):
-        self.stops, self.text, self.sent, self.stopped = stops, prefix, 0, False
+        self.stops, self.prefix, self.generated, self.sent, self.stopped = stops, prefix, "", 0, False
         self.tokens: list[str] = []
         self.offsets: list[int] = []
         self.logprobs: list[float | None] = []
@@ -117,22 +122,32 @@ class Text:
     def add_scored(self, token: int, logprob: float | None, top: Sequence[tuple[int, float]] | None,
                    offset: int) -> None:
         """A token with its logprobs (of the prompt, or generated), starting at `offset` of the text."""
-        self.tokens.append(_text(token))
+        self.tokens.append(token_text(token))
         self.offsets.append(offset)
         self.logprobs.append(logprob)
-        self.top.append(None if top is None else {**{_text(t): v for t, v in top}, _text(token): logprob})
+        self.top.append(None if top is None else {**{token_text(t): v for t, v in top}, token_text(token): logprob})
+
+    @property
+    def text(self) -> str:
+        return self.prefix + self.generated
 
     def feed(self, token: int, logprob: float, top: Sequence[tuple[int, float]]) -> str:
         """The text this generated token hands out now (stop strings held back). The stop token that ends the
         completion is not in the text, but is in the logprobs (harnesses count on one entry per token)."""
         if self.stopped:
             return ""
-        start, held = len(self.text), 0
+        start, held = len(self.generated), 0
         if token not in DEFAULT_STOP_TOKENS:
-            self.text, self.stopped, held = cut_at_stop(self.text + self._decoder.decode(_bytes(token)), self.stops)
-        if start < len(self.text) or not self.stopped:  # a token cut away by a stop string is not reported
-            self.add_scored(token, logprob, top, start)
+            self.generated, self.stopped, held = cut_at_stop(
+                self.generated + self._decoder.decode(_bytes(token)), self.stops)
+        if start < len(self.generated) or not self.stopped:  # a token cut away by a stop string is not reported
+            self.add_scored(token, logprob, top, len(self.prefix) + start)
         return self.rest(held)
+
+    def end(self) -> None:
+        """The generation ended: bytes of a character it did not finish become U+FFFD, as the tokens show them."""
+        if not self.stopped:
+            self.generated += self._decoder.decode(b"", final=True)
 
     def rest(self, held: int = 0) -> str:
         end = len(self.text) - held
@@ -154,8 +169,14 @@ def _bytes(token: int) -> bytes:
     return tok.get_encoding().decode_single_token_bytes(token)
 
 
-def _text(token: int) -> str:
-    return _bytes(token).decode("utf-8", errors="replace")
+def token_text(token: int) -> str:
+    """A token as the legacy API names it: its text, or, for bytes that are not UTF-8 text alone (part of a
+    character), `bytes:` and their escapes, as vLLM writes them (distinct tokens, distinct names)."""
+    raw = _bytes(token)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
 
 
 def routes(engine, model_name: str, error: Callable, parsed: Callable, ended: Callable) -> list:
@@ -174,6 +195,9 @@ def routes(engine, model_name: str, error: Callable, parsed: Callable, ended: Ca
                       for prompt in prompts] if scored else None
         except ValueError as exc:
             return error(400, str(exc))
+        except Exception as exc:  # noqa: BLE001 - e.g. out of device memory: the API's 500, and the server goes on
+            log.exception("scoring a prompt failed")
+            return error(500, f"scoring the prompt failed: {type(exc).__name__}: {exc}", "server_error")
         count = settings["n"]
         texts, events = [], asyncio.Queue()  # events: (index, token, logprob, top) and (index, None, reason)
         requests = []
@@ -211,6 +235,7 @@ def routes(engine, model_name: str, error: Callable, parsed: Callable, ended: Ca
                 index, token, *value = await events.get()
                 if token is None:
                     finished += 1
+                    texts[index].end()
                     reasons[index] = "stop" if texts[index].stopped else value[0]
                     yield index, None, reasons[index]
                 else:
@@ -274,10 +299,10 @@ def routes(engine, model_name: str, error: Callable, parsed: Callable, ended: Ca
         _, text, refused = await parsed(request, _detokenize)
         return refused or JSONResponse({"prompt": text})
 
-    async def tokenizer_info(_request):  # the special tokens as the released tokenizer_config.json names them
+    async def tokenizer_info(_request):  # as the exports' tokenizer files: special tokens, the chat template
         return JSONResponse({"tokenizer_class": "tiktoken", "encoding": tok.get_encoding().name,
-                             "eos_token": "<|return|>", "bos_token": "<|startoftext|>", "pad_token": "<|endoftext|>",
-                             "model_max_length": engine.max_length})
+                             "eos_token": "<|return|>", "bos_token": tok.BOS, "pad_token": tok.PAD,
+                             "model_max_length": engine.max_length, "chat_template": harmony.chat_template()})
 
     return [Route("/v1/completions", create, methods=["POST"]), Route("/tokenize", tokenize, methods=["POST"]),
             Route("/detokenize", detokenize, methods=["POST"]),

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 MAX_STOP_TOKENS = 8
 MAX_LOGIT_BIAS = 300  # tokens per request, as OpenAI allows
 MAX_TOP_LOGPROBS = 20  # most likely tokens reported per position, as OpenAI allows
+SCORED_POSITIONS = 256  # positions whose vocabulary logits a prompt's scoring holds at once
 DEFAULT_CONTEXT = 8192  # tokens per request, prompt included, unless the model holds fewer
 
 
@@ -117,6 +118,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._prefill, self._decode, self._extend = steps or compiled_steps(self.graphdef)
         self._score = None  # compiled on first use
+        self._scoring = threading.Lock()  # one scoring forward at a time, whatever the number of HTTP threads
 
     # ---- what the HTTP side calls ----------------------------------------------------------------------------
 
@@ -185,7 +187,9 @@ class Engine:
         """The log probability of each token after the ones before it (from the second on: the first has nothing
         before it), and the `top` most likely tokens at each of those positions, as (token, logprob) pairs: one
         forward over the whole sequence, beside the slots (`echo` with `logprobs` asks this of a prompt). One
-        process only: the others would have to run the forward too, and they only follow steps."""
+        process only: the others would have to run the forward too, and they only follow steps. One sequence at a
+        time, its vocabulary logits SCORED_POSITIONS positions at a time (a whole [T, V] at 8k positions would be
+        gigabytes)."""
         if jax.process_count() > 1:
             raise ValueError("scoring a prompt (echo with logprobs) needs a single process")
         self._check(Request(tokens, 0))
@@ -193,15 +197,21 @@ class Engine:
             graphdef = self.graphdef
 
             @functools.partial(jax.jit, static_argnames="top")
-            def score(state, tokens, top):
-                logits = nnx.merge(graphdef, state)(tokens[None])[0, :-1]
-                return token_logprobs(logits, tokens[1:], top)
+            def score(state, tokens, top):  # tokens [T]: position i scores token i + 1
+                model = nnx.merge(graphdef, state)
+                hidden = model.hidden_states(tokens[None])[0][0]
+                chunk = min(len(tokens), SCORED_POSITIONS)
+                targets = jnp.concatenate([tokens[1:], tokens[:1]]).reshape(-1, chunk)
+                scored = jax.lax.map(lambda part: token_logprobs(model.logits(part[0]), part[1], top),
+                                     (hidden.reshape(-1, chunk, hidden.shape[-1]), targets))
+                return jax.tree.map(lambda a: a.reshape(len(tokens), *a.shape[2:]), scored)
 
             self._score = score
         padded = np.zeros(max(16, 1 << (len(tokens) - 1).bit_length()), np.int32)  # few shapes to compile;
         padded[: len(tokens)] = tokens  # the padding after the tokens cannot change them (causal attention)
-        chosen, top_tokens, top_logprobs = (np.asarray(a)[: len(tokens) - 1] for a in self._score(
-            self.state, padded, top=MAX_TOP_LOGPROBS if top else 0))
+        with self._scoring:
+            chosen, top_tokens, top_logprobs = (np.asarray(a)[: len(tokens) - 1] for a in self._score(
+                self.state, padded, top=MAX_TOP_LOGPROBS if top else 0))
         return chosen.tolist(), [tuple(zip(ids[:top].tolist(), values[:top].tolist(), strict=True))
                                  for ids, values in zip(top_tokens, top_logprobs, strict=True)]
 

@@ -87,8 +87,9 @@ def parse_request(body: Any, max_length: int, server_tools: Sequence[str] = ()) 
     return prompt, settings
 
 
-def sampling(body: dict) -> dict[str, Any]:
-    """The sampling settings, choices, stop strings and streaming options of a request (both completion APIs)."""
+def sampling(body: dict, max_stops: int = 4) -> dict[str, Any]:
+    """The sampling settings, choices, stop strings (at most `max_stops`: OpenAI's 4 by default) and streaming
+    options of a request (both completion APIs)."""
     for option, value in (body.get("stream_options") or {}).items():
         if option != "include_usage":
             raise BadRequest(f"stream_options.{option}: not an option (include_usage)")
@@ -107,7 +108,7 @@ def sampling(body: dict) -> dict[str, Any]:
         "frequency_penalty": number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         "logit_bias": _logit_bias(body.get("logit_bias")),
         "stream": bool(body.get("stream", False)),
-        "stop": _stop_strings(body.get("stop")),
+        "stop": _stop_strings(body.get("stop"), max_stops),
     }
 
 
@@ -259,12 +260,12 @@ def _logit_bias(bias: Any) -> dict[int, float]:
     return parsed
 
 
-def _stop_strings(stop: Any) -> list[str]:
+def _stop_strings(stop: Any, most: int) -> list[str]:
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
-        raise BadRequest("stop: a string or a list of up to 4 non-empty strings")
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > most:
+        raise BadRequest(f"stop: a string or a list of up to {most} non-empty strings")
     return stops
 
 

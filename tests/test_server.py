@@ -328,8 +328,13 @@ def adapted(tmp_path_factory):
 
 
 def _token_text(token: int) -> str:
-    """A token as the legacy completions API names it in its logprobs."""
-    return tok.get_encoding().decode_single_token_bytes(token).decode("utf-8", errors="replace")
+    """A token as the legacy completions API names it in its logprobs: its text, or vLLM's `bytes:\\xNN...` for
+    bytes that are not text alone."""
+    raw = tok.get_encoding().decode_single_token_bytes(token)
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
 
 
 def _tokens(url, messages, **settings):
@@ -596,6 +601,10 @@ def test_text_completions_continue_raw_tokens_and_score_echoed_prompts(client, g
     stop = words[len(words) // 2:][:3]
     cut = client.completions.create(model="demo", prompt=prompt, max_tokens=24, temperature=0, stop=[stop])
     assert cut.choices[0].text == words[: words.index(stop)] and cut.choices[0].finish_reason == "stop"
+    # stop strings apply to the generated text only, not to an echoed prompt holding one; harnesses send many
+    in_prompt = client.completions.create(model="demo", prompt=prompt, max_tokens=24, temperature=0, echo=True,
+                                          stop=["<|start|>", *(f"never{i}" for i in range(8)), stop])
+    assert in_prompt.choices[0].text == text + words[: words.index(stop)]
     streamed = list(client.completions.create(model="demo", prompt=text, max_tokens=24, temperature=0, logprobs=2,
                                               echo=True, stream=True))
     assert "".join(c.choices[0].text for c in streamed) == choice.text
@@ -614,7 +623,8 @@ def test_the_tokenizer_endpoints_tokenize_as_prompts_are(server):
     status, reply = _post(server, json.dumps({"tokens": [-1]}).encode(), path="/detokenize")
     assert (status, reply["error"]["param"]) == (400, "tokens")
     with urllib.request.urlopen(server + "/tokenizer_info") as response:
-        assert json.loads(response.read())["eos_token"] == "<|return|>"
+        info = json.loads(response.read())
+    assert info["eos_token"] == "<|return|>" and info["chat_template"] == harmony.chat_template()
 
 
 def test_lm_eval_local_completions_loglikelihood_equals_the_models(server, generator, tmp_path, monkeypatch):

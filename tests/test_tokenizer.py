@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from gptoss_jax import tokenizer
 
 
@@ -74,6 +76,11 @@ def test_the_exported_hf_tokenizer_gives_tiktokens_ids_and_its_chat_template_our
         else:
             assert ids == expected
     assert spelled <= 2 and sum(bool(r.get("tools")) for r in RECORDS) >= 10  # functions of every schema shape
+    late = [{"role": "user", "content": "hi"}, {"role": "system", "content": "Be terse."}]  # as encode_chat refuses
+    with pytest.raises(Exception, match=r"messages\[1\]: system messages must come before the conversation"):
+        hf.apply_chat_template(late, tokenize=False)
+    with pytest.raises(Exception, match=r"messages\[1\]: a tool result needs a 'name'"):
+        hf.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "tool", "content": "1"}], tokenize=False)
 
 
 def test_round_trip_of_a_harmony_message():
