@@ -399,24 +399,28 @@ def test_a_kept_slot_goes_on_in_the_server_loop_as_a_fresh_prefill_and_frees_whe
                 time.sleep(0.02)
             return list(ends)
 
-        first, beside = Request(prompt, 5, keep=True, on_done=ends.append), Request(other, 20, on_done=ends.append)
+        def end_of(name):  # which request ended, with its reason (the engine's thread may end two between polls)
+            return lambda reason: ends.append((name, reason))
+
+        first, beside = Request(prompt, 5, keep=True, on_done=end_of("first")), Request(other, 40,
+                                                                                         on_done=end_of("beside"))
         engine.submit(first)
         engine.submit(beside)
-        assert finished(1) == ["length"] and first.slot in engine.kept
+        assert finished(1)[0] == ("first", "length") and first.slot in engine.kept
         chunk = [first.tokens[-1], *rng.integers(0, 300, 6).tolist()]
-        going_on = Request(chunk, 7, keep=True, slot=first.slot, on_done=ends.append)
+        going_on = Request(chunk, 7, keep=True, slot=first.slot, on_done=end_of("going on"))
         engine.submit(going_on)
-        assert sorted(finished(3)) == ["length"] * 3
+        assert sorted(finished(3)) == [("beside", "length"), ("first", "length"), ("going on", "length")]
         assert going_on.slot == first.slot and engine.fed(first.slot) == len(prompt) + 4 + len(chunk) + 6
         engine.cancel(going_on)  # released: the slot takes the next request
-        last = Request(other[:5], 3, on_done=ends.append)
+        last = Request(other[:5], 3, on_done=end_of("last"))
         engine.submit(last)
-        assert finished(4)[-1] == "length" and last.slot is not None and not engine.kept
+        assert finished(4)[-1] == ("last", "length") and last.slot is not None and not engine.kept
     finally:
         engine.stop()
     generator = Generator(model)
     assert going_on.tokens == generator.generate([prompt + first.tokens[:-1] + chunk], 7, stop_tokens=[])[0]
-    assert beside.tokens == generator.generate([other], 20, stop_tokens=[])[0]
+    assert beside.tokens == generator.generate([other], 40, stop_tokens=[])[0]
 
 
 def test_server_context_defaults_to_the_smaller_of_8192_and_the_model():
@@ -469,7 +473,8 @@ def test_chat_runs_across_two_processes_as_in_one(demo_model_dir):
                             env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert single.returncode == 0, single.stderr[-3000:]
     # gloo's connection notice, from C++: its two sentences can land on either side of Python's "you> "
-    printed = [re.sub(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\.[ \n]?|Expected number of connected peer "
+    # (and the rank is sometimes missing from it)
+    printed = [re.sub(r"\[Gloo\] Rank \d* ?is connected to \d+ peer ranks\.[ \n]?|Expected number of connected peer "
                       r"ranks is : \d+\n?", "", out) for out, _ in outputs]
     assert single.stdout.count("assistant>") == 3 and single.stdout.count("[final]") == 3
     assert printed[0] == single.stdout and printed[1] == ""
