@@ -9,13 +9,10 @@ client. Before the cache grew on demand (2aae7f6 and earlier) it was allocated a
 """
 
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +20,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import openai  # noqa: E402
 
+from helpers import serving  # noqa: E402
 from hf_models import random_hf_model  # noqa: E402
 
 NEW_TOKENS = 30
@@ -30,21 +28,7 @@ UNSTOPPABLE = {"200002": -100, "200012": -100, "200007": -100}  # <|return|>, <|
 
 
 def seconds_per_request(checkpoint: str, context: int) -> list[float]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "gptoss_jax.cli", "serve", "--checkpoint", checkpoint,
-                               "--dtype", "float32", "--port", str(port), "--slots", "4", "--max-context",
-                               str(context), "--served-model-name", "demo"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).close()
-                break
-            except OSError:
-                time.sleep(0.5)
+    with serving(checkpoint, "--slots", "4", "--max-context", str(context)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
         def ask() -> float:
@@ -57,9 +41,6 @@ def seconds_per_request(checkpoint: str, context: int) -> list[float]:
 
         ask()  # compiles
         return [ask() for _ in range(3)]
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def main(small: int = 8192, large: int = 131072):

@@ -12,13 +12,10 @@ scheduling, requests split over several prefills).
 import concurrent.futures
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +28,7 @@ import gptoss_jax  # noqa: E402
 from gptoss_jax import harmony  # noqa: E402
 from gptoss_jax.generation import Generator  # noqa: E402
 
+from helpers import serving  # noqa: E402
 from hf_models import random_hf_model  # noqa: E402
 
 NEW_TOKENS = 64
@@ -42,21 +40,7 @@ def main(concurrency: int = 16):
         random_hf_model(seed=0, num_hidden_layers=4, hidden_size=64, intermediate_size=64, head_dim=16,
                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=4,
                         vocab_size=201088, sliding_window=32).save_pretrained(directory)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        server = subprocess.Popen([sys.executable, "-m", "gptoss_jax.cli", "serve", "--checkpoint", directory,
-                                   "--dtype", "float32", "--port", str(port), "--slots", str(concurrency),
-                                   "--max-context", "256", "--served-model-name", "demo"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            while True:
-                try:
-                    urllib.request.urlopen(url + "/health", timeout=2).close()
-                    break
-                except OSError:
-                    time.sleep(0.5)
+        with serving(directory, "--slots", str(concurrency), "--max-context", "256") as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
             def ask(question, max_tokens=NEW_TOKENS):
@@ -77,9 +61,6 @@ def main(concurrency: int = 16):
                 started = time.perf_counter()
                 results = list(pool.map(ask, questions))
                 server_seconds = time.perf_counter() - started
-        finally:
-            server.terminate()
-            server.wait()
 
         generator = Generator(gptoss_jax.load_model(directory, dtype="float32"))
         prompts = [harmony.encode_chat({"messages": [{"role": "user", "content": q}]}) for q in questions]

@@ -47,17 +47,14 @@ def respond(generator: Generator, record: dict, args: argparse.Namespace,
     prompt = harmony.encode_chat(record)
     parser = harmony.StreamParser(role="assistant")
 
-    first = []
-
     def stream(_row: int, token: int) -> None:
-        first or first.append(time.perf_counter() - started)
         parser.feed(token)
         if parser.delta:
             on_text(parser.current.channel if parser.current else None, parser.delta)
 
-    started = time.perf_counter()
+    started, first = time.perf_counter(), []
     tokens = generator.generate([prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, seed=args.seed, stream=stream)[0]
+                                top_k=args.top_k, seed=args.seed, stream=_timed(stream, started, first))[0]
     seconds = time.perf_counter() - started
     result = parser.result()
     messages = result.messages + ([result.partial] if result.partial else [])

@@ -212,8 +212,7 @@ class Engine:
         with self._scoring:
             chosen, top_tokens, top_logprobs = (np.asarray(a)[: len(tokens) - 1] for a in self._score(
                 self.state, padded, top=MAX_TOP_LOGPROBS if top else 0))
-        return chosen.tolist(), [tuple(zip(ids[:top].tolist(), values[:top].tolist(), strict=True))
-                                 for ids, values in zip(top_tokens, top_logprobs, strict=True)]
+        return chosen.tolist(), [_pairs(ids, values, top) for ids, values in zip(top_tokens, top_logprobs, strict=True)]
 
     def _grow(self, capacity: int) -> None:
         """Room for `capacity` indices in every slot (the cache padded; the next steps compile for it). A banded
@@ -438,8 +437,7 @@ class Engine:
             top = MAX_TOP_LOGPROBS if any(request.top_logprobs for request in requests) else 0  # one shape
             chosen, top_tokens, top_logprobs = (_on_host(a) for a in _logprobs(model_logits, tokens, top=top))
             logprobs = chosen.tolist()
-            tops = [tuple(zip(top_tokens[row, :request.top_logprobs].tolist(),
-                              top_logprobs[row, :request.top_logprobs].tolist(), strict=True))
+            tops = [_pairs(top_tokens[row], top_logprobs[row], request.top_logprobs)
                     for row, request in enumerate(requests)]
         for request, token, logprob, top in zip(requests, _on_host(tokens).tolist(), logprobs, tops, strict=False):
             slot = request.slot
@@ -584,6 +582,11 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, top: int) -> tuple[jax.
 
 
 _logprobs = jax.jit(token_logprobs, static_argnames="top")
+
+
+def _pairs(tokens: np.ndarray, logprobs: np.ndarray, count: int) -> tuple[tuple[int, float], ...]:
+    """The first `count` of a position's likeliest tokens (`token_logprobs`'s top) as (token, logprob) pairs."""
+    return tuple(zip(tokens[:count].tolist(), logprobs[:count].tolist(), strict=True))
 
 
 def _on_host(array: jax.Array) -> np.ndarray:

@@ -199,8 +199,7 @@ def prepare(record: dict, max_length: int, limit: Any, limit_name: str) -> tuple
     if room < 1:
         raise BadRequest(f"the prompt is {len(prompt)} tokens; this server's context holds {max_length}")
     return prompt, {"max_tokens": budget(limit, limit_name, room, DEFAULT_MAX_TOKENS), "final_format": final,
-                    "strict_tools": strict,
-                    "formatted": final is not None, "builtin_tools": record["builtin_tools"]}
+                    "strict_tools": strict, "formatted": final is not None, "builtin_tools": record["builtin_tools"]}
 
 
 def budget(limit: Any, limit_name: str, room: int, default: int, least: int = 1) -> int:
