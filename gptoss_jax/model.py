@@ -443,9 +443,13 @@ class GptOss(nnx.Module):
 
         banded_call = layer_call(banded_step, banded_def, "banded")
         full_call = layer_call(full_step, full_def, "full")
+        if unroll:  # each layer's bfloat16 weights are sliced out as their bits (see _bfloat16_bits)
+            banded_layers, full_layers = _bfloat16_bits(banded_layers), _bfloat16_bits(full_layers)
 
         def pair(x, layer):
             index, (banded, banded_input), (full, full_input) = layer
+            if unroll:
+                banded, full = _bfloat16_bits(banded, back=True), _bfloat16_bits(full, back=True)
             x, banded_output = banded_call(_in_place(banded, banded_layers, index), x, banded_input)
             x, full_output = full_call(_in_place(full, full_layers, index), x, full_input)
             return x, (banded_output, full_output)
@@ -675,6 +679,15 @@ def _unroll_inference(model: GptOss) -> bool:
     weights at every decoding step (gpt-oss-20b: 2.5 GB written a token, and as much memory). Unrolled, each layer
     reads its own bf16 weights. (Training keeps the loop: its steps are long, and compile time would grow.)"""
     return backend.platform() == "cpu" and model.dtype == jnp.bfloat16
+
+
+def _bfloat16_bits(tree, back: bool = False):
+    """A tree's bfloat16 arrays viewed as uint16 (`back`: uint16 as bfloat16 again). The unrolled layer loop slices
+    each layer's weights out of their stacks through this view: XLA's CPU backend slices a bfloat16 array by
+    converting it to float32 and back (gpt-oss-20b: a copy of every attention weight a step at ~3 GB/s), an
+    integer one by copying its bytes."""
+    source, target = (jnp.uint16, jnp.bfloat16) if back else (jnp.bfloat16, jnp.uint16)
+    return jax.tree.map(lambda a: jax.lax.bitcast_convert_type(a, target) if a.dtype == source else a, tree)
 
 
 def _split_layers(per_layer):

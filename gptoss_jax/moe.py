@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec
 
 from gptoss_jax import backend, ops, sharding
 from gptoss_jax.kernels.mxfp4_matmul import mxfp4_ragged_matmul
-from gptoss_jax.mxfp4 import BLOCK_SIZE, Mxfp4Layer, Mxfp4Weight, dequantize_rows, is_packed
+from gptoss_jax.mxfp4 import BLOCK_SIZE, Mxfp4Layer, Mxfp4Weight, expert_products, is_packed
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,10 @@ def _gathered_experts(tokens, weights, experts, w_gate_up, b_gate_up, w_down, b_
     matmuls use anyway — because a CPU runs one-row bfloat16 products an order of magnitude slower."""
     ids = jnp.minimum(experts, b_gate_up.shape[0] - 1)  # pairs handled elsewhere have weight 0
 
-    def times_weight(x, weight):  # MXFP4 weights are dequantized in their stored, output-major layout
-        if is_packed(weight):
-            experts = weight.experts(ids)
-            return jnp.einsum("nki,nkoi->nko", x, dequantize_rows(experts.blocks, experts.scales, jnp.float32))
+    def times_weight(x, weight):
+        if is_packed(weight):  # on a CPU decoded a few rows at a time, never whole (mxfp4.expert_products)
+            return expert_products(x.reshape(-1, x.shape[-1]), weight, ids.reshape(-1),
+                                   whole=backend.on_gpu()).reshape(*ids.shape, -1)
         return jnp.einsum("nki,nkio->nko", x, weight[ids].astype(jnp.float32))
 
     def product(x, weight, bias, name):

@@ -51,6 +51,10 @@ class Mxfp4Weight:
         """The weights at `index` of the leading (expert) axis."""
         return Mxfp4Weight(self.blocks[index], self.scales[index])
 
+    def expert_rows(self, index: jax.Array, rows: jax.Array) -> Mxfp4Weight:
+        """Output rows `rows` [R] of each expert `index` [P] (an `experts x rows` gather): blocks [P, R, in/32, 16]."""
+        return Mxfp4Weight(self.blocks[index[:, None], rows], self.scales[index[:, None], rows])
+
     @classmethod
     def quantize(cls, weight: jax.Array) -> Mxfp4Weight:
         """Quantizes a dense `[..., in, out]` weight (see `quantize_rows`)."""
@@ -77,6 +81,11 @@ class Mxfp4Layer:
     def experts(self, index) -> Mxfp4Weight:
         """The weights of expert(s) `index` of this layer."""
         return Mxfp4Weight(self.stack.blocks[self.layer, index], self.stack.scales[self.layer, index])
+
+    def expert_rows(self, index: jax.Array, rows: jax.Array) -> Mxfp4Weight:
+        """As `Mxfp4Weight.expert_rows`, read from the stack."""
+        where = (self.layer, index[:, None], rows)
+        return Mxfp4Weight(self.stack.blocks[where], self.stack.scales[where])
 
     def whole(self) -> Mxfp4Weight:
         """The layer sliced out (a copy)."""
@@ -138,6 +147,62 @@ def dequantize_rows(blocks: jax.Array, scales: jax.Array, dtype=jnp.float32) -> 
 
 
 _BIT_LAYOUTS = {jnp.dtype(jnp.float32): (jnp.uint32, 23), jnp.dtype(jnp.bfloat16): (jnp.uint16, 7)}
+
+
+# Dequantized values `expert_products` holds at once (float32): a chunk of output rows that stays in a core's
+# cache between being decoded and being multiplied.
+PRODUCT_CHUNK_VALUES = 2**20
+
+
+def expert_products(x: jax.Array, weight: Mxfp4Weight | Mxfp4Layer, index: jax.Array,
+                    whole: bool = False) -> jax.Array:
+    """x [P, in] times the weight [in, out] of expert `index[p]` of `weight` (experts on its leading axis) for
+    each p: [P, out] in float32. What decoding needs — a few vectors, each against its own expert — without
+    dequantizing the experts whole: a chunk of output rows at a time is decoded (at most PRODUCT_CHUNK_VALUES
+    values) and multiplied, so no expert-sized float array is written to memory and read back (`whole`: one
+    chunk, for a GPU, where a loop of small steps costs more than the memory).
+
+    Each code becomes a float by moving its bits into a float16 (`_fp4_times_2_to_minus_14`) and each block's
+    scale by moving its byte into a float32's exponent; every product equals `dequantize_rows`'s value times x
+    except where that value is subnormal (flushed to zero, as a CPU's arithmetic flushes it anyway) or the scale
+    passes 2**113 (infinite; checkpoints' scales are near 2**-5). Even and odd inputs meet the low and high nibbles
+    of each byte, so the codes are never interleaved. The sums run in another order than over a dense weight:
+    results agree to float32 rounding.
+    """
+    pairs, width = x.shape
+    out = weight.shape[-1]
+    x = x.astype(jnp.float32).reshape(pairs, width // 2, 2)
+    even, odd = x[..., 0], x[..., 1]
+    rows = out if whole else _chunk_rows(out, pairs * width)
+
+    def chunk(first):
+        part = weight.expert_rows(index, first + jnp.arange(rows))  # blocks [P, rows, in/32, 16]
+        # 2**(s - 127) times the 2**14 the codes lack: the byte plus 14 as a float32 exponent
+        scale = jax.lax.bitcast_convert_type(jnp.minimum(part.scales.astype(jnp.uint32) + 14, 255) << 23,
+                                             jnp.float32)[..., None]
+        low = (_fp4_times_2_to_minus_14(part.blocks & 0x0F) * scale).reshape(pairs, rows, -1)
+        high = (_fp4_times_2_to_minus_14(part.blocks >> 4) * scale).reshape(pairs, rows, -1)
+        return jnp.einsum("pi,pri->pr", even, low) + jnp.einsum("pi,pri->pr", odd, high)
+
+    if rows == out:
+        return chunk(0)
+    return jnp.moveaxis(jax.lax.map(chunk, jnp.arange(0, out, rows)), 0, 1).reshape(pairs, out)
+
+
+def _chunk_rows(out: int, values_per_row: int) -> int:
+    """The largest divisor of `out` whose rows hold at most PRODUCT_CHUNK_VALUES values (at least one row)."""
+    most = max(1, PRODUCT_CHUNK_VALUES // values_per_row)
+    return max(rows for rows in range(1, min(out, most) + 1) if out % rows == 0)
+
+
+def _fp4_times_2_to_minus_14(codes: jax.Array) -> jax.Array:
+    """E2M1 codes (uint8, 0..15) -> their values times 2**-14, float32. A code's sign, two exponent bits and
+    mantissa bit, moved to the top of a float16's sign and the low exponent and high mantissa bits, are the value
+    times 2**-14 (float16's exponent bias 15 against E2M1's 1; the subnormal code 0.5 lands on float16's subnormal
+    2**-15), and float16 -> float32 is exact: four integer operations and one conversion a value."""
+    codes = codes.astype(jnp.uint16)
+    bits = ((codes & 8) << 12) | ((codes & 7) << 9)
+    return jax.lax.bitcast_convert_type(bits, jnp.float16).astype(jnp.float32)
 
 
 def quantize_rows(values: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -91,3 +91,49 @@ def test_shapes_and_bytes():
     assert weight.nbytes == 7 * 64 * 3 * 17
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize_rows(np.ones((2, 40)))
+
+
+@pytest.mark.parametrize("chunk_values", [2**20, 2**10], ids=["whole", "chunked"])
+@pytest.mark.parametrize("stacked", [False, True], ids=["weight", "layer of a stack"])
+def test_expert_products_equal_the_dequantized_weights_product(chunk_values, stacked, monkeypatch):
+    """Each vector times its own expert, decoded a few rows at a time, equals the product with the dequantized
+    weights (in float64) to float32 rounding, over the whole range of normal results (scales 2**-124 .. 2**113),
+    for weights and for a layer of a stack, in one chunk and in many."""
+    import jax
+
+    from gptoss_jax import mxfp4
+
+    monkeypatch.setattr(mxfp4, "PRODUCT_CHUNK_VALUES", chunk_values)
+    rng = np.random.default_rng(3)
+    layers, experts, rows, width, pairs = 3, 6, 48, 320, 5
+    blocks = rng.integers(0, 256, (layers, experts, rows, width // 32, 16), dtype=np.uint8)
+    scales = rng.integers(3, 241, (layers, experts, rows, width // 32), dtype=np.uint8)
+    index = rng.integers(0, experts, pairs).astype(np.int32)
+    x = rng.normal(size=(pairs, width)).astype(np.float32)
+    weight = (mxfp4.Mxfp4Layer(Mxfp4Weight(jnp.asarray(blocks), jnp.asarray(scales)), jnp.int32(1)) if stacked
+              else Mxfp4Weight(jnp.asarray(blocks[1]), jnp.asarray(scales[1])))
+    dense = np.asarray(dequantize_rows(blocks[1][index], scales[1][index]), np.float64)  # [pairs, rows, width]
+    expected = np.einsum("pi,poi->po", x.astype(np.float64), dense)
+    actual = np.asarray(jax.jit(mxfp4.expert_products)(jnp.asarray(x), weight, jnp.asarray(index)))
+    assert actual.shape == (pairs, rows) and np.isfinite(expected).all()
+    # each output sums 320 products of magnitudes up to 2**114: float32 rounding of the terms and their sums
+    bound = 1e-5 * np.einsum("pi,poi->po", np.abs(x.astype(np.float64)), np.abs(dense))
+    assert (np.abs(actual - expected) <= bound).all()
+
+
+def test_expert_products_never_hold_an_expert_dequantized(monkeypatch):
+    """The compiled product's temporaries stay near one chunk of decoded rows: far below the experts it reads,
+    dequantized (what multiplying by `dequantize_rows` held)."""
+    import jax
+
+    from gptoss_jax import mxfp4
+
+    monkeypatch.setattr(mxfp4, "PRODUCT_CHUNK_VALUES", 2**16)
+    experts, rows, width, pairs = 8, 1024, 1024, 4
+    weight = Mxfp4Weight(jnp.zeros((experts, rows, width // 32, 16), jnp.uint8),
+                         jnp.zeros((experts, rows, width // 32), jnp.uint8))
+    compiled = jax.jit(mxfp4.expert_products).lower(
+        jnp.ones((pairs, width), jnp.float32), weight, jnp.arange(pairs, dtype=jnp.int32)).compile()
+    dequantized = pairs * rows * width * 4  # 16 MiB
+    temporaries = compiled.memory_analysis().temp_size_in_bytes
+    assert temporaries <= 2 * 2**16 * 4 < dequantized / 16, temporaries  # two chunks of float32
