@@ -6,7 +6,7 @@ reference or old-policy pass on either side). One iteration = sample `group_size
 score them (the completion's length in characters: a cheap reward, so the figure is the engine's), and one
 optimizer step over all of them. A random model almost never samples a stop token, so both sides generate the
 full budget. The first iteration (compiles, warm-up) is left out; medians of the rest. Rollout decode tokens/s is
-reported for both.
+reported for both. The process runs with `reuse_freed_memory()`'s malloc settings, as `gptoss-jax` does.
 
     python benchmarks/grpo_step.py                       # 2 prompts x 8 completions x 32 tokens
     python benchmarks/grpo_step.py --prompts 4 --max-completion-length 64
@@ -361,6 +361,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=6)
     parser.add_argument("--experts", default=DEFAULT_EXPERTS, help="the peer's experts: eager or grouped_mm")
     args = parser.parse_args()
+    from gptoss_jax.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # as `gptoss-jax` does, before jax and torch start their threads (both sides run under it)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     shared = dict(group_size=args.group_size, max_completion_length=args.max_completion_length,
                   lora_rank=args.lora_rank, lora_targets=targets, iterations=args.iterations)

@@ -8,7 +8,8 @@ needs a GPU) and the faster of the two is the reference. Also ours alone: a deco
 in a cache of 256 and of 4,096 slots — a step attends over every slot, and should cost little more for the larger
 one (no copies of the cache: it writes one position a row). The machine's limits are measured in the same run: a
 2048^3 float32 matmul (FLOP/s) and reading a 1 GiB array (bytes/s). Prefill is compared with the matmul rate
-(FLOPs / time); decode at batch 1 with the bandwidth (the weight bytes a token reads / time).
+(FLOPs / time); decode at batch 1 with the bandwidth (the weight bytes a token reads / time). The process runs
+with `reuse_freed_memory()`'s malloc settings, as `gptoss-jax` does (both sides: they share the process).
 
     python benchmarks/inference.py
 """
@@ -30,6 +31,7 @@ import torch  # noqa: E402
 from timing import seconds  # noqa: E402
 
 import gptoss_jax  # noqa: E402
+from gptoss_jax.allocator import reuse_freed_memory  # noqa: E402
 from gptoss_jax.generation import Generator  # noqa: E402
 
 from hf_models import random_hf_model  # noqa: E402
@@ -79,6 +81,7 @@ def _decode_seconds(generator: Generator, prompts: list[list[int]], cache_length
 
 
 def main():
+    reuse_freed_memory()  # as `gptoss-jax` does, before the first computation; transformers runs under it too
     torch.set_num_threads(os.cpu_count())
     hf = random_hf_model(seed=0, **SIZES).eval()
     rng = np.random.default_rng(0)

@@ -558,15 +558,26 @@ def _sample_rows(logits, *, steps, temperature, top_p, top_k, seed, truncated=Tr
             # top_p 1 keeps every token, also those a float32 cumulative sum puts past 1: a row draws as alone
             kept = jnp.where(top_p >= 1, scaled.shape[0], kept)
             scaled = jnp.where(scaled < ordered[kept - 1], -jnp.inf, scaled)
-        drawn = jax.random.categorical(jax.random.fold_in(jax.random.key(seed), step), scaled)
-        return jnp.where(temperature == 0, jnp.argmax(logits), drawn).astype(jnp.int32)
+        key = jax.random.fold_in(jax.random.key(seed), step)  # the draw of jax.random.categorical(key, scaled)
+        drawn = first_max_index(scaled + jax.random.gumbel(key, scaled.shape, scaled.dtype))
+        return jnp.where(temperature == 0, first_max_index(logits), drawn)
 
     return jax.vmap(row)(logits, steps, temperature, top_p, top_k, seed)
 
 
+def first_max_index(values: jax.Array) -> jax.Array:
+    """`jnp.argmax` over the last axis (the first of the largest values; the first NaN where there is one), int32,
+    as two plain reductions: XLA's CPU backend runs argmax's (value, index) reduction one element at a time, 0.63 ms
+    for a float32 row of the 201,088-token vocabulary and 1.05 ms for a bfloat16 one, against 0.26 and 0.20 ms this
+    way (2-core Intel Xeon; 16 bfloat16 rows: 8.1 ms against 1.1)."""
+    largest = jnp.max(values, axis=-1, keepdims=True)
+    first = (values == largest) | jnp.isnan(values)
+    return jnp.min(jnp.where(first, jnp.arange(values.shape[-1], dtype=jnp.int32), values.shape[-1]), axis=-1)
+
+
 _sample = jax.jit(_sample_rows, static_argnames="truncated")
 _mask = jax.jit(constrain.apply)
-_argmax = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+_argmax = jax.jit(first_max_index)
 # in float32: in bfloat16 a small penalty would vanish on exactly the large logits it is meant to lower
 _adjust = jax.jit(lambda logits, tokens, added: logits.astype(jnp.float32).at[
     jnp.arange(logits.shape[0])[:, None], tokens].add(added))

@@ -15,7 +15,7 @@ from flax import nnx
 
 import gptoss_jax
 from gptoss_jax import GptOssConfig, agent, harmony, synthetic
-from gptoss_jax.engine import Engine, Request, _sample_rows
+from gptoss_jax.engine import Engine, Request, _sample_rows, first_max_index
 from gptoss_jax.generation import Generator, generate
 from gptoss_jax.harmony import HEADER_CUT
 
@@ -98,6 +98,27 @@ def test_sampling_settings():
     all_four = _draws(logits, temperature=1.0, top_p=1.0, top_k=0)
     assert set(all_four.tolist()) == {0, 1, 2, 3}
     np.testing.assert_array_equal(all_four, _draws(logits, temperature=1.0, top_p=1.0, top_k=0))
+
+
+def test_first_max_index_is_argmax_and_the_draw_is_categoricals():
+    """The sampler's argmax (two plain reductions) equals jnp.argmax — ties to the first, NaN first, infinities,
+    bfloat16 and float32, a vocabulary-sized row — and its draw equals jax.random.categorical's with the same key."""
+    rng = np.random.default_rng(11)
+    rows = rng.normal(size=(6, 201088)).astype(np.float32)
+    rows[1, [5, 70000, 201087]] = 9.0  # a tie: the first wins
+    rows[2, [300, 9]] = np.nan  # NaN: the first NaN, as argmax
+    rows[3, :] = -np.inf
+    rows[4, [17, 100]] = np.inf
+    rows[5, :] = np.round(rows[5], 1)  # many ties, more in bfloat16
+    for dtype in (jnp.float32, jnp.bfloat16):
+        values = jnp.asarray(rows, dtype)
+        np.testing.assert_array_equal(first_max_index(values), jnp.argmax(values, axis=-1))
+    logits = jnp.asarray(rng.normal(scale=3.0, size=(64, 40)), jnp.float32)
+    drawn = _draws(logits, temperature=1.0, top_p=1.0, top_k=0, seed=5)
+    expected = [jax.random.categorical(jax.random.fold_in(jax.random.key(5), step), logits[step])
+                for step in range(64)]
+    np.testing.assert_array_equal(drawn, expected)
+    assert len(set(drawn.tolist())) > 10  # draws, not one token
 
 
 def test_each_row_samples_with_its_own_settings_and_key_as_alone():
