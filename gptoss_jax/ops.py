@@ -126,8 +126,10 @@ def attention_with_sinks(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Ar
     peak = jnp.maximum(scores.max(axis=-1, keepdims=True), sink)
     weights = jnp.exp(scores - peak)
     probs = weights / (weights.sum(axis=-1, keepdims=True) + jnp.exp(sink - peak))
-    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, length, num_heads, head_dim).astype(dtype)
+    # the product's own batch-major order, then the small result transposed: asked for [B, T, K, G, H] directly,
+    # XLA's CPU backend runs it 2.7-3.2x slower (a decode step's 16 rows over 320 / 1,024 cached positions)
+    out = jnp.einsum("bkgts,bskh->bkgth", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return jnp.swapaxes(out.reshape(batch, num_heads, length, head_dim), 1, 2).astype(dtype)
 
 
 # ---- attention with sinks, blockwise -----------------------------------------------------------------------------
