@@ -37,7 +37,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gptoss_jax import constrain, sharding
-from gptoss_jax.model import GptOss, KVCache
+from gptoss_jax.model import GptOss, KVCache, split_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Engine:
         self.model, self.slots, self.max_length = model, slots, max_length
         self.capacity = min(capacity or max_length, max_length)
         self.prefill_rows = prefill_rows  # prompts prefilled together at most: each needs a whole cache row too
-        self.graphdef, self.state = split or nnx.split(model)
+        self.graphdef, self.state = split or split_for_inference(model)
         self.cache = self._place(model.init_cache(jnp.zeros(slots, jnp.int32), self.capacity))
         self.active: dict[int, Request] = {}
         self.kept: dict[int, Request] = {}  # slots held by ended requests made with keep=True

@@ -8,12 +8,10 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Sequence
 
-from flax import nnx
-
 from gptoss_jax import constrain
 from gptoss_jax import tokenizer as tok
 from gptoss_jax.engine import Engine, Request, compiled_steps
-from gptoss_jax.model import GptOss
+from gptoss_jax.model import GptOss, split_for_inference
 
 # A completion ends when the assistant returns its final answer or calls a tool; `<|end|>` only ends one message.
 DEFAULT_STOP_TOKENS = (tok.RETURN, tok.CALL)
@@ -25,7 +23,7 @@ class Generator:
 
     def __init__(self, model: GptOss):
         self.model = model
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, self.state = split_for_inference(model)
         self.steps = compiled_steps(self.graphdef)
 
     def generate(

@@ -213,7 +213,11 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         (keys, values), kept = ((k, v), (k, v)) if attend_to is None else attend_to(k, v)
         out = checkpoint_name(attend(q, keys, values, self.sinks[...], mask, self.kernels, self.block), "attention")
-        projected = ops.matmul("btnh,nhd->btd", out, self.wo[...]) + self.bo[...]
+        # heads flattened on both sides: XLA's CPU backend otherwise lays the small `out` out head_dim-major and
+        # transposes the whole of wo to match it, at every step (gpt-oss-20b: 24 copies of 24 MB a decoded token)
+        wo = self.wo[...]
+        projected = ops.matmul("btf,fd->btd", out.reshape(*out.shape[:2], -1), wo.reshape(-1, wo.shape[-1]))
+        projected += self.bo[...]
         return projected + _low_rank(a, "wo", out, "btnh,nhr->btr", "btr,rd->btd", _key(key, 3)), kept
 
 
@@ -426,7 +430,8 @@ class GptOss(nnx.Module):
 
         `*_step(block, x, layer_input) -> (x, layer_output)`; `inputs` are the (banded, full) per-layer inputs
         with a leading layer axis (or None), and the result is (x, (banded outputs, full outputs)) likewise.
-        unroll: unroll the loop over pairs (see `_unroll_inference`).
+        unroll: run the layers one after another in a Python loop (see `_unroll_inference`); their parameters may
+            then be `LayerArrays` (see `split_for_inference`).
         """
         banded_def, banded_layers = nnx.split(self.banded_blocks)
         full_def, full_layers = nnx.split(self.full_blocks)
@@ -443,13 +448,18 @@ class GptOss(nnx.Module):
 
         banded_call = layer_call(banded_step, banded_def, "banded")
         full_call = layer_call(full_step, full_def, "full")
-        if unroll:  # each layer's bfloat16 weights are sliced out as their bits (see _bfloat16_bits)
-            banded_layers, full_layers = _bfloat16_bits(banded_layers), _bfloat16_bits(full_layers)
+        if unroll or _holds_layer_arrays(banded_layers):  # layer by layer (a scan needs stacks)
+            kinds = ((banded_call, banded_layers, banded_inputs), (full_call, full_layers, full_inputs))
+            outputs = ([], [])
+            for number in range(self.config.num_hidden_layers):
+                call, stacked, layer_inputs = kinds[number % 2]
+                weights = _bfloat16_bits(_layers(_bfloat16_bits(stacked), number // 2), back=True)
+                x, output = call(_in_place(weights, stacked, number // 2), x, _layers(layer_inputs, number // 2))
+                outputs[number % 2].append(output)
+            return x, tuple(jax.tree.map(lambda *layers: jnp.stack(layers), *kind) for kind in outputs)
 
         def pair(x, layer):
             index, (banded, banded_input), (full, full_input) = layer
-            if unroll:
-                banded, full = _bfloat16_bits(banded, back=True), _bfloat16_bits(full, back=True)
             x, banded_output = banded_call(_in_place(banded, banded_layers, index), x, banded_input)
             x, full_output = full_call(_in_place(full, full_layers, index), x, full_input)
             return x, (banded_output, full_output)
@@ -457,7 +467,7 @@ class GptOss(nnx.Module):
         first = slice(0, pairs)
         x, (banded_outputs, full_outputs) = jax.lax.scan(
             pair, x, (jnp.arange(pairs), (_layers(banded_layers, first), _layers(banded_inputs, first)),
-                      (full_layers, full_inputs)), unroll=unroll)
+                      (full_layers, full_inputs)))
         if self.config.num_banded_layers > pairs:  # an odd layer count ends on a banded layer
             last = _in_place(_layers(banded_layers, pairs), banded_layers, pairs)
             x, last_output = banded_call(last, x, _layers(banded_inputs, -1))
@@ -673,11 +683,53 @@ _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_ba
 
 
 def _unroll_inference(model: GptOss) -> bool:
-    """Whether prefill and decode unroll their layer loop: on a CPU, for bfloat16 models. XLA's CPU backend copies
-    every bfloat16 array a loop reads to float32 before the loop — for inference, the whole stack of attention
-    weights at every decoding step (gpt-oss-20b: 2.5 GB written a token, and as much memory). Unrolled, each layer
-    reads its own bf16 weights. (Training keeps the loop: its steps are long, and compile time would grow.)"""
-    return backend.platform() == "cpu" and model.dtype == jnp.bfloat16
+    """Whether prefill and decode unroll their layer loop: on a CPU, for bfloat16 models of more than one layer.
+    XLA's CPU backend copies every bfloat16 array a loop reads to float32 before the loop — for inference, the
+    whole stack of attention weights at every decoding step (gpt-oss-20b: 2.5 GB written a token, and as much
+    memory). Unrolled, each layer reads its own bf16 weights. (Training keeps the loop: its steps are long, and
+    compile time would grow.)"""
+    return backend.platform() == "cpu" and model.dtype == jnp.bfloat16 and model.config.num_hidden_layers > 1
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerArrays:
+    """A parameter stack [layers, ...] held as one array per layer: `stack[i]` is layer i's array, no slice."""
+
+    layers: tuple[jax.Array, ...]
+
+    def __getitem__(self, index: int) -> jax.Array:
+        return self.layers[index]
+
+
+def _holds_layer_arrays(tree) -> bool:
+    return any(isinstance(leaf, LayerArrays) for leaf in jax.tree.leaves(
+        tree, is_leaf=lambda leaf: isinstance(leaf, LayerArrays)))
+
+
+def split_for_inference(model: GptOss) -> tuple[nnx.GraphDef, nnx.State]:
+    """`nnx.split(model)` for prefill, decode and extend. Where they unroll the layer loop (`_unroll_inference`),
+    each float parameter stack of the blocks becomes `LayerArrays` viewing the stack's memory: a layer's products
+    then read its weights where they lie, where a slice of a stack is a copy (XLA makes operands into buffers) —
+    gpt-oss-20b on a 2-core Intel Xeon: 0.7 s of a 1.15 s decode step copying attention weights out of their
+    stacks. A stack that lives on several devices, or whose layers jax would copy, stays as it is."""
+    graphdef, state = nnx.split(model)
+    if not _unroll_inference(model):
+        return graphdef, state
+
+    def split(stack):
+        if not isinstance(stack, jax.Array) or len(stack.sharding.device_set) > 1 or not stack.is_fully_addressable:
+            return stack  # (MXFP4 experts: the loop reads them in place, see `_in_place`)
+        host = np.asarray(stack)  # on a CPU, the array's own memory
+        layers = tuple(jax.device_put(host[i], stack.sharding) for i in range(stack.shape[0]))
+        start = stack.unsafe_buffer_pointer()
+        if any(layer.unsafe_buffer_pointer() != start + i * layer.nbytes for i, layer in enumerate(layers)):
+            return stack  # copies (a layer's start not aligned as jax needs to view it): no memory to spare
+        return LayerArrays(layers)
+
+    for blocks in ("banded_blocks", "full_blocks"):
+        state[blocks] = jax.tree.map(split, state[blocks], is_leaf=lambda leaf: isinstance(leaf, Mxfp4Weight))
+    return graphdef, state
 
 
 def _bfloat16_bits(tree, back: bool = False):
@@ -695,7 +747,8 @@ def _split_layers(per_layer):
 
 
 def _layers(stacked, index):
-    return None if stacked is None else jax.tree.map(lambda leaf: leaf[index], stacked)
+    return None if stacked is None else jax.tree.map(lambda leaf: leaf[index], stacked,
+                                                     is_leaf=lambda leaf: isinstance(leaf, LayerArrays))
 
 
 def _in_place(layer: nnx.State, stacked: nnx.State, index) -> nnx.State:

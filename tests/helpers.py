@@ -6,6 +6,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,12 @@ def whole_cache_copies(hlo: str, cache) -> list[str]:
     stacks (a copy, transpose or concatenation of a whole cache) other than the cache updated in place (scatter
     or dynamic-update-slice fusions, which write into their operand's buffer)."""
     stacks = {tuple(sorted(a.shape)) for a in (cache.banded_k, cache.full_k)}  # in any order of the axes
+    return arrays_written(hlo, lambda shape: tuple(sorted(shape)) in stacks)
+
+
+def arrays_written(hlo: str, matches: Callable[[tuple[int, ...]], bool]) -> list[str]:
+    """The instructions of an optimized HLO module that write an array whose shape `matches`, other than
+    parameters, views and in-place updates (scatter or dynamic-update-slice fusions)."""
     fused = set(re.findall(r"kind=k\w+, calls=%([\w.-]+)", hlo))  # a fusion's body writes nothing of its own
     found, computation = [], None
     for line in hlo.splitlines():
@@ -124,7 +131,7 @@ def whole_cache_copies(hlo: str, cache) -> list[str]:
         if computation in fused:
             continue
         match = re.match(r"\s*(ROOT )?%(\S+) = \w+\[([0-9,]*)\]\S* (\S+)\(", line)
-        if not match or tuple(sorted(int(d) for d in match[3].split(",") if d)) not in stacks:
+        if not match or not matches(tuple(int(d) for d in match[3].split(",") if d)):
             continue
         name, opcode = match[2], match[4]
         in_place = opcode in ("scatter", "dynamic-update-slice") or (

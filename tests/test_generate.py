@@ -1,5 +1,6 @@
 """Generation: greedy equals transformers' generate(), cached decode equals full recomputation, sampling."""
 
+import math
 import os
 import re
 import subprocess
@@ -18,8 +19,9 @@ from gptoss_jax import GptOssConfig, agent, harmony, synthetic
 from gptoss_jax.engine import Engine, Request, _sample_rows, first_max_index
 from gptoss_jax.generation import Generator, generate
 from gptoss_jax.harmony import HEADER_CUT
+from gptoss_jax.model import LayerArrays, split_for_inference
 
-from helpers import free_ports, relative_error, whole_cache_copies
+from helpers import arrays_written, free_ports, relative_error, whole_cache_copies
 from hf_models import hf_and_ours, random_hf_model
 
 
@@ -573,3 +575,50 @@ def test_a_decode_step_copies_no_whole_cache(pair):
     assert whole_cache_copies(compiled.as_text(), cache) == []
     transposed = jax.jit(lambda c: jnp.swapaxes(c.full_k, 2, 3) * 2).lower(cache).compile()
     assert len(whole_cache_copies(transposed.as_text(), cache)) == 1
+
+
+def test_inference_on_a_cpu_reads_each_layers_bfloat16_weights_where_they_lie():
+    """A bfloat16 model on a CPU (its layer loop unrolled): `split_for_inference` holds each block weight stack as
+    per-layer arrays viewing the stack's memory, with which prefill, decode and extend give bit for bit what the
+    stacks give (the forward a score takes: to bf16's rounding), and the compiled decode step writes no copy of an
+    attention weight (the stacks' own step writes one for every layer: the check can fail)."""
+    # weight sizes no 3-row array has
+    config = GptOssConfig.tiny().replace(num_hidden_layers=3, hidden_size=128, vocab_size=4096)
+    model = nnx.eval_shape(lambda: gptoss_jax.GptOss(config, dtype="bfloat16", rngs=nnx.Rngs(0)))
+
+    @jax.jit
+    def random(key):  # biases and sinks non-zero too
+        shapes = nnx.state(model, nnx.Param)
+        keys = iter(jax.random.split(key, len(jax.tree.leaves(shapes))))
+        return jax.tree.map(lambda a: 0.1 * jax.random.normal(next(keys), a.shape, a.dtype), shapes)
+
+    nnx.update(model, random(jax.random.key(4)))
+    graphdef, split = split_for_inference(model)
+    _, stacked = nnx.split(model)
+    for kind in ("banded_blocks", "full_blocks"):
+        for name in ("wq", "wk", "wv", "wo"):
+            per_layer = split[kind]["attn"][name].get_value()
+            stack = getattr(getattr(model, kind).attn, name).get_value()
+            assert isinstance(per_layer, LayerArrays) and len(per_layer.layers) == stack.shape[0]
+            assert [a.unsafe_buffer_pointer() for a in per_layer.layers] == [
+                stack.unsafe_buffer_pointer() + i * per_layer.layers[0].nbytes for i in range(stack.shape[0])]
+
+    prefill, decode, extend = gptoss_jax.engine.compiled_steps(graphdef)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 4000, (3, 40)), jnp.int32)
+    start = jnp.array([0, 9, 31], jnp.int32)  # prompts longer than the window (32) and short ones
+    attention_weights = {getattr(model.banded_blocks.attn, name).get_value()[0].size for name in ("wq", "wk")}
+    hidden = jax.jit(lambda state, tokens: nnx.merge(graphdef, state).hidden_states(tokens)[0])
+    results, copies = [], []
+    for state in (split, stacked):
+        logits, cache = prefill(state, tokens, model.init_cache(start, 64))
+        step = decode.lower(state, jnp.zeros(3, jnp.int32), cache).compile()
+        copies.append(arrays_written(step.as_text(), lambda shape: math.prod(shape) in attention_weights))
+        stepped, cache = step(state, jnp.array([5, 7, 11], jnp.int32), cache)
+        extended, cache = extend(state, tokens[:, :6], jnp.array([6, 2, 4], jnp.int32), cache)
+        results.append((logits, stepped, extended, cache, hidden(state, tokens)))
+    for ours, theirs in zip(*map(jax.tree.leaves, [r[:4] for r in results]), strict=True):
+        np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
+    assert copies[0] == [] and len(copies[1]) >= 2 * config.num_hidden_layers
+    # the forward a score takes: per-layer arrays make it a Python loop, which XLA computes in bf16 where the
+    # stacks' scan computes in float32 (see `_unroll_inference`): equal to within bfloat16's roundings
+    assert relative_error(results[0][4], results[1][4]) < 5e-2  # measured 2.2e-2 over three layers
