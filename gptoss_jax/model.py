@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gptoss_jax import backend, moe, ops
 from gptoss_jax.config import GptOssConfig
@@ -720,12 +721,16 @@ def split_for_inference(model: GptOss) -> tuple[nnx.GraphDef, nnx.State]:
     def split(stack):
         if not isinstance(stack, jax.Array) or len(stack.sharding.device_set) > 1 or not stack.is_fully_addressable:
             return stack  # (MXFP4 experts: the loop reads them in place, see `_in_place`)
+        where = stack.sharding  # a layer's: on a (one-device) mesh, the stack's spec less its layer axis
+        if isinstance(where, NamedSharding):
+            where = NamedSharding(where.mesh, PartitionSpec(*where.spec[1:]))
         host = np.asarray(stack)  # on a CPU, the array's own memory
-        layers = tuple(jax.device_put(host[i], stack.sharding) for i in range(stack.shape[0]))
-        start = stack.unsafe_buffer_pointer()
-        if any(layer.unsafe_buffer_pointer() != start + i * layer.nbytes for i, layer in enumerate(layers)):
-            return stack  # copies (a layer's start not aligned as jax needs to view it): no memory to spare
-        return LayerArrays(layers)
+        layers = []
+        for i in range(stack.shape[0]):
+            layers.append(jax.device_put(host[i], where))
+            if layers[i].unsafe_buffer_pointer() != stack.unsafe_buffer_pointer() + i * layers[i].nbytes:
+                return stack  # a copy (the layer not aligned as jax needs to view it): no memory to spare
+        return LayerArrays(tuple(layers))
 
     for blocks in ("banded_blocks", "full_blocks"):
         state[blocks] = jax.tree.map(split, state[blocks], is_leaf=lambda leaf: isinstance(leaf, Mxfp4Weight))

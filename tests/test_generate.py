@@ -15,7 +15,7 @@ import torch
 from flax import nnx
 
 import gptoss_jax
-from gptoss_jax import GptOssConfig, agent, harmony, synthetic
+from gptoss_jax import GptOssConfig, agent, harmony, sharding, synthetic
 from gptoss_jax.engine import Engine, Request, _sample_rows, first_max_index
 from gptoss_jax.generation import Generator, generate
 from gptoss_jax.harmony import HEADER_CUT
@@ -581,7 +581,8 @@ def test_inference_on_a_cpu_reads_each_layers_bfloat16_weights_where_they_lie():
     """A bfloat16 model on a CPU (its layer loop unrolled): `split_for_inference` holds each block weight stack as
     per-layer arrays viewing the stack's memory, with which prefill, decode and extend give bit for bit what the
     stacks give (the forward a score takes: to bf16's rounding), and the compiled decode step writes no copy of an
-    attention weight (the stacks' own step writes one for every layer: the check can fail)."""
+    attention weight (the stacks' own step writes one for every layer: the check can fail); also on a one-device
+    mesh."""
     # weight sizes no 3-row array has
     config = GptOssConfig.tiny().replace(num_hidden_layers=3, hidden_size=128, vocab_size=4096)
     model = nnx.eval_shape(lambda: gptoss_jax.GptOss(config, dtype="bfloat16", rngs=nnx.Rngs(0)))
@@ -622,3 +623,11 @@ def test_inference_on_a_cpu_reads_each_layers_bfloat16_weights_where_they_lie():
     # the forward a score takes: per-layer arrays make it a Python loop, which XLA computes in bf16 where the
     # stacks' scan computes in float32 (see `_unroll_inference`): equal to within bfloat16's roundings
     assert relative_error(results[0][4], results[1][4]) < 5e-2  # measured 2.2e-2 over three layers
+
+    # placed on a one-device mesh (as `--mesh tensor=1`, or GRPO's model): each layer keeps the stack's mesh
+    sharding.shard_model(model, sharding.make_mesh({"tensor": 1}))
+    graphdef, on_mesh = split_for_inference(model)
+    wq, stack = on_mesh["banded_blocks"]["attn"]["wq"].get_value(), model.banded_blocks.attn.wq.get_value()
+    assert isinstance(wq, LayerArrays) and tuple(wq[0].sharding.spec) == tuple(stack.sharding.spec)[1:]
+    np.testing.assert_array_equal(np.asarray(prefill(on_mesh, tokens, model.init_cache(start, 64))[0], np.float32),
+                                  np.asarray(results[0][0], np.float32))
