@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from gptoss_jax import hub
 from gptoss_jax import sharding as sharding_lib
@@ -343,16 +343,11 @@ def _stacked(reader: _Reader, entries: list[Entry], abstract, sharding):
 
 
 def _write_layer(stacked: jax.Array, layer, sharding: NamedSharding | None, *, index: int) -> jax.Array:
-    return _layer_writer(sharding)(stacked, sharding_lib.put(layer, _without_layers(sharding)), index)
+    return _layer_writer(sharding)(stacked, sharding_lib.put(layer, sharding_lib.layer_sharding(sharding)), index)
 
 
 def _one_layer(abstract):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), abstract)
-
-
-def _without_layers(sharding: NamedSharding | None) -> NamedSharding | None:
-    """The sharding of one layer of a stacked parameter (an explicit mesh wants the two to agree)."""
-    return None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
 
 
 @functools.cache

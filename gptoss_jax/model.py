@@ -35,9 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
-from jax.sharding import NamedSharding, PartitionSpec
 
-from gptoss_jax import backend, moe, ops
+from gptoss_jax import backend, moe, ops, sharding
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernels.attention import decode_attention, flash_attention
 from gptoss_jax.mxfp4 import Mxfp4Layer, Mxfp4Weight, fake_quantize, is_packed
@@ -450,11 +449,12 @@ class GptOss(nnx.Module):
         banded_call = layer_call(banded_step, banded_def, "banded")
         full_call = layer_call(full_step, full_def, "full")
         if unroll or _holds_layer_arrays(banded_layers):  # layer by layer (a scan needs stacks)
-            kinds = ((banded_call, banded_layers, banded_inputs), (full_call, full_layers, full_inputs))
+            kinds = ((banded_call, banded_layers, _bfloat16_bits(banded_layers), banded_inputs),
+                     (full_call, full_layers, _bfloat16_bits(full_layers), full_inputs))
             outputs = ([], [])
             for number in range(self.config.num_hidden_layers):
-                call, stacked, layer_inputs = kinds[number % 2]
-                weights = _bfloat16_bits(_layers(_bfloat16_bits(stacked), number // 2), back=True)
+                call, stacked, bits, layer_inputs = kinds[number % 2]
+                weights = _bfloat16_bits(_layers(bits, number // 2), back=True)  # (see _bfloat16_bits)
                 x, output = call(_in_place(weights, stacked, number // 2), x, _layers(layer_inputs, number // 2))
                 outputs[number % 2].append(output)
             return x, tuple(jax.tree.map(lambda *layers: jnp.stack(layers), *kind) for kind in outputs)
@@ -721,9 +721,7 @@ def split_for_inference(model: GptOss) -> tuple[nnx.GraphDef, nnx.State]:
     def split(stack):
         if not isinstance(stack, jax.Array) or len(stack.sharding.device_set) > 1 or not stack.is_fully_addressable:
             return stack  # (MXFP4 experts: the loop reads them in place, see `_in_place`)
-        where = stack.sharding  # a layer's: on a (one-device) mesh, the stack's spec less its layer axis
-        if isinstance(where, NamedSharding):
-            where = NamedSharding(where.mesh, PartitionSpec(*where.spec[1:]))
+        where = sharding.layer_sharding(stack.sharding)
         host = np.asarray(stack)  # on a CPU, the array's own memory
         layers = []
         for i in range(stack.shape[0]):

@@ -156,6 +156,14 @@ def _moved(value, sharding: jax.sharding.Sharding):
     return put(value, sharding)
 
 
+def layer_sharding(stacked: jax.sharding.Sharding | None) -> jax.sharding.Sharding | None:
+    """The sharding of one layer of a stacked parameter: a mesh's spec less the layer axis (an explicit mesh wants
+    the two to agree); a single device's as it is."""
+    if isinstance(stacked, NamedSharding):
+        return NamedSharding(stacked.mesh, PartitionSpec(*stacked.spec[1:]))
+    return stacked
+
+
 def put(value, sharding: jax.sharding.Sharding | None, dtype=None) -> jax.Array:
     """A host value (numpy array, memory map, or an array on this process's devices) placed in `sharding`,
     each process reading only the slices its own devices hold. The value must be the same on every process.
