@@ -50,18 +50,17 @@ class Tensor:
 
     name: str
     shape: tuple[int, ...]
-    transposed: bool = False  # a torch Linear weight [out, in]: the parameter is its transpose, reshaped
     rows: tuple[int, int] | None = None  # the parameter is this row range of a fused tensor
     packed: bool = False  # MXFP4 blocks or scales (uint8) rather than floating-point values
 
     def to_param(self, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         if self.rows is not None:
             tensor = tensor[self.rows[0] : self.rows[1]]
-        return (tensor.T if self.transposed else tensor).reshape(shape)
+        return tensor.reshape(shape)
 
     def from_param(self, value: np.ndarray) -> np.ndarray:
         assert self.rows is None, "fused tensors are only read"
-        return value.reshape(self.shape[::-1]).T if self.transposed else value.reshape(self.shape)
+        return value.reshape(self.shape)
 
 
 Entry = Tensor | Mxfp4Weight  # an Mxfp4Weight of two Tensors: blocks and scales
@@ -84,17 +83,17 @@ def hf_layout(config: GptOssConfig, *, mxfp4: bool) -> dict[tuple, Entry | list[
             down = Tensor(p + "mlp.experts.down_proj", (e, f, d))
         return {
             ("attn_norm", "scale"): Tensor(p + "input_layernorm.weight", (d,)),
-            ("attn", "wq"): Tensor(p + "self_attn.q_proj.weight", (n * h, d), transposed=True),
+            ("attn", "wq"): Tensor(p + "self_attn.q_proj.weight", (n * h, d)),
             ("attn", "bq"): Tensor(p + "self_attn.q_proj.bias", (n * h,)),
-            ("attn", "wk"): Tensor(p + "self_attn.k_proj.weight", (k * h, d), transposed=True),
+            ("attn", "wk"): Tensor(p + "self_attn.k_proj.weight", (k * h, d)),
             ("attn", "bk"): Tensor(p + "self_attn.k_proj.bias", (k * h,)),
-            ("attn", "wv"): Tensor(p + "self_attn.v_proj.weight", (k * h, d), transposed=True),
+            ("attn", "wv"): Tensor(p + "self_attn.v_proj.weight", (k * h, d)),
             ("attn", "bv"): Tensor(p + "self_attn.v_proj.bias", (k * h,)),
-            ("attn", "wo"): Tensor(p + "self_attn.o_proj.weight", (d, n * h), transposed=True),
+            ("attn", "wo"): Tensor(p + "self_attn.o_proj.weight", (d, n * h)),
             ("attn", "bo"): Tensor(p + "self_attn.o_proj.bias", (d,)),
             ("attn", "sinks"): Tensor(p + "self_attn.sinks", (n,)),
             ("mlp_norm", "scale"): Tensor(p + "post_attention_layernorm.weight", (d,)),
-            ("mlp", "router_w"): Tensor(p + "mlp.router.weight", (e, d), transposed=True),
+            ("mlp", "router_w"): Tensor(p + "mlp.router.weight", (e, d)),
             ("mlp", "router_b"): Tensor(p + "mlp.router.bias", (e,)),
             ("mlp", "w_gate_up"): gate_up,
             ("mlp", "b_gate_up"): Tensor(p + "mlp.experts.gate_up_proj_bias", (e, 2 * f)),
@@ -120,17 +119,17 @@ def original_layout(config: GptOssConfig) -> dict[tuple, Entry | list[Entry]]:
     def block(p: str) -> dict[tuple, Entry]:
         return {
             ("attn_norm", "scale"): Tensor(p + "attn.norm.scale", (d,)),
-            ("attn", "wq"): Tensor(p + "attn.qkv.weight", (qkv, d), transposed=True, rows=q_rows),
+            ("attn", "wq"): Tensor(p + "attn.qkv.weight", (qkv, d), rows=q_rows),
             ("attn", "bq"): Tensor(p + "attn.qkv.bias", (qkv,), rows=q_rows),
-            ("attn", "wk"): Tensor(p + "attn.qkv.weight", (qkv, d), transposed=True, rows=k_rows),
+            ("attn", "wk"): Tensor(p + "attn.qkv.weight", (qkv, d), rows=k_rows),
             ("attn", "bk"): Tensor(p + "attn.qkv.bias", (qkv,), rows=k_rows),
-            ("attn", "wv"): Tensor(p + "attn.qkv.weight", (qkv, d), transposed=True, rows=v_rows),
+            ("attn", "wv"): Tensor(p + "attn.qkv.weight", (qkv, d), rows=v_rows),
             ("attn", "bv"): Tensor(p + "attn.qkv.bias", (qkv,), rows=v_rows),
-            ("attn", "wo"): Tensor(p + "attn.out.weight", (d, n * h), transposed=True),
+            ("attn", "wo"): Tensor(p + "attn.out.weight", (d, n * h)),
             ("attn", "bo"): Tensor(p + "attn.out.bias", (d,)),
             ("attn", "sinks"): Tensor(p + "attn.sinks", (n,)),
             ("mlp_norm", "scale"): Tensor(p + "mlp.norm.scale", (d,)),
-            ("mlp", "router_w"): Tensor(p + "mlp.gate.weight", (e, d), transposed=True),
+            ("mlp", "router_w"): Tensor(p + "mlp.gate.weight", (e, d)),
             ("mlp", "router_b"): Tensor(p + "mlp.gate.bias", (e,)),
             ("mlp", "w_gate_up"): _mxfp4(p + "mlp.mlp1_weight.{}", outputs=2 * f, inputs=d, experts=e),
             ("mlp", "b_gate_up"): Tensor(p + "mlp.mlp1_bias", (e, 2 * f)),

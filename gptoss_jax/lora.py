@@ -35,17 +35,18 @@ class _Target:
     weight: str  # the base parameter's name in that module
     experts: bool  # one adapter per expert (leading axis E)
     inputs: int  # how many of the weight's axes (after the expert axis) are inputs
+    outputs_first: bool  # the weight lays its outputs before its inputs (a torch Linear's [out, in])
     peft_path: str  # the module's path in transformers, under model.layers.N
 
 
 TARGETS = {
-    "q_proj": _Target("attn", "wq", False, 1, "self_attn.q_proj"),
-    "k_proj": _Target("attn", "wk", False, 1, "self_attn.k_proj"),
-    "v_proj": _Target("attn", "wv", False, 1, "self_attn.v_proj"),
-    "o_proj": _Target("attn", "wo", False, 2, "self_attn.o_proj"),
-    "router": _Target("mlp", "router_w", False, 1, "mlp.router"),
-    "gate_up_proj": _Target("mlp", "w_gate_up", True, 1, "mlp.experts"),
-    "down_proj": _Target("mlp", "w_down", True, 1, "mlp.experts"),
+    "q_proj": _Target("attn", "wq", False, 1, True, "self_attn.q_proj"),
+    "k_proj": _Target("attn", "wk", False, 1, True, "self_attn.k_proj"),
+    "v_proj": _Target("attn", "wv", False, 1, True, "self_attn.v_proj"),
+    "o_proj": _Target("attn", "wo", False, 2, True, "self_attn.o_proj"),
+    "router": _Target("mlp", "router_w", False, 1, True, "mlp.router"),
+    "gate_up_proj": _Target("mlp", "w_gate_up", True, 1, False, "mlp.experts"),
+    "down_proj": _Target("mlp", "w_down", True, 1, False, "mlp.experts"),
 }
 _PARAMETER_TARGETS = ("router", "gate_up_proj", "down_proj")  # PEFT target_parameters, in nesting order
 _PEFT_PREFIX = "base_model.model.model.layers."
@@ -91,6 +92,8 @@ def _new_adapter(weight: nnx.Param, target: _Target, config: LoraConfig, rngs: n
     _, *axes = weight.axes
     lead = 1 if target.experts else 0
     inputs, outputs = slice(lead, lead + target.inputs), slice(lead + target.inputs, None)
+    if target.outputs_first:
+        outputs, inputs = slice(lead, len(shape) - target.inputs), slice(len(shape) - target.inputs, None)
     fan_in = math.prod(shape[inputs])
     a_shape = (layers, *shape[:lead], *shape[inputs], config.rank)
     a_axes = ("layers", *axes[:lead], *axes[inputs], "lora_rank")
@@ -99,7 +102,8 @@ def _new_adapter(weight: nnx.Param, target: _Target, config: LoraConfig, rngs: n
     bound = 1 / math.sqrt(fan_in)
     a = jax.random.uniform(rngs.params(), a_shape, dtype, -bound, bound)
     return LoRA(LoRAParam(a, axes=a_axes), LoRAParam(jnp.zeros(b_shape, dtype), axes=b_axes),
-                inputs=target.inputs, scaling=config.alpha / config.rank, dropout=config.dropout)
+                inputs=target.inputs, scaling=config.alpha / config.rank, dropout=config.dropout,
+                outputs_first=target.outputs_first)
 
 
 def merge_lora(model: GptOss) -> GptOss:

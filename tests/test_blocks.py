@@ -152,7 +152,7 @@ def _moe_pair(seed=0, std=0.3, **overrides):
         for param in module.parameters():
             torch.nn.init.normal_(param, std=std)
     moe = MoE(_ours(cfg), dtype="float32", rngs=nnx.Rngs(0))
-    moe.router_w[...] = jnp.asarray(router.weight.detach().numpy().T)
+    moe.router_w[...] = jnp.asarray(router.weight.detach().numpy())
     moe.router_b[...] = jnp.asarray(router.bias.detach().numpy())
     for ours, theirs in [("w_gate_up", "gate_up_proj"), ("b_gate_up", "gate_up_proj_bias"),
                          ("w_down", "down_proj"), ("b_down", "down_proj_bias")]:

@@ -165,7 +165,7 @@ model = gptoss_jax.load_model({str(directories[HF_MXFP4])!r}, dtype="float32", m
 experts = model.banded_blocks.mlp.w_gate_up.get_value()  # [layers, experts, 192 outputs, 4 groups, 16]
 assert experts.blocks.sharding.spec == P(None, "expert", "tensor", "fsdp", None), experts.blocks.sharding.spec
 assert experts.scales.sharding.spec == P(None, "expert", "tensor", "fsdp"), experts.scales.sharding.spec
-assert model.full_blocks.attn.wq[...].sharding.spec == P(None, "fsdp", "tensor", None)
+assert model.full_blocks.attn.wq[...].sharding.spec == P(None, "tensor", None, "fsdp")
 assert model.embedding[...].sharding.spec == P("tensor", "fsdp")
 assert len(model.embedding[...].sharding.device_set) == 8
 logits = nnx.jit(lambda m, t: m(t))(model, np.array({tokens.tolist()}, np.int32))

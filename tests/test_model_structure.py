@@ -24,7 +24,7 @@ def test_every_parameter_declares_its_logical_axes():
         assert len(param.axes) == len(param.shape), path
         assert (param.axes[0] == "layers") == (path[0] in ("banded_blocks", "full_blocks")), path
     assert model.banded_blocks.mlp.w_gate_up.shape == (12, 32, 2880, 5760)
-    assert model.full_blocks.attn.wk.axes == ("layers", "embed", "kv_heads", "head_dim")
+    assert model.full_blocks.attn.wk.axes == ("layers", "kv_heads", "head_dim", "embed")
 
 
 def _forward_equations(num_layers: int) -> int:
