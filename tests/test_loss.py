@@ -160,4 +160,5 @@ def test_lora_dropout_reaches_the_training_step(pair):
     transform, schedule = trainer.make_optimizer(config, params)
     steps = trainer.make_steps(config, graphdef, jax.tree.map(lambda a: a.dtype, params), transform, schedule)
     first, second = (jax.tree.leaves(steps.gradients(params, frozen, batch, jnp.int32(step))[0]) for step in (0, 1))
-    assert any(relative_error(a, b) > 1e-3 for a, b in zip(first, second, strict=True))
+    # (the A factors' gradients are zero while B is: nothing to compare there)
+    assert any(relative_error(a, b) > 1e-3 for a, b in zip(first, second, strict=True) if np.any(b))

@@ -326,7 +326,7 @@ def test_every_sandbox_test_holds_for_an_ordinary_user():
             [BWRAP, "--dev-bind", "/", "/", *_reachable_by_anyone(paths), "--cap-add", "CAP_SETUID", "--cap-add",
              "CAP_SETGID", "setpriv", f"--reuid={ORDINARY_UID}", f"--regid={ORDINARY_UID}", "--clear-groups",
              "env", f"HOME={home}", f"TMPDIR={home}", "PYTHONDONTWRITEBYTECODE=1", sys.executable, "-m", "pytest",
-             __file__, "-q", "-p", "no:cacheprovider", "-k", "not ordinary_user"],
+             __file__, "-q", "-n", "0", "-p", "no:cacheprovider", "-k", "not ordinary_user"],
             cwd=ROOT, capture_output=True, text=True, timeout=900)
     finally:
         shutil.rmtree(home, ignore_errors=True)
