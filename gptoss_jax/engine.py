@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import queue
 import threading
 from collections.abc import Callable
@@ -567,12 +568,25 @@ def _sample_rows(logits, *, steps, temperature, top_p, top_k, seed, truncated=Tr
 
 def first_max_index(values: jax.Array) -> jax.Array:
     """`jnp.argmax` over the last axis (the first of the largest values; the first NaN where there is one), int32,
-    as two plain reductions: XLA's CPU backend runs argmax's (value, index) reduction one element at a time, 0.63 ms
-    for a float32 row of the 201,088-token vocabulary and 1.05 ms for a bfloat16 one, against 0.26 and 0.20 ms this
-    way (2-core Intel Xeon; 16 bfloat16 rows: 8.1 ms against 1.1)."""
-    largest = jnp.max(values, axis=-1, keepdims=True)
-    first = (values == largest) | jnp.isnan(values)
-    return jnp.min(jnp.where(first, jnp.arange(values.shape[-1], dtype=jnp.int32), values.shape[-1]), axis=-1)
+    from plain reductions over blocks of the axis: the blocks' maxima (one pass over the values), the first block
+    holding the largest, then the first index in that block alone. XLA's CPU backend runs argmax's (value, index)
+    reduction one element at a time, and a max broadcast back over a whole [rows, vocabulary] array is written
+    out to memory once the rows outgrow the cache. float32, 201,088-token vocabulary, 2-core AMD EPYC, ms for 1 /
+    16 / 100 rows: jnp.argmax 0.9 / 7.1 / 44, max-then-first-index over the whole rows 0.21 / 2.5 / 76, by blocks
+    0.18 / 0.9 / 10. (XLA's CPU max may drop NaNs, so they are looked for apart.)"""
+    *leading, size = values.shape
+    block = math.gcd(size, 256)
+    blocks = values.reshape(*leading, size // block, block)
+    maxima = jnp.where(jnp.isnan(blocks).any(axis=-1), jnp.nan, jnp.max(blocks, axis=-1))
+    largest = jnp.where(jnp.isnan(maxima).any(axis=-1, keepdims=True), jnp.nan,
+                        jnp.max(maxima, axis=-1, keepdims=True))
+
+    def first(hits):  # the first index holding a hit along the last axis (its length where none)
+        return jnp.min(jnp.where(hits, jnp.arange(hits.shape[-1], dtype=jnp.int32), hits.shape[-1]), axis=-1)
+
+    found = first((maxima == largest) | jnp.isnan(maxima))
+    inside = jnp.take_along_axis(blocks, found[..., None, None], axis=-2)[..., 0, :]
+    return found * block + first((inside == largest) | jnp.isnan(inside))
 
 
 _sample = jax.jit(_sample_rows, static_argnames="truncated")

@@ -103,18 +103,22 @@ def test_sampling_settings():
 
 
 def test_first_max_index_is_argmax_and_the_draw_is_categoricals():
-    """The sampler's argmax (two plain reductions) equals jnp.argmax — ties to the first, NaN first, infinities,
-    bfloat16 and float32, a vocabulary-sized row — and its draw equals jax.random.categorical's with the same key."""
+    """The sampler's argmax (reductions over blocks of the vocabulary) equals jnp.argmax — ties to the first, NaN
+    first (also where a larger number comes before it, and in a later block), infinities, bfloat16 and float32,
+    vocabulary-sized rows and a prime-sized one (blocks of one) — and its draw equals jax.random.categorical's with
+    the same key."""
     rng = np.random.default_rng(11)
-    rows = rng.normal(size=(6, 201088)).astype(np.float32)
+    rows = rng.normal(size=(7, 201088)).astype(np.float32)
     rows[1, [5, 70000, 201087]] = 9.0  # a tie: the first wins
-    rows[2, [300, 9]] = np.nan  # NaN: the first NaN, as argmax
+    rows[2, 3] = 50.0  # NaN: the first NaN, as argmax, though a number before it is the largest
+    rows[2, [70300, 1000]] = np.nan
     rows[3, :] = -np.inf
     rows[4, [17, 100]] = np.inf
     rows[5, :] = np.round(rows[5], 1)  # many ties, more in bfloat16
+    rows[6, [150000, 200000]] = 9.0  # a tie in later blocks
     for dtype in (jnp.float32, jnp.bfloat16):
-        values = jnp.asarray(rows, dtype)
-        np.testing.assert_array_equal(first_max_index(values), jnp.argmax(values, axis=-1))
+        for values in (jnp.asarray(rows, dtype), jnp.asarray(rows[:, :101], dtype)):
+            np.testing.assert_array_equal(first_max_index(values), jnp.argmax(values, axis=-1))
     logits = jnp.asarray(rng.normal(scale=3.0, size=(64, 40)), jnp.float32)
     drawn = _draws(logits, temperature=1.0, top_p=1.0, top_k=0, seed=5)
     expected = [jax.random.categorical(jax.random.fold_in(jax.random.key(5), step), logits[step])
