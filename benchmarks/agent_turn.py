@@ -79,7 +79,8 @@ def main(*lengths: int):
                 decode = seconds(lambda context=context: generator.generate([context], len(call)), 3) - whole
                 resumed = []
                 for _ in range(4):  # a fresh kept slot each time (going on consumes it); the first run compiles
-                    engine = Engine(generator.model, slots=1, max_length=len(context) + 8, steps=generator.steps,
+                    # room for the prompt left-padded to its bucket (< twice its length) and the turn after it
+                    engine = Engine(generator.model, slots=1, max_length=2 * len(context) + 8, steps=generator.steps,
                                     split=(generator.graphdef, generator.state))
                     kept = Request(prompt, len(call), keep=True)
                     engine.run([kept])
