@@ -293,9 +293,12 @@ def test_exports_are_pushed_to_the_hub_and_metrics_reported_to_weights_and_biase
         push_to_hub({"merged": output / "merged"}, "someone/tiny-lora", private=True, message="m")
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_a_resume_replays_steps_once_in_the_metrics_and_names_a_changed_setting(mxfp4_base, tmp_path):
     """Killed after step 3 with the last checkpoint at step 2 (here: checkpoint 3 removed): the resumed run's
-    metrics.jsonl has each step once. Resuming with another LoRA rank names the setting and the checkpoint."""
+    metrics.jsonl has each step once. Resuming with another LoRA rank names the array, the setting and the
+    checkpoint, and leaves nothing running (a restore that failed part-way left orbax's other reads to end on its
+    closed event loop)."""
     settings = {**LORA, "train.steps": 3, "data.eval": "", "train.checkpoint_every": 2, "train.keep_checkpoints": 3,
                 "train.async_checkpoints": False}
     output = tmp_path / "resumed"
@@ -307,7 +310,8 @@ def test_a_resume_replays_steps_once_in_the_metrics_and_names_a_changed_setting(
     steps = [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3], steps
     with pytest.raises(ConfigError, match=r"checkpoints/3: the checkpoint does not fit this config's training "
-                                          r"state \(lora.rank"):
+                                          r"state \(\S+\.a\.value: saved float32\[1, 128, 8\], "
+                                          r"now float32\[1, 128, 4\]: lora.rank"):
         train(_config(output, mxfp4_base / "mxfp4", **{**settings, "lora.rank": 4, "train.steps": 4}),
               progress=False)
 

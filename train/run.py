@@ -145,7 +145,8 @@ class Run:
             (self.output / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
         self.checkpoints = (self.output / "checkpoints").absolute()
         self.manager = ocp.CheckpointManager(self.checkpoints, options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.train.keep_checkpoints, enable_async_checkpointing=config.train.async_checkpoints))
+            max_to_keep=config.train.keep_checkpoints, enable_async_checkpointing=config.train.async_checkpoints),
+            item_handlers=ocp.StandardCheckpointHandler())  # named, so that a checkpoint's metadata can be read
         self.metrics_file = open(self.output / "metrics.jsonl", "a") if self.leader else None
         reports = config.train.report_to.split(",") if self.leader else []
         self.writer = SummaryWriter(self.output / "tensorboard") if "tensorboard" in reports else None
@@ -178,15 +179,17 @@ class Run:
         `state` is any tree of arrays; the restored one has its shapes, dtypes and shardings."""
         start = self.manager.latest_step() or 0
         if start:
-            abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-            try:
-                state = self.manager.restore(start, args=ocp.args.StandardRestore(abstract))
-            except ValueError as error:  # orbax: a tree or shape that differs from the saved one
+            # compared before restoring: a restore that fails part-way leaves orbax's reads of the other arrays
+            # running, to end on its closed event loop; and a dtype that differs would be cast without a word
+            difference = _difference(self.manager.metadata(start).item_metadata, state)
+            if difference:
                 raise ConfigError(
                     f"{self.checkpoints / str(start)}: the checkpoint does not fit this config's training state "
-                    "(lora.rank, lora.targets, lora.enabled, model.* or optimizer.* changed since it was saved?); "
-                    "resume with the settings of config.json there, or choose another train.output_dir. orbax: "
-                    f"{str(error).splitlines()[0][:300]}") from error
+                    f"({difference}: lora.rank, lora.targets, lora.enabled, model.* or optimizer.* changed since it "
+                    "was saved?); resume with the settings of config.json there, or choose another "
+                    "train.output_dir")
+            abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+            state = self.manager.restore(start, args=ocp.args.StandardRestore(abstract))
             log.info("resumed from %s at step %d", self.checkpoints, start)
         if self.leader:  # the steps after `start` run again: their old lines go
             self.metrics_file.close()
@@ -231,6 +234,21 @@ class Run:
         if self.stop_signal:
             log.warning("SIGTERM: saved step %d to %s; exiting", step, self.checkpoints)
         return bool(self.stop_signal)
+
+
+def _difference(saved, state) -> str | None:
+    """The first array, by dotted name, where a checkpoint's metadata (orbax's tree of it) and a state differ:
+    missing on one side, or another shape or dtype. None where they match."""
+    def arrays(tree) -> dict[str, tuple]:
+        return {".".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path):
+                (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    def described(array: tuple | None) -> str:
+        return "absent" if array is None else f"{array[1]}{list(array[0])}"
+
+    saved, ours = arrays(saved), arrays(state)
+    name = next((name for name in sorted(saved.keys() | ours.keys()) if saved.get(name) != ours.get(name)), None)
+    return None if name is None else f"{name}: saved {described(saved.get(name))}, now {described(ours.get(name))}"
 
 
 def _wandb_run(config: ml_collections.ConfigDict, output: Path):
