@@ -398,9 +398,12 @@ def test_a_client_that_leaves_frees_its_slot(adapted):
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     stream = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Go on."}],
                                             temperature=1.0, max_tokens=1900, stream=True)
-    next(iter(stream))  # the first chunk: the request is in
-    time.sleep(2)
-    assert json.loads(urllib.request.urlopen(url + "/health").read())["busy_slots"] == 1
+    next(iter(stream))  # the first chunk (the role): sent before the engine admits the request
+    deadline = time.time() + 120  # admitting it may compile first (minutes on a loaded machine)
+    while not json.loads(urllib.request.urlopen(url + "/health").read())["busy_slots"] and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    assert json.loads(urllib.request.urlopen(url + "/health").read())["busy_slots"] == 1  # decoding
     stream.close()
     deadline = time.time() + 10
     while json.loads(urllib.request.urlopen(url + "/health").read())["busy_slots"] and time.time() < deadline:
